@@ -1,0 +1,1 @@
+"""Fused preference losses, one module per family."""

@@ -1,0 +1,1 @@
+"""Thin training loop for Hugging Face causal LMs."""

@@ -1,0 +1,1 @@
+"""Triton device code for fastalign (installed as ``fastalign.kernels``)."""
