@@ -252,10 +252,23 @@ class _FusedLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan: _Plan, *tensors: torch.Tensor | None):
-        results = plan.backend.forward([p.tokens for p in plan.streams], plan.transform)
-        outputs = tuple(_sequence_sums(logp, p) for p, (logp, _) in zip(plan.streams, results))
+        # Frozen-lm_head fast path: a stream whose hidden needs a gradient but whose weight
+        # and bias do not gets E_t = softmax(z_t)·W in forward, and no recompute in backward.
+        expectation, slot = [], 1
+        for p in plan.streams:
+            need = ctx.needs_input_grad[slot : slot + 3] if p.differentiable else (False,) * 3
+            slot += 3 if p.differentiable else 0
+            expectation.append(bool(need[0] and not need[1] and not need[2]))
+        if getattr(plan.backend, "SUPPORTS_EXPECTATION", False) and any(expectation):
+            results = plan.backend.forward(
+                [p.tokens for p in plan.streams], plan.transform, expectation
+            )
+        else:
+            results = plan.backend.forward([p.tokens for p in plan.streams], plan.transform)
+            results = [(r[0], r[1], None) for r in results]
+        outputs = tuple(_sequence_sums(r[0], p) for p, r in zip(plan.streams, results))
         ctx.plan = plan
-        ctx.lse = [lse if p.differentiable else None for p, (_, lse) in zip(plan.streams, results)]
+        ctx.saved = [r if p.differentiable else None for p, r in zip(plan.streams, results)]
         ctx.mark_non_differentiable(
             *[out for p, out in zip(plan.streams, outputs) if not p.differentiable]
         )
@@ -266,7 +279,7 @@ class _FusedLogps(torch.autograd.Function):
         plan: _Plan = ctx.plan
         grads: list[torch.Tensor | None] = []
         slot = 0  # index of this stream's hidden in the inputs after plan
-        for prepared, lse, grad_sum in zip(plan.streams, ctx.lse, grad_outputs):
+        for prepared, saved, grad_sum in zip(plan.streams, ctx.saved, grad_outputs):
             if not prepared.differentiable:
                 continue
             need = ctx.needs_input_grad[1 + slot : 4 + slot]
@@ -278,16 +291,23 @@ class _FusedLogps(torch.autograd.Function):
                     for n, t in zip(need, (tokens.hidden, tokens.weight, tokens.bias))
                 ]
                 continue
+            logp, lse, expected = saved
             grad_logp = grad_sum.to(lse.dtype)[prepared.seq_ids]  # [M]
-            grad_rows, grad_weight, grad_bias = plan.backend.backward(
-                tokens,
-                plan.transform,
-                lse,
-                grad_logp,
-                need_hidden=need[0],
-                need_weight=need[1],
-                need_bias=need[2] and tokens.bias is not None,
-            )
+            if expected is not None:
+                grad_rows = torch_backend.backward_from_expectation(
+                    tokens, plan.transform, logp, lse, expected, grad_logp
+                )
+                grad_weight = grad_bias = None
+            else:
+                grad_rows, grad_weight, grad_bias = plan.backend.backward(
+                    tokens,
+                    plan.transform,
+                    lse,
+                    grad_logp,
+                    need_hidden=need[0],
+                    need_weight=need[1],
+                    need_bias=need[2] and tokens.bias is not None,
+                )
             grad_hidden = None
             if need[0]:
                 hidden = tokens.hidden

@@ -40,18 +40,33 @@ def _logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -
     return logits
 
 
+# The frozen-lm_head fast path (``expectation``) is implemented here.
+SUPPORTS_EXPECTATION = True
+
+
 def forward(
-    batches: list[TokenBatch], transform: LogitTransform
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch, ``(logp [M] fp32, lse [M] fp32)`` of each scored token (fp64 for fp64)."""
+    batches: list[TokenBatch],
+    transform: LogitTransform,
+    expectation: list[bool] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per batch, ``(logp [M], lse [M], expected [M, H] or None)``, fp32 (fp64 for fp64).
+
+    ``expectation[i]`` asks for batch i's ``E_t = Σ_v softmax(z_t)_v · s_tv · W_v`` (``s``
+    the softcap slope, 1 without softcap): with a frozen lm_head it turns the backward into
+    ``grad_h_t = g_t · mult · (s_ty · W[y_t] − E_t)``, with no logits recomputed.
+    """
     results = []
-    for tokens in batches:
+    for i, tokens in enumerate(batches):
         num_rows = tokens.num_rows
         device = tokens.hidden.device
         acc = accumulate_dtype(tokens.hidden.dtype)
+        weight = tokens.weight
         logp = torch.empty(num_rows, dtype=acc, device=device)
         lse = torch.empty(num_rows, dtype=acc, device=device)
-        step = chunk_rows(tokens.weight.shape[0])
+        expected = None
+        if expectation is not None and expectation[i]:
+            expected = torch.empty(num_rows, weight.shape[1], dtype=acc, device=device)
+        step = chunk_rows(weight.shape[0])
         for start in range(0, num_rows, step):
             stop = min(start + step, num_rows)
             logits = _logits(tokens.rows(start, stop), tokens, transform)
@@ -59,9 +74,42 @@ def forward(
             target = logits.gather(1, tokens.targets[start:stop, None]).squeeze(1)
             lse[start:stop] = chunk_lse
             logp[start:stop] = target - chunk_lse
+            if expected is not None:
+                if transform.softcap is not None:
+                    cap_slope = 1.0 - (logits / transform.softcap).square_()
+                probs = logits.sub_(chunk_lse[:, None]).exp_()
+                if transform.softcap is not None:
+                    probs.mul_(cap_slope)
+                    del cap_slope
+                expected[start:stop] = probs.to(weight.dtype) @ weight
             del logits
-        results.append((logp, lse))
+        results.append((logp, lse, expected))
     return results
+
+
+def backward_from_expectation(
+    tokens: TokenBatch,
+    transform: LogitTransform,
+    logp: torch.Tensor,  # [M]
+    lse: torch.Tensor,  # [M]
+    expected: torch.Tensor,  # [M, H]
+    grad_logp: torch.Tensor,  # [M]
+) -> torch.Tensor:
+    """Frozen-head gradient of the hidden rows, ``[M, H]``, from the forward's ``E_t``.
+
+    ``∂logp_t/∂h_t = mult · (s_ty · W[y_t] − E_t)``: one gather of target rows, no matmul.
+    Shared by every backend (it is O(M·H) elementwise work).
+    """
+    scale = grad_logp * transform.multiplier  # [M]
+    if transform.softcap is not None:
+        target_logit = logp + lse  # z_ty, recovered without a recompute
+        target_scale = scale * (1.0 - (target_logit / transform.softcap).square())
+    else:
+        target_scale = scale
+    grad_rows = tokens.weight.index_select(0, tokens.targets).to(expected.dtype)
+    grad_rows.mul_(target_scale[:, None])
+    grad_rows.addcmul_(expected, scale[:, None], value=-1.0)
+    return grad_rows
 
 
 def backward(
