@@ -20,9 +20,7 @@ def check_tensor(value, name: str) -> torch.Tensor:
 def check_float(value: torch.Tensor, name: str) -> None:
     check_tensor(value, name)
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be bfloat16, float16, float32 or float64, got {value.dtype}"
-        )
+        raise TypeError(f"{name} must be bfloat16, float16, float32 or float64, got {value.dtype}")
 
 
 def check_int(value: torch.Tensor, name: str) -> None:

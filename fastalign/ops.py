@@ -88,7 +88,11 @@ def _prepare(stream: StreamInput, *, shift: bool, ignore_index: int) -> _Prepare
         stream.bias,
         stream.cu_seqlens,
     )
-    n_hidden, n_weight, n_labels = stream.name("hidden"), stream.name("weight"), stream.name("labels")
+    n_hidden, n_weight, n_labels = (
+        stream.name("hidden"),
+        stream.name("weight"),
+        stream.name("labels"),
+    )
     n_bias, n_cu = stream.name("bias"), stream.name("cu_seqlens")
     V.check_float(hidden, n_hidden)
     V.check_float(weight, n_weight)

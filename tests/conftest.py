@@ -1,6 +1,7 @@
 """Test setup: run Triton kernels through the interpreter on CPU.
 
 TRITON_INTERPRET must be set before anything imports triton, hence at the very top here.
+On a GPU machine, run with ``TRITON_INTERPRET=0`` to test the compiled kernels on CUDA.
 """
 
 import os
@@ -14,3 +15,11 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where Triton-backend tests put their tensors: CUDA when compiled kernels can run."""
+    if os.environ["TRITON_INTERPRET"] != "1" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"

@@ -55,7 +55,10 @@ def eager_same_dtype(hidden, weight, labels, bias, cu, **kw):
     if cap is not None:
         logits = cap * torch.tanh(logits / cap)
     return naive_sequence_logps(
-        logits, torch.eye(logits.shape[-1], dtype=logits.dtype), labels, cu_seqlens=cu,
+        logits,
+        torch.eye(logits.shape[-1], dtype=logits.dtype),
+        labels,
+        cu_seqlens=cu,
         shift=kw.get("shift", False),
     )[0]
 
@@ -82,8 +85,12 @@ def test_forward_and_grads_match_float64(dtype, shape, vocab, hidden_size, packe
     out = fastalign.sequence_logps(hidden, weight, labels, bias=b, cu_seqlens=cu, **kwargs)
     assert out.logps.dtype == torch.float32
     truth, count = naive_sequence_logps(
-        hidden.detach().double(), weight.detach().double(), labels,
-        bias=None if b is None else b.detach().double(), cu_seqlens=cu, **kwargs,
+        hidden.detach().double(),
+        weight.detach().double(),
+        labels,
+        bias=None if b is None else b.detach().double(),
+        cu_seqlens=cu,
+        **kwargs,
     )
     assert torch.equal(out.num_tokens, count)
     with torch.no_grad():
@@ -94,7 +101,11 @@ def test_forward_and_grads_match_float64(dtype, shape, vocab, hidden_size, packe
     grads = torch.autograd.grad(out.logps, leaves, upstream)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     truth64, _ = naive_sequence_logps(
-        leaves64[0], leaves64[1], labels, bias=leaves64[2] if bias else None, cu_seqlens=cu,
+        leaves64[0],
+        leaves64[1],
+        labels,
+        bias=leaves64[2] if bias else None,
+        cu_seqlens=cu,
         **kwargs,
     )
     grads64 = torch.autograd.grad(truth64, leaves64, upstream.double())
@@ -137,8 +148,9 @@ def test_strided_views_are_scored_without_copy(monkeypatch):
     weight = torch.randn(45, 16)
     calls = []
     original = torch.Tensor.contiguous
-    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **k: calls.append(t.shape)
-                        or original(t, *a, **k))
+    monkeypatch.setattr(
+        torch.Tensor, "contiguous", lambda t, *a, **k: calls.append(t.shape) or original(t, *a, **k)
+    )
     shifted = fastalign.sequence_logps(base, weight, labels, shift=True)
     monkeypatch.undo()
     assert not any(s == base.shape for s in calls)

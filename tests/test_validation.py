@@ -30,8 +30,9 @@ def good():
 def call(**overrides):
     args = good()
     args.update(overrides)
-    return fastalign.sequence_logps(args.pop("hidden"), args.pop("weight"), args.pop("labels"),
-                                    **args)
+    return fastalign.sequence_logps(
+        args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,8 +76,9 @@ def packed(**overrides):
         cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32),
     )
     args.update(overrides)
-    return fastalign.sequence_logps(args.pop("hidden"), args.pop("weight"), args.pop("labels"),
-                                    **args)
+    return fastalign.sequence_logps(
+        args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args
+    )
 
 
 @pytest.mark.parametrize(
