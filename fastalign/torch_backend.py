@@ -123,9 +123,9 @@ def backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``Σ_t grad_logp[t] · logp[t]``: ``(rows [M, H], weight [V, H], bias [V])``.
 
-    All fp32 (fp64 for fp64 inputs; ``None`` where not asked for). Logits are recomputed chunk by chunk, and each
-    chunk's ``dz = g·(onehot − softmax)`` is turned into the three gradients before the next
-    chunk is formed, in a fixed order, so the result is deterministic.
+    All fp32 (fp64 for fp64 inputs; ``None`` where not asked for). Logits are recomputed
+    chunk by chunk, and each chunk's ``dz = g·(onehot − softmax)`` is turned into the three
+    gradients before the next chunk is formed, in a fixed order: deterministic.
     """
     num_rows = tokens.num_rows
     weight = tokens.weight
