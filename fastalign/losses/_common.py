@@ -1,0 +1,182 @@
+"""The log-prob part every loss shares: streams into one launch, reference handling, checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from .. import _validate as V
+from .._types import LogpOutput
+from ..ops import StreamInput, reference_stream, score_streams
+
+# Keyword arguments forwarded to the core op (``**logp_kwargs`` of every loss).
+SHARED_KWARGS = ("shift", "ignore_index", "logit_scale", "temperature", "logit_softcap", "backend")
+STREAM_KWARGS = ("bias", "cu_seqlens")
+
+
+def split_logp_kwargs(logp_kwargs: dict) -> tuple[dict, dict]:
+    """``(stream kwargs, shared kwargs)``; unknown names raise a TypeError naming them."""
+    unknown = set(logp_kwargs) - set(SHARED_KWARGS) - set(STREAM_KWARGS)
+    if unknown:
+        raise TypeError(
+            f"unexpected keyword argument(s) {sorted(unknown)}; the log-prob options are "
+            f"{', '.join(STREAM_KWARGS + SHARED_KWARGS)}"
+        )
+    stream = {k: v for k, v in logp_kwargs.items() if k in STREAM_KWARGS}
+    shared = {k: v for k, v in logp_kwargs.items() if k in SHARED_KWARGS}
+    return stream, shared
+
+
+@dataclass
+class Scored:
+    """What a loss gets back from :func:`score`."""
+
+    policy: LogpOutput  # differentiable
+    ref_logps: torch.Tensor | None  # [rows] fp32, detached; None when reference-free
+    extra: list[LogpOutput]  # the extra streams, in order
+
+
+def score(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_hidden: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    reference: str,
+    extra: list[StreamInput] = (),
+    logp_kwargs: dict,
+) -> Scored:
+    """Score the policy rows, their reference (if streamed) and ``extra`` in one launch.
+
+    ``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
+    ``"optional"`` (at most one) or ``"none"`` (neither accepted).
+    """
+    stream_kwargs, shared = split_logp_kwargs(logp_kwargs)
+    given = [
+        name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None
+    ]
+    if reference == "required" and len(given) != 1:
+        raise ValueError(
+            "give exactly one reference: ref_hidden (streamed in the same launch) or "
+            f"ref_logps (precomputed); got {' and '.join(given) if given else 'neither'}"
+        )
+    if reference != "required" and len(given) > 1:
+        raise ValueError("give at most one of ref_hidden and ref_logps, not both")
+    if reference == "none" and given:
+        raise ValueError(f"{given[0]} is not used by this loss (it is reference-free)")
+    if ref_weight is not None and ref_hidden is None:
+        raise ValueError("ref_weight was given without ref_hidden")
+    streams = [StreamInput(hidden, weight, labels, **stream_kwargs)]
+    if ref_hidden is not None:
+        streams.append(
+            reference_stream(
+                ref_hidden,
+                ref_weight,
+                None,
+                weight=weight,
+                bias=stream_kwargs.get("bias"),
+                labels=labels,
+                cu_seqlens=stream_kwargs.get("cu_seqlens"),
+            )
+        )
+    streams.extend(extra)
+    outputs = score_streams(streams, **shared)
+    policy = outputs[0]
+    num_rows = policy.logps.shape[0]
+    if ref_hidden is not None:
+        ref = outputs[1].logps
+    elif ref_logps is not None:
+        ref = check_logps(ref_logps, "ref_logps", num_rows, policy.logps.device)
+    else:
+        ref = None
+    return Scored(policy=policy, ref_logps=ref, extra=outputs[1 + (ref_hidden is not None) :])
+
+
+def check_logps(value, name: str, rows: int, device: torch.device) -> torch.Tensor:
+    """A precomputed per-sequence log-prob tensor: ``[rows]`` floats, detached, fp32."""
+    V.check_tensor(value, name)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
+    if value.shape != (rows,):
+        raise ValueError(f"{name} must have shape [{rows}], got {tuple(value.shape)}")
+    V.check_same_device(value, name, device)
+    return value.detach().float()
+
+
+def check_beta(beta) -> float:
+    V.check_positive(beta, "beta")
+    return float(beta)
+
+
+def check_paired_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """Number of pairs B of the concatenated layout (rows [0, B) chosen, [B, 2B) rejected)."""
+    V.check_tensor(labels, "labels")
+    rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"the paired layout needs an even, non-zero number of sequences (rows [0, B) chosen, "
+            f"[B, 2B) rejected); got {rows}"
+        )
+    return rows // 2
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:
+    """Mean of ``values[mask]`` as a float, None when the mask is empty."""
+    if not bool(mask.any()):
+        return None
+    return float(values[mask].float().mean())
+
+
+@dataclass
+class PreferenceOutput:
+    """Result of a paired loss (DPO, IPO, TYPO): the loss and detached per-pair values.
+
+    ``loss`` is a differentiable scalar; every other tensor is ``[B]`` and detached.
+    ``metrics()`` gives TRL's names and values for the batch.
+    """
+
+    loss: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_num_tokens: torch.Tensor
+    rejected_num_tokens: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        """TRL's metric names: rewards/{chosen,rejected,accuracies,margins}, logps/*."""
+        return {
+            "rewards/chosen": float(self.chosen_rewards.mean()),
+            "rewards/rejected": float(self.rejected_rewards.mean()),
+            "rewards/accuracies": float(
+                (self.chosen_rewards > self.rejected_rewards).float().mean()
+            ),
+            "rewards/margins": float((self.chosen_rewards - self.rejected_rewards).mean()),
+            "logps/chosen": float(self.chosen_logps.mean()),
+            "logps/rejected": float(self.rejected_logps.mean()),
+        }
+
+    def __iter__(self):  # allows ``loss, *rest = out`` like a tuple
+        return iter(getattr(self, f.name) for f in fields(self))
+
+
+def paired_output(
+    loss: torch.Tensor,
+    policy: LogpOutput,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    num_pairs: int,
+) -> PreferenceOutput:
+    logps = policy.logps.detach()
+    return PreferenceOutput(
+        loss=loss,
+        chosen_logps=logps[:num_pairs],
+        rejected_logps=logps[num_pairs:],
+        chosen_rewards=chosen_rewards.detach(),
+        rejected_rewards=rejected_rewards.detach(),
+        chosen_num_tokens=policy.num_tokens[:num_pairs],
+        rejected_num_tokens=policy.num_tokens[num_pairs:],
+    )

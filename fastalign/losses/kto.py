@@ -1,0 +1,309 @@
+"""KTO (Ethayarajh et al. 2024) with its mismatched-pair reference point z0 in the same launch.
+
+``r = s − s_ref``; ``z0 = max(0, mean_i(s_θ(y_j|x_i) − s_ref(y_j|x_i)))`` over mismatched
+pairs ``j = (i+1) mod m`` of the microbatch (paper §4.1), detached and averaged over the data
+parallel group; loss ``λ_D(1 − σ(β(r − z0)))`` for desirable rows,
+``λ_U(1 − σ(β(z0 − r)))`` for undesirable ones, mean over the batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import _validate as V
+from .._types import LogpOutput
+from ..ops import StreamInput, reference_stream
+from ._common import check_beta, check_logps, masked_mean, score, split_logp_kwargs
+
+KL_NAMES = {
+    "hidden": "kl_hidden",
+    "weight": "weight",
+    "labels": "kl_labels",
+    "bias": "bias",
+    "cu_seqlens": "kl_cu_seqlens",
+}
+KL_REF_NAMES = {**KL_NAMES, "hidden": "kl_ref_hidden", "weight": "ref_weight"}
+# Eq. (7) of the paper: λ_D·n_D / (λ_U·n_U) ∈ [1, 3/2].
+RATIO_RANGE = (1.0, 1.5)
+
+
+@dataclass
+class KTOOutput:
+    """Result of ``kto_loss_fused``: the loss and detached per-example values.
+
+    ``logps``/``rewards``/``num_tokens`` are ``[B]``; ``kl`` is the z0 used (scalar tensor).
+    """
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    rewards: torch.Tensor
+    desirable: torch.Tensor
+    kl: torch.Tensor
+    num_tokens: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        """TRL's KTO names: ``kl``, ``rewards/{chosen,rejected,margins}``, ``logps/*``,
+        ``count/*``; class means only for classes present in the batch (as TRL logs them)."""
+        out = {"kl": float(self.kl)}
+        undesirable = ~self.desirable
+        for name, mask in (("chosen", self.desirable), ("rejected", undesirable)):
+            out[f"count/{name}"] = float(mask.sum())
+            reward = masked_mean(self.rewards, mask)
+            if reward is not None:
+                out[f"rewards/{name}"] = reward
+                out[f"logps/{name}"] = masked_mean(self.logps, mask)
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
+
+
+def kto_class_weights(
+    n_desirable: int, n_undesirable: int, target_ratio: float = 1.0
+) -> tuple[float, float]:
+    """``(λ_D, λ_U)`` with ``λ_D·n_D / (λ_U·n_U) = target_ratio`` (paper eq. 7: in [1, 3/2]).
+
+    The majority class keeps weight 1 and the minority class is up-weighted, as the paper's
+    example (1:10 desirable:undesirable → λ_U = 1, λ_D ∈ [10, 15]).
+
+    Example:
+        >>> kto_class_weights(100, 1000, target_ratio=1.0)
+        (10.0, 1.0)
+    """
+    for value, name in ((n_desirable, "n_desirable"), (n_undesirable, "n_undesirable")):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    V.check_positive(target_ratio, "target_ratio")
+    if not RATIO_RANGE[0] <= target_ratio <= RATIO_RANGE[1]:
+        warnings.warn(
+            f"target_ratio={target_ratio} is outside the KTO paper's recommended "
+            f"[{RATIO_RANGE[0]}, {RATIO_RANGE[1]}]",
+            stacklevel=2,
+        )
+    if n_desirable < n_undesirable:
+        return target_ratio * n_undesirable / n_desirable, 1.0
+    return 1.0, n_desirable / (target_ratio * n_undesirable)
+
+
+def mismatched_pairs(
+    prompt_ids: Sequence,
+    completion_ids: Sequence,
+    offset: int = 1,
+    *,
+    pad_token_id: int = 0,
+    ignore_index: int = -100,
+) -> dict[str, torch.Tensor]:
+    """The KL batch of a KTO microbatch: prompt ``x_i`` with completion ``y_(i+offset) mod m``.
+
+    ``offset=+1`` is the paper's (and HALOs') pairing; ``offset=-1`` is TRL's. Inputs are
+    per-example token-id sequences (lists or 1-D tensors). Returns right-padded
+    ``input_ids``/``attention_mask`` ``[m, L]`` and ``labels`` ``[m, L]`` with the prompt
+    and padding set to ``ignore_index``, ready for the model and ``kl_labels`` (apply the
+    usual ``shift=True``).
+
+    Example:
+        >>> batch = mismatched_pairs([[1, 2], [3]], [[7], [8, 9]])
+        >>> batch["input_ids"].tolist(), batch["labels"].tolist()
+        ([[1, 2, 8, 9], [3, 7, 0, 0]], [[-100, -100, 8, 9], [-100, 7, -100, -100]])
+    """
+    m = len(prompt_ids)
+    if len(completion_ids) != m:
+        raise ValueError(
+            f"completion_ids has {len(completion_ids)} examples but prompt_ids has {m}"
+        )
+    if m < 2:
+        raise ValueError(f"mismatched pairs need a microbatch of at least 2 examples, got {m}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset % m == 0:
+        raise ValueError(f"offset must be an int not divisible by m={m}, got {offset!r}")
+    rows = []
+    for i in range(m):
+        prompt = torch.as_tensor(prompt_ids[i], dtype=torch.long).flatten()
+        completion = torch.as_tensor(completion_ids[(i + offset) % m], dtype=torch.long).flatten()
+        rows.append((prompt, completion))
+    length = max(p.numel() + c.numel() for p, c in rows)
+    input_ids = torch.full((m, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((m, length), ignore_index, dtype=torch.long)
+    attention_mask = torch.zeros(m, length, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(rows):
+        n_p, n = prompt.numel(), prompt.numel() + completion.numel()
+        input_ids[i, :n] = torch.cat([prompt, completion])
+        labels[i, n_p:n] = completion
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def _reference_point(
+    kl_policy: LogpOutput,
+    kl_ref_logps: torch.Tensor,
+    process_group,
+) -> torch.Tensor:
+    """z0 = max(0, mean over all ranks' mismatched pairs of s_θ − s_ref), detached."""
+    diff = (kl_policy.logps.detach() - kl_ref_logps).double()
+    totals = torch.stack(
+        [diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64, device=diff.device)]
+    )
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=process_group)
+    return (totals[0] / totals[1]).clamp_min(0.0).float()
+
+
+def kto_loss_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_hidden: torch.Tensor | None = None,
+    kl_labels: torch.Tensor | None = None,
+    kl_ref_hidden: torch.Tensor | None = None,
+    kl_ref_logps: torch.Tensor | None = None,
+    kl_cu_seqlens: torch.Tensor | None = None,
+    kl: float | torch.Tensor | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    process_group=None,
+    **logp_kwargs,
+) -> KTOOutput:
+    """KTO loss from final hidden states and the lm_head, z0 from mismatched pairs.
+
+    Args:
+        hidden, weight, labels: the batch's rows ``[B, T, H]``, ``[V, H]``, ``[B, T]`` (or
+            packed with ``cu_seqlens``).
+        desirable: bool ``[B]``, True for desirable (thumbs-up) completions.
+        ref_hidden (+ ``ref_weight``, default ``weight``) or ref_logps ``[B]``: the reference.
+        kl_hidden, kl_labels: the mismatched-pair rows (see ``mismatched_pairs``), scored by
+            the policy in the same launch with no autograd state; with kl_ref_hidden (the
+            reference model on the same rows) or kl_ref_logps ``[m]``. Or
+        kl: z0 given directly (e.g. 0.0 to train without a reference point).
+        beta: β > 0. desirable_weight, undesirable_weight: λ_D, λ_U (see
+            ``kto_class_weights``; a warning is issued when this batch's
+            ``λ_D·n_D / (λ_U·n_U)`` falls outside the paper's [1, 3/2]).
+        process_group: group over which z0 is averaged when ``torch.distributed`` is
+            initialised (default: the world).
+        **logp_kwargs: as in ``sequence_logps``.
+
+    Example:
+        >>> h = torch.randn(4, 6, 16, requires_grad=True); W = torch.randn(50, 16)
+        >>> y = torch.randint(0, 50, (4, 6)); d = torch.tensor([True, False, True, False])
+        >>> out = kto_loss_fused(h, W, y, d, ref_logps=torch.zeros(4), kl_hidden=h.roll(1, 0),
+        ...                      kl_labels=y, kl_ref_logps=torch.zeros(4))
+        >>> out.loss.backward(); out.metrics()["kl"] >= 0
+        True
+    """
+    beta = check_beta(beta)
+    V.check_positive(desirable_weight, "desirable_weight")
+    V.check_positive(undesirable_weight, "undesirable_weight")
+    V.check_tensor(desirable, "desirable")
+    if desirable.dtype != torch.bool:
+        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
+    V.check_tensor(labels, "labels")
+    cu_seqlens = logp_kwargs.get("cu_seqlens")
+    rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if desirable.shape != (rows,):
+        raise ValueError(
+            f"desirable must have shape [{rows}] (one per row), got {tuple(desirable.shape)}"
+        )
+
+    extra = []
+    if kl is not None:
+        if any(v is not None for v in (kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps)):
+            raise ValueError("give either kl (z0 directly) or the kl_* mismatched rows, not both")
+        z0 = torch.as_tensor(kl, dtype=torch.float32, device=labels.device).detach()
+        if z0.numel() != 1 or not bool(torch.isfinite(z0)):
+            raise ValueError(f"kl must be a finite scalar, got {kl!r}")
+        z0 = z0.reshape(())
+    else:
+        if kl_hidden is None or kl_labels is None:
+            raise ValueError(
+                "z0 needs the mismatched-pair rows: kl_hidden and kl_labels (with kl_ref_hidden "
+                "or kl_ref_logps), or kl= given directly"
+            )
+        if (kl_ref_hidden is None) == (kl_ref_logps is None):
+            raise ValueError("give exactly one of kl_ref_hidden and kl_ref_logps")
+        V.check_tensor(kl_hidden, "kl_hidden")
+        V.check_tensor(kl_labels, "kl_labels")
+        kl_rows = kl_labels.shape[0] if kl_cu_seqlens is None else kl_cu_seqlens.numel() - 1
+        if kl_rows < 2:
+            raise ValueError(
+                f"kl_hidden: the mismatched-pair estimate of z0 needs a microbatch of at least "
+                f"2 rows, got {kl_rows}"
+            )
+        stream_kwargs, _ = split_logp_kwargs(logp_kwargs)
+        bias = stream_kwargs.get("bias")
+        extra.append(
+            StreamInput(
+                kl_hidden.detach(),
+                weight.detach(),
+                kl_labels,
+                bias=None if bias is None else bias.detach(),
+                cu_seqlens=kl_cu_seqlens,
+                differentiable=False,
+                names=KL_NAMES,
+            )
+        )
+        if kl_ref_hidden is not None:
+            extra.append(
+                reference_stream(
+                    kl_ref_hidden,
+                    ref_weight,
+                    None,
+                    weight=weight,
+                    bias=bias,
+                    labels=kl_labels,
+                    cu_seqlens=kl_cu_seqlens,
+                    names=KL_REF_NAMES,
+                )
+            )
+    scored = score(
+        hidden,
+        weight,
+        labels,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_logps=ref_logps,
+        reference="required",
+        extra=extra,
+        logp_kwargs=logp_kwargs,
+    )
+    if kl is None:
+        kl_policy = scored.extra[0]
+        if kl_ref_hidden is not None:
+            kl_ref = scored.extra[1].logps
+        else:
+            kl_ref = check_logps(
+                kl_ref_logps, "kl_ref_logps", kl_policy.logps.shape[0], kl_policy.logps.device
+            )
+        z0 = _reference_point(kl_policy, kl_ref, process_group)
+
+    n_desirable, n_undesirable = int(desirable.sum()), int((~desirable).sum())
+    if n_desirable and n_undesirable:
+        ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
+            warnings.warn(
+                f"λ_D·n_D/(λ_U·n_U) = {ratio:.3g} is outside the KTO paper's recommended "
+                f"[{RATIO_RANGE[0]}, {RATIO_RANGE[1]}]; see fastalign.kto_class_weights",
+                stacklevel=2,
+            )
+    logratios = scored.policy.logps - scored.ref_logps
+    desirable = desirable.to(logratios.device)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))),
+    )
+    return KTOOutput(
+        loss=losses.mean(),
+        logps=scored.policy.logps.detach(),
+        rewards=beta * logratios.detach(),
+        desirable=desirable,
+        kl=z0,
+        num_tokens=scored.policy.num_tokens,
+    )
