@@ -67,8 +67,8 @@ def kto_class_weights(
 ) -> tuple[float, float]:
     """``(λ_D, λ_U)`` with ``λ_D·n_D / (λ_U·n_U) = target_ratio`` (paper eq. 7: in [1, 3/2]).
 
-    The majority class keeps weight 1 and the minority class is up-weighted, as the paper's
-    example (1:10 desirable:undesirable → λ_U = 1, λ_D ∈ [10, 15]).
+    The smaller weight is 1 and the other class is up-weighted, as in the paper's example
+    (1:10 desirable:undesirable → λ_U = 1, λ_D ∈ [10, 15]).
 
     Example:
         >>> kto_class_weights(100, 1000, target_ratio=1.0)
@@ -84,9 +84,8 @@ def kto_class_weights(
             f"[{RATIO_RANGE[0]}, {RATIO_RANGE[1]}]",
             stacklevel=2,
         )
-    if n_desirable < n_undesirable:
-        return target_ratio * n_undesirable / n_desirable, 1.0
-    return 1.0, n_desirable / (target_ratio * n_undesirable)
+    relative = target_ratio * n_undesirable / n_desirable  # λ_D / λ_U
+    return (relative, 1.0) if relative >= 1.0 else (1.0, 1.0 / relative)
 
 
 def mismatched_pairs(

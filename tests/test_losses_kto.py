@@ -1,0 +1,313 @@
+"""KTO vs the float64 formula, z0 semantics (mismatched pairs, detached, clamped,
+all-reduced over gloo), helpers, TRL's loss/metrics, errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastalign
+from fastalign import torch_backend
+from tests import loss_reference as R
+
+DESIRABLE = torch.tensor([True, False, True, False, False, True])
+
+
+def kto_inputs(rows=6, seq_len=7, hidden_size=17, vocab=97):
+    hidden = torch.randn(rows, seq_len, hidden_size, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).requires_grad_()
+    labels = torch.randint(0, vocab, (rows, seq_len))
+    labels[:, :2] = -100
+    ref_hidden = torch.randn(rows, seq_len, hidden_size)
+    kl_hidden = torch.randn(rows, seq_len, hidden_size)
+    kl_labels = labels.roll(1, 0)
+    kl_ref_hidden = torch.randn(rows, seq_len, hidden_size)
+    return hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden
+
+
+@pytest.mark.parametrize("backend", R.BACKENDS)
+@pytest.mark.parametrize("reference", ["stream", "precomputed"])
+def test_kto_matches_formula(backend, reference):
+    hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden = kto_inputs()
+    # Shift the policy's KL rows so that z0 > 0 and the clamp is inactive.
+    kl_hidden = kl_hidden * 0.5
+    s, _ = R.logps64(hidden, weight, labels)
+    ref_s, _ = R.logps64(ref_hidden, weight.detach(), labels)
+    kl_s, _ = R.logps64(kl_hidden, weight.detach(), kl_labels)
+    kl_ref_s, _ = R.logps64(kl_ref_hidden, weight.detach(), kl_labels)
+    if reference == "stream":
+        refs = dict(ref_hidden=ref_hidden, kl_ref_hidden=kl_ref_hidden)
+    else:
+        refs = dict(ref_logps=ref_s.float(), kl_ref_logps=kl_ref_s.float())
+    out = fastalign.kto_loss_fused(
+        hidden,
+        weight,
+        labels,
+        DESIRABLE,
+        kl_hidden=kl_hidden,
+        kl_labels=kl_labels,
+        beta=0.4,
+        desirable_weight=1.3,
+        undesirable_weight=1.0,
+        backend=backend,
+        **refs,
+    )
+    naive, z0 = R.kto(s, ref_s.detach(), DESIRABLE, kl_s.detach(), kl_ref_s.detach(), 0.4, 1.3, 1.0)
+    R.assert_loss_and_grads(out.loss, naive, [hidden, weight])
+    torch.testing.assert_close(out.kl.double(), z0, rtol=1e-4, atol=1e-5)
+
+
+def test_z0_is_detached_and_clamped():
+    hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden = kto_inputs()
+    common = dict(ref_hidden=ref_hidden, beta=0.4)
+    streamed = fastalign.kto_loss_fused(
+        hidden,
+        weight,
+        labels,
+        DESIRABLE,
+        kl_hidden=kl_hidden,
+        kl_labels=kl_labels,
+        kl_ref_hidden=kl_ref_hidden,
+        **common,
+    )
+    # Same z0 given as a constant: identical loss and gradients, so z0 adds no gradient.
+    fixed = fastalign.kto_loss_fused(hidden, weight, labels, DESIRABLE, kl=streamed.kl, **common)
+    assert torch.equal(streamed.loss, fixed.loss)
+    for a, b in zip(
+        torch.autograd.grad(streamed.loss, [hidden, weight]),
+        torch.autograd.grad(fixed.loss, [hidden, weight]),
+    ):
+        assert torch.equal(a, b)
+    # Mismatched rows scored below the reference (uniform policy, −log 97 per token, against
+    # a reference of log-prob 0): the mean difference is negative and z0 clamps to 0.
+    negative = fastalign.kto_loss_fused(
+        hidden,
+        weight,
+        labels,
+        DESIRABLE,
+        kl_hidden=kl_ref_hidden * 0.0,
+        kl_labels=kl_labels,
+        kl_ref_logps=torch.zeros(6),
+        **common,
+    )
+    assert float(negative.kl) == 0.0  # mean log-prob < 0 = reference → clamped
+
+
+def test_all_streams_share_one_launch(monkeypatch):
+    calls = []
+    forward = torch_backend.forward
+    monkeypatch.setattr(
+        torch_backend,
+        "forward",
+        lambda batches, *a, **k: calls.append(len(batches)) or forward(batches, *a, **k),
+    )
+    hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden = kto_inputs()
+    out = fastalign.kto_loss_fused(
+        hidden,
+        weight,
+        labels,
+        DESIRABLE,
+        ref_hidden=ref_hidden,
+        kl_hidden=kl_hidden,
+        kl_labels=kl_labels,
+        kl_ref_hidden=kl_ref_hidden,
+    )
+    assert calls == [4]  # policy, reference, mismatched policy, mismatched reference
+    out.loss.backward()
+    assert kl_hidden.grad is None
+
+
+def test_loss_and_metrics_match_trl():
+    pytest.importorskip("trl")
+    from tests.trl_peer import trl_kto
+
+    hidden, weight, labels, _, kl_hidden, kl_labels, _ = kto_inputs()
+    ref_logps = torch.randn(6) - 40
+    kl_ref_logps = torch.randn(6) - 60  # z0 > 0
+    out = fastalign.kto_loss_fused(
+        hidden,
+        weight,
+        labels,
+        DESIRABLE,
+        ref_logps=ref_logps,
+        kl_hidden=kl_hidden,
+        kl_labels=kl_labels,
+        kl_ref_logps=kl_ref_logps,
+        beta=0.3,
+        desirable_weight=1.0,
+        undesirable_weight=2.0,
+    )
+    kl_policy = fastalign.sequence_logps(kl_hidden, weight, kl_labels).logps.detach()
+    trl_loss, trl_metrics = trl_kto(
+        out.logps, ref_logps, DESIRABLE, kl_policy, kl_ref_logps, beta=0.3, w_d=1.0, w_u=2.0
+    )
+    assert float(out.loss.detach()) == pytest.approx(trl_loss, rel=1e-5)
+    ours = out.metrics()
+    for name in (
+        "kl",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
+        assert ours[name] == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _allreduce_worker(rank, world, port, kl_policy_all, kl_ref_all, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)
+        hidden, weight, labels, *_ = kto_inputs(rows=4)
+        # Each rank has its own mismatched rows and reference sums; z0 must use both ranks'.
+        kl_hidden = torch.randn(4, 7, 17)
+        kl_labels = labels.roll(1, 0)
+        kl_policy = fastalign.sequence_logps(kl_hidden, weight, kl_labels).logps
+        kl_policy_all[rank] = kl_policy.detach()
+        out = fastalign.kto_loss_fused(
+            hidden,
+            weight,
+            labels,
+            DESIRABLE[:4],
+            ref_logps=torch.zeros(4),
+            kl_hidden=kl_hidden,
+            kl_labels=kl_labels,
+            kl_ref_logps=kl_ref_all[rank],
+        )
+        results[rank] = out.kl
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_z0_is_all_reduced_over_gloo():
+    manager = mp.Manager()
+    kl_policy_all, results = manager.dict(), manager.dict()
+    kl_ref_all = {0: torch.full((4,), -80.0), 1: torch.full((4,), -20.0)}
+    mp.spawn(
+        _allreduce_worker,
+        args=(2, _free_port(), kl_policy_all, kl_ref_all, results),
+        nprocs=2,
+        join=True,
+    )
+    diffs = torch.cat([kl_policy_all[r] - kl_ref_all[r] for r in (0, 1)])
+    expected = diffs.double().mean().clamp_min(0).float()
+    assert float(expected) > 0
+    assert torch.equal(results[0], results[1])
+    torch.testing.assert_close(results[0], expected, rtol=1e-6, atol=1e-6)
+    # And each rank alone would have used a different z0.
+    local = (kl_policy_all[0] - kl_ref_all[0]).mean().clamp_min(0)
+    assert abs(float(local) - float(expected)) > 1.0
+
+
+@pytest.mark.parametrize("offset,partner", [(1, [1, 2, 0]), (-1, [2, 0, 1])])
+def test_mismatched_pairs(offset, partner):
+    prompts = [[1, 2], [3], [4, 5, 6]]
+    completions = [[10], [20, 21], [30, 31, 32]]
+    batch = fastalign.mismatched_pairs(prompts, completions, offset=offset)
+    for i, j in enumerate(partner):
+        n_p, n = len(prompts[i]), len(prompts[i]) + len(completions[j])
+        assert batch["input_ids"][i, :n].tolist() == prompts[i] + completions[j]
+        assert batch["labels"][i, :n_p].tolist() == [-100] * n_p
+        assert batch["labels"][i, n_p:n].tolist() == completions[j]
+        assert (batch["labels"][i, n:] == -100).all() and batch["attention_mask"][i].sum() == n
+
+
+def test_mismatched_pairs_errors():
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        fastalign.mismatched_pairs([[1]], [[2]])
+    with pytest.raises(ValueError, match="offset must be an int not divisible"):
+        fastalign.mismatched_pairs([[1], [2]], [[3], [4]], offset=2)
+    with pytest.raises(ValueError, match="completion_ids has 1 examples"):
+        fastalign.mismatched_pairs([[1], [2]], [[3]])
+
+
+def test_class_weights_meet_the_paper_range():
+    for n_d, n_u, ratio in [(100, 1000, 1.0), (1000, 100, 1.5), (50, 50, 1.25), (7, 3, 1.0)]:
+        w_d, w_u = fastalign.kto_class_weights(n_d, n_u, target_ratio=ratio)
+        assert min(w_d, w_u) == 1.0
+        assert w_d * n_d / (w_u * n_u) == pytest.approx(ratio)
+    assert fastalign.kto_class_weights(100, 1000) == (10.0, 1.0)  # the paper's 1:10 example
+    with pytest.warns(UserWarning, match="outside the KTO paper's recommended"):
+        fastalign.kto_class_weights(1, 1, target_ratio=2.0)
+    with pytest.raises(ValueError, match="n_desirable must be a positive int"):
+        fastalign.kto_class_weights(0, 5)
+
+
+def test_weights_outside_range_warn():
+    hidden, weight, labels, *_ = kto_inputs()
+    args = (hidden, weight, labels, DESIRABLE)
+    with pytest.warns(UserWarning, match=r"λ_D·n_D/\(λ_U·n_U\) = 3"):
+        fastalign.kto_loss_fused(*args, ref_logps=torch.zeros(6), kl=0.0, desirable_weight=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastalign.kto_loss_fused(*args, ref_logps=torch.zeros(6), kl=0.0, desirable_weight=1.4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(desirable=torch.ones(6)), TypeError, "desirable must be a bool tensor"),
+        (
+            dict(desirable=torch.ones(5, dtype=torch.bool)),
+            ValueError,
+            r"desirable must have shape \[6\]",
+        ),
+        (dict(kl=None), ValueError, "z0 needs the mismatched-pair rows"),
+        (
+            dict(
+                kl=None,
+                kl_hidden=torch.randn(1, 7, 17),
+                kl_labels=torch.zeros(1, 7, dtype=torch.long),
+                kl_ref_logps=torch.zeros(1),
+            ),
+            ValueError,
+            "at least 2 rows",
+        ),
+        (
+            dict(
+                kl=None,
+                kl_hidden=torch.randn(6, 7, 17),
+                kl_labels=torch.zeros(6, 7, dtype=torch.long),
+            ),
+            ValueError,
+            "exactly one of kl_ref_hidden and kl_ref_logps",
+        ),
+        (
+            dict(
+                kl=None,
+                kl_hidden=torch.randn(6, 7, 17),
+                kl_labels=torch.zeros(6, 7, dtype=torch.long),
+                kl_ref_logps=torch.zeros(5),
+            ),
+            ValueError,
+            r"kl_ref_logps must have shape \[6\]",
+        ),
+        (
+            dict(kl_hidden=torch.randn(6, 7, 17)),
+            ValueError,
+            "either kl .* or the kl_\\* mismatched",
+        ),
+        (dict(kl=float("nan")), ValueError, "kl must be a finite scalar"),
+        (dict(beta=-0.1), ValueError, "beta"),
+        (dict(desirable_weight=0.0), ValueError, "desirable_weight"),
+        (dict(ref_logps=None), ValueError, "give exactly one reference"),
+    ],
+)
+def test_kto_errors(kwargs, error, match):
+    hidden, weight, labels, *_ = kto_inputs()
+    args = dict(desirable=DESIRABLE, ref_logps=torch.zeros(6), kl=0.0)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        fastalign.kto_loss_fused(hidden, weight, labels, args.pop("desirable"), **args)
