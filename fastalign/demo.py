@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+
+from .profiling import PeakMemory
 
 
 def _inputs(num_seqs: int, seq_len: int, vocab: int, hidden_size: int, seed: int = 0):
@@ -33,11 +34,6 @@ def eager_logps(hidden, weight, labels, ignore_index: int = -100) -> torch.Tenso
     return (token * mask).sum(-1)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def _run_one(path: str, num_seqs: int, seq_len: int, vocab: int, hidden_size: int) -> dict:
     """Child process: forward+backward once to warm up, then measure one more."""
     import fastalign
@@ -53,15 +49,14 @@ def _run_one(path: str, num_seqs: int, seq_len: int, vocab: int, hidden_size: in
         return logps.detach()
 
     step()  # warm-up: grads now exist, so the measured step allocates nothing persistent
-    baseline = _rss_bytes()
-    start = time.perf_counter()
-    logps = step()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with PeakMemory("cpu") as probe:
+        start = time.perf_counter()
+        logps = step()
+        seconds = time.perf_counter() - start
     return {
         "path": path,
         "seconds": seconds,
-        "peak_extra_bytes": max(peak - baseline, 0),
+        "peak_extra_bytes": probe.peak_extra_bytes,
         "logps_head": logps[:4].tolist(),
     }
 

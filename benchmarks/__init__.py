@@ -1,0 +1,1 @@
+"""Benchmarks: fastalign vs eager, torch.compile, Liger, TRL's kernel and CCE (time, memory)."""

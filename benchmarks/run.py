@@ -1,0 +1,110 @@
+"""One command for the benchmarks: pytest-benchmark over a grid, then the results file.
+
+    python -m benchmarks.run                 # default grid on this machine's device
+    python -m benchmarks.run --quick         # tiny shapes, < 1 min (the smoke test)
+    python -m benchmarks.run --grid gpu      # the GPU grid (on a CUDA machine)
+
+Writes ``benchmarks/results/<device>_<date>.json`` (or ``--out DIR``), then the markdown
+table and PNG plots via ``benchmarks.report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, for the % of peak.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}"
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "trl", "liger_kernel", "cut_cross_entropy", "fastalign"):
+        try:
+            out[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            out[name] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke mode)")
+    parser.add_argument("--grid", default=None, help="quick | default | gpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("-k", default=None, help="pytest -k filter on cells")
+    args = parser.parse_args(argv)
+    grid = "quick" if args.quick else (args.grid or "default")
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = args.out / "pytest-benchmark-raw.json"
+    env = dict(os.environ, FASTALIGN_BENCH_GRID=grid, FASTALIGN_BENCH_DEVICE=args.device)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(Path(__file__).parent / "test_bench.py"),
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rs",
+        f"--benchmark-json={raw}",
+        "--benchmark-columns=min,median,rounds",
+    ]
+    if args.k:
+        cmd += ["-k", args.k]
+    load_before = os.getloadavg()
+    status = subprocess.run(cmd, env=env).returncode
+    if status not in (0, 5):
+        return status
+    data = json.loads(raw.read_text())
+    raw.unlink()
+    rows = []
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        rows.append(
+            {**info, "seconds": bench["stats"]["median"], "rounds": bench["stats"]["rounds"]}
+        )
+    name = device_name(args.device)
+    record = {
+        "device": name,
+        "device_kind": args.device,
+        "grid": grid,
+        "date": datetime.date.today().isoformat(),
+        "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "versions": versions(),
+        "bf16_peak_tflops": next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None),
+        "rows": rows,
+    }
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    path = args.out / f"{slug}_{grid}_{record['date']}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    from benchmarks import report
+
+    report.main([str(path)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""pytest-benchmark suite: every implementation on every cell of the chosen grid.
+
+Not part of the test run (testpaths = tests). Use ``python -m benchmarks.run``, which sets
+``FASTALIGN_BENCH_GRID``/``FASTALIGN_BENCH_DEVICE`` and collects the JSON. Time comes from
+pytest-benchmark (forward+backward per round); peak extra memory from a fresh subprocess per
+cell (``benchmarks.cell``). Missing peers are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from benchmarks.grids import grid
+from benchmarks.impls import IMPLEMENTATIONS, Unavailable, make_inputs
+
+GRID = os.environ.get("FASTALIGN_BENCH_GRID", "quick")
+DEVICE = os.environ.get("FASTALIGN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+CELLS = grid(GRID, DEVICE)
+
+
+def _memory(case, impl, shape) -> dict:
+    args = [case, impl, shape.rows, shape.seq_len, shape.hidden, shape.vocab, shape.dtype, DEVICE]
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cell", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize(
+    "part,case,shape", CELLS, ids=[f"{p}-{c}-{s.label()}" for p, c, s in CELLS]
+)
+def test_bench(benchmark, part, case, shape, impl):
+    inputs = make_inputs(shape, DEVICE)
+    try:
+        run = IMPLEMENTATIONS[impl](case, inputs)
+    except Unavailable as err:
+        pytest.skip(f"{impl}: {err}")
+    memory = _memory(case, impl, shape)
+    if "unavailable" in memory:
+        pytest.skip(f"{impl}: {memory['unavailable']}")
+
+    def step():
+        run()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    heavy = shape.tokens * shape.hidden * shape.vocab > 2e9 and DEVICE == "cpu"
+    benchmark.group = f"{part} {case} {shape.label()}"
+    benchmark.extra_info.update(
+        part=part,
+        case=case,
+        impl=impl,
+        device=DEVICE,
+        shape=asdict(shape),
+        peak_extra_bytes=memory["peak_extra_bytes"],
+    )
+    benchmark.pedantic(step, rounds=1 if heavy else 3, warmup_rounds=0 if heavy else 1)
