@@ -37,7 +37,10 @@ def table(record: dict) -> str:
         if row["part"] == "main":
             groups[(row["case"], shape_label(row["shape"]))][row["impl"]] = row
     gpu = record["device_kind"] == "cuda"
-    head = "| case | shape | impl | time (ms) | peak extra (MiB) | speed-up vs eager | memory vs eager | vs best peer (time / memory) |"
+    head = (
+        "| case | shape | impl | time (ms) | peak extra (MiB) | speed-up vs eager "
+        "| memory vs eager | vs best peer (time / memory) |"
+    )
     if gpu:
         head += " TFLOP/s | % bf16 peak |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
