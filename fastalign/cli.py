@@ -1,0 +1,155 @@
+"""``fastalign`` command line: train, sample, plot, memory.
+
+fastalign train --loss dpo                  # embedded tiny model + data, CPU, ~1 min
+fastalign train --loss kto --model PATH --dataset data.jsonl --lora-rank 16
+fastalign sample --model PATH --dataset prefs.jsonl --out with_samples.jsonl
+fastalign plot runs/dpo-20261124-120000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+
+def _train_parser(sub) -> None:
+    from .trainer.loop import LOSSES, REFERENCES, TrainConfig
+
+    p = sub.add_parser("train", help="preference-train a causal LM with a fused loss")
+    p.add_argument("--loss", required=True, choices=LOSSES)
+    p.add_argument(
+        "--reference",
+        choices=REFERENCES,
+        default="copy",
+        help="copy: frozen copy of the policy (or --ref-model); peft: the policy "
+        "with its LoRA adapter disabled; precomputed: one pass, cached",
+    )
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("loss", "reference", "extra"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            p.add_argument(flag, type=kind, default=f.default)
+
+
+def _train(args) -> int:
+    from .trainer.loop import TrainConfig, Trainer
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    trainer = Trainer(config)
+    summary = trainer.train()
+    print(f"run directory: {trainer.output_dir}")
+    for stage in ("before", "after"):
+        acc = summary.get(f"{stage}/eval/rewards/accuracies")
+        margin = summary.get(f"{stage}/eval/rewards/margins")
+        if acc is not None:
+            print(f"held-out reward accuracy {stage} training: {acc:.3f} (chance 0.5)")
+        elif margin is not None:
+            print(
+                f"held-out reward margin (desirable − undesirable) {stage} training: {margin:.3f}"
+            )
+    return 0
+
+
+def _sample(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .trainer import data as D
+    from .trainer.sample import sample_completions
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = D.load(args.dataset, "paired")["train"]
+    samples = sample_completions(
+        model,
+        tokenizer,
+        dataset["prompt"],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    dataset = dataset.add_column(args.column, samples)
+    dataset.to_json(args.out)
+    print(f"wrote {len(dataset)} rows with column {args.column!r} to {args.out}")
+    return 0
+
+
+def _plot(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(args.run_dir)
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        print(f"error: {path} not found (is {run} a fastalign run directory?)", file=sys.stderr)
+        return 2
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = [k for k in records[0] if k != "step"]
+    cols = 3
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    steps = [r["step"] for r in records]
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(steps, [r.get(key, float("nan")) for r in records], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(args.out) if args.out else run / "metrics.png"
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory"]:
+        try:
+            from .memory import cli as memory_cli
+        except ImportError:
+            print("error: `fastalign memory` is not available in this version", file=sys.stderr)
+            return 2
+        return memory_cli(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="fastalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    s = sub.add_parser("sample", help="draw reference samples (a TYPO dataset column)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--column", default="sample")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    pl = sub.add_parser("plot", help="draw a run's metric curves to PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    try:
+        return {"train": _train, "sample": _sample, "plot": _plot}[args.command](args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

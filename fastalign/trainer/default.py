@@ -1,0 +1,76 @@
+"""The embedded default: a character tokenizer, a tiny Llama-style config and a small
+preference data set (one-digit addition) built in code, so training runs offline on CPU."""
+
+from __future__ import annotations
+
+import random
+
+from datasets import Dataset, DatasetDict
+
+CHARS = list("0123456789+=? ")
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def default_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast``: no download, deterministic ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
+def default_model(tokenizer, seed: int = 0):
+    """A tiny randomly initialised Llama (2 layers, hidden 64): ~0.1 M parameters."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def default_dataset(kind: str = "paired", seed: int = 0, held_out: float = 0.2) -> DatasetDict:
+    """One-digit addition: chosen answers are right, rejected ones wrong.
+
+    ``kind="paired"``: TRL's ``prompt/chosen/rejected``; ``"unpaired"``: ``prompt/
+    completion/label`` (KTO), each prompt once with its right and once with a wrong answer.
+    The test split holds prompts never seen in training.
+    """
+    rng = random.Random(seed)
+    prompts = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(prompts)
+    cut = int(len(prompts) * (1 - held_out))
+    splits = {}
+    for name, items in (("train", prompts[:cut]), ("test", prompts[cut:])):
+        rows = []
+        for a, b in items:
+            wrong = rng.choice([s for s in range(19) if s != a + b])
+            if kind == "paired":
+                rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(wrong)})
+            else:
+                rows.append({"prompt": f"{a}+{b}=", "completion": str(a + b), "label": True})
+                rows.append({"prompt": f"{a}+{b}=", "completion": str(wrong), "label": False})
+        splits[name] = Dataset.from_list(rows)
+    return DatasetDict(splits)

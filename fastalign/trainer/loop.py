@@ -1,0 +1,559 @@
+"""A small, readable preference-training loop around the fused losses.
+
+``Trainer(TrainConfig(...)).train()``: loads a causal LM (or the embedded default), a
+reference policy (frozen copy, PEFT adapter disabled, or precomputed log-probs), the data in
+TRL's formats, then runs AdamW with warmup+cosine, gradient accumulation and clipping, logs
+TRL-named metrics to ``metrics.jsonl``, checkpoints and resumes exactly. Under ``torchrun``
+it wraps the hidden-state forward in DDP and all-reduces KTO's z0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import losses
+from . import data as D
+from .model import HiddenStates, adapters_disabled, head_params, lm_head, logit_transform
+
+LOSSES = ("dpo", "ipo", "kto", "typo")
+REFERENCES = ("copy", "peft", "precomputed")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; the CLI flags map one to one (``--max-steps`` → max_steps)."""
+
+    loss: str = "dpo"
+    model: str | None = None  # path or hub name; None: the embedded tiny default
+    dataset: str | None = None  # .json/.jsonl path or load_dataset name; None: embedded
+    output_dir: str | None = None
+    reference: str = "copy"  # copy | peft | precomputed
+    ref_model: str | None = None  # a separate reference checkpoint (default: copy of policy)
+    lora_rank: int = 0  # > 0: train a LoRA adapter (peft) instead of all weights
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    lam: float = 0.05  # TYPO
+    sample_column: str = "sample"  # TYPO: reference samples
+    desirable_weight: float | None = None  # KTO; None: kto_class_weights on the data
+    undesirable_weight: float | None = None
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_steps: int = 150
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_prompt_length: int = 256
+    max_completion_length: int = 256
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 0  # 0: only at the end
+    bf16: bool = False  # autocast on CUDA
+    activation_checkpointing: bool = False
+    sft_warmup_steps: int = 300  # embedded default only: SFT the tiny model first
+    resume_from: str | None = None
+    backend: str = "auto"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class DivergedError(RuntimeError):
+    """The loss became non-finite; no checkpoint was written from the diverged state."""
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        if config.loss not in LOSSES:
+            raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
+        if config.reference not in REFERENCES:
+            raise ValueError(f"unknown reference {config.reference!r}; choose {REFERENCES}")
+        if config.reference == "precomputed" and config.loss == "kto":
+            raise ValueError(
+                "KTO's mismatched pairs change with every microbatch: use --reference copy or "
+                "peft (precomputed reference log-probs are for dpo/ipo)"
+            )
+        self.config = config
+        self.kind = "unpaired" if config.loss == "kto" else "paired"
+        self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.device = torch.device(
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.output_dir = Path(config.output_dir or f"runs/{config.loss}-{stamp}")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _seed_everything(config.seed)
+        self._setup_model()
+        self._setup_data()
+        self._setup_reference()
+        self._setup_optimizer()
+        self.step = 0
+        if config.resume_from:
+            self._load_checkpoint(Path(config.resume_from))
+
+    # ------------------------------------------------------------------ setup
+    def _setup_model(self) -> None:
+        cfg = self.config
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.is_default = cfg.model is None
+        source = cfg.model
+        if cfg.resume_from:
+            source = str(Path(cfg.resume_from) / "model")
+        if self.is_default and not cfg.resume_from:
+            from .default import default_model, default_tokenizer
+
+            self.tokenizer = default_tokenizer()
+            self.model = default_model(self.tokenizer, seed=cfg.seed)
+        else:
+            tok_source = cfg.model if cfg.model else str(Path(cfg.resume_from) / "model")
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_source)
+            self.model = AutoModelForCausalLM.from_pretrained(source)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        lm_head(self.model)  # a clear error for models without one
+        self.model.to(self.device)
+        if cfg.activation_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.transform = logit_transform(self.model.config)
+
+    def _setup_data(self) -> None:
+        cfg = self.config
+        dataset = D.load(cfg.dataset, self.kind, seed=cfg.seed)
+        for split in dataset:
+            D.check_columns(dataset[split], self.kind, name=f"dataset[{split!r}]")
+        sample_column = None
+        if cfg.loss == "typo" and cfg.lam > 0:
+            if cfg.sample_column not in dataset["train"].column_names:
+                if not self.is_default:
+                    raise ValueError(
+                        f"TYPO needs reference samples in column {cfg.sample_column!r}; "
+                        "generate them with `fastalign sample` or pass --lam 0"
+                    )
+                dataset = self._default_samples(dataset)
+            sample_column = cfg.sample_column
+        self.collator = D.Collator(
+            self.tokenizer,
+            self.kind,
+            cfg.max_prompt_length,
+            cfg.max_completion_length,
+            sample_column,
+        )
+        self.train_set = D.drop_empty(dataset["train"], self.collator, self.kind)
+        self.train_set = self.train_set.add_column("index", list(range(len(self.train_set))))
+        self.test_set = dataset["test"] if "test" in dataset else None
+        if cfg.loss == "kto":
+            labels = self.train_set["label"]
+            n_d, n_u = sum(labels), len(labels) - sum(labels)
+            if n_d == 0 or n_u == 0:
+                weights = (1.0, 1.0)
+            else:
+                weights = losses.kto_class_weights(n_d, n_u)
+            self.desirable_weight = cfg.desirable_weight or weights[0]
+            self.undesirable_weight = cfg.undesirable_weight or weights[1]
+
+    def _default_samples(self, dataset):
+        """TYPO on the embedded default: one reference sample per prompt, drawn once."""
+        from .sample import sample_completions
+
+        def add(split):
+            prompts = split["prompt"]
+            samples = sample_completions(
+                self.model, self.tokenizer, prompts, max_new_tokens=3, seed=self.config.seed
+            )
+            return split.add_column(self.config.sample_column, samples)
+
+        return type(dataset)({name: add(split) for name, split in dataset.items()})
+
+    def _setup_reference(self) -> None:
+        cfg = self.config
+        if self.is_default and not cfg.resume_from and cfg.sft_warmup_steps > 0:
+            self._sft_warmup(cfg.sft_warmup_steps)
+        self.ref_model = None
+        self.ref_logps = None
+        if cfg.lora_rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            self.model = get_peft_model(
+                self.model,
+                LoraConfig(
+                    r=cfg.lora_rank,
+                    lora_alpha=2 * cfg.lora_rank,
+                    target_modules=targets,
+                    lora_dropout=0.0,
+                ),
+            )
+        ref_dir = self.output_dir / "reference"
+        if cfg.reference == "copy":
+            if cfg.ref_model:
+                from transformers import AutoModelForCausalLM
+
+                self.ref_model = AutoModelForCausalLM.from_pretrained(cfg.ref_model)
+            elif (ref_dir / "config.json").exists():
+                from transformers import AutoModelForCausalLM
+
+                self.ref_model = AutoModelForCausalLM.from_pretrained(ref_dir)
+            else:
+                self.ref_model = copy.deepcopy(self.model)
+                if hasattr(self.ref_model, "merge_and_unload"):
+                    self.ref_model = self.ref_model.merge_and_unload()
+                if self.rank == 0:
+                    self.ref_model.save_pretrained(ref_dir)
+            self.ref_model.to(self.device).eval().requires_grad_(False)
+        elif cfg.reference == "peft":
+            if not hasattr(self.model, "disable_adapter"):
+                raise ValueError("--reference peft needs a LoRA adapter: pass --lora-rank > 0")
+        else:
+            self.ref_logps = self._precompute_reference(ref_dir / "ref_logps.pt")
+        self.body = HiddenStates(self.model)
+        self.ref_body = HiddenStates(self.ref_model) if self.ref_model is not None else None
+        self.train_body = self.body
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP wraps the hidden-state forward; the lm_head weight, read by the fused loss,
+            # is a parameter of the same module, so its gradient is all-reduced too.
+            self.train_body = DistributedDataParallel(self.body)
+
+    def _sft_warmup(self, steps: int) -> None:
+        """Embedded default only: teach the tiny random model the task format with SFT on
+        the chosen answers, so the reference policy is a sensible starting point."""
+        if self.kind == "paired":
+            pairs = [(r["prompt"], r["chosen"]) for r in self.train_set]
+        else:
+            pairs = [(r["prompt"], r["completion"]) for r in self.train_set if r["label"]]
+        encoded = [D.encode(p, c, self.tokenizer, 16, 8) for p, c in pairs]
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        body = HiddenStates(self.model)
+        for _ in range(steps):
+            idx = torch.randint(len(encoded), (16,), generator=generator).tolist()
+            batch = D.rows_to_batch([encoded[i] for i in idx], self.collator.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            weight, bias = head_params(self.model)
+            out = losses._common.score_streams(  # plain NLL through the fused op
+                [
+                    losses._common.StreamInput(
+                        body(batch["input_ids"], batch["attention_mask"]),
+                        weight,
+                        batch["labels"],
+                        bias=bias,
+                    )
+                ],
+                shift=True,
+                backend=self.config.backend,
+            )[0]
+            loss = -out.logps.sum() / out.num_tokens.sum().clamp_min(1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    @torch.no_grad()
+    def _precompute_reference(self, path: Path) -> torch.Tensor:
+        """Reference log-probs of every training row ``[n, 2]`` (chosen, rejected), computed
+        once with the initial policy and cached at ``path``."""
+        if path.exists():
+            return torch.load(path)
+        body = HiddenStates(self.model).eval()
+        weight, bias = head_params(self.model)
+        out = torch.zeros(len(self.train_set), 2)
+        for start in range(0, len(self.train_set), self.config.batch_size):
+            rows = [
+                self.train_set[i]
+                for i in range(start, min(start + self.config.batch_size, len(self.train_set)))
+            ]
+            batch = {k: v.to(self.device) for k, v in self.collator(rows)["policy"].items()}
+            hidden = body(batch["input_ids"], batch["attention_mask"])
+            logps = losses._common.score_streams(
+                [losses._common.StreamInput(hidden, weight, batch["labels"], bias=bias)],
+                shift=True,
+                backend=self.config.backend,
+                **self.transform,
+            )[0].logps.cpu()
+            n = len(rows)
+            out[start : start + n, 0], out[start : start + n, 1] = logps[:n], logps[n:]
+        body.train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            torch.save(out, path)
+        return out
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        warmup = max(1, int(cfg.warmup_ratio * cfg.max_steps))
+
+        def schedule(step):
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    # ------------------------------------------------------------------ one batch
+    def _reference_hidden(self, ids, mask):
+        with torch.no_grad():
+            if self.ref_body is not None:
+                return self.ref_body(ids, mask)
+            with adapters_disabled(self.model):
+                return self.body(ids, mask)
+
+    def compute(self, batch: dict, train: bool = True):
+        """The loss output for one collated batch (policy forward with autograd)."""
+        cfg = self.config
+        policy = {k: v.to(self.device) for k, v in batch["policy"].items()}
+        body = self.train_body if train else self.body
+        autocast = torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda"
+        )
+        with autocast:
+            hidden = body(policy["input_ids"], policy["attention_mask"])
+        weight, bias = head_params(self.model)
+        hidden = hidden.to(weight.dtype)
+        common = dict(bias=bias, shift=True, backend=cfg.backend, **self.transform)
+        ref = {}
+        if cfg.loss != "typo":
+            if self.ref_logps is not None:
+                rows = self.ref_logps[batch["index"]]
+                ref["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]]).to(self.device)
+            else:
+                ref["ref_hidden"] = self._reference_hidden(
+                    policy["input_ids"], policy["attention_mask"]
+                ).to(weight.dtype)
+        labels = policy["labels"]
+        if cfg.loss == "dpo":
+            return losses.dpo_loss_fused(
+                hidden,
+                weight,
+                labels,
+                beta=cfg.beta,
+                loss_type=cfg.loss_type,
+                label_smoothing=cfg.label_smoothing,
+                **ref,
+                **common,
+            )
+        if cfg.loss == "ipo":
+            return losses.ipo_loss_fused(hidden, weight, labels, beta=cfg.beta, **ref, **common)
+        if cfg.loss == "typo":
+            sample = {}
+            if "sample" in batch:
+                s = {k: v.to(self.device) for k, v in batch["sample"].items()}
+                sample = dict(
+                    sample_hidden=body(s["input_ids"], s["attention_mask"]),
+                    sample_labels=s["labels"],
+                )
+            return losses.typo_loss_fused(
+                hidden, weight, labels, lam=cfg.lam if sample else 0.0, **sample, **common
+            )
+        kl = {}
+        if "kl" in batch:
+            k = {n: v.to(self.device) for n, v in batch["kl"].items()}
+            with torch.no_grad():
+                kl_hidden = self.body(k["input_ids"], k["attention_mask"])
+            kl = dict(
+                kl_hidden=kl_hidden,
+                kl_labels=k["labels"],
+                kl_ref_hidden=self._reference_hidden(k["input_ids"], k["attention_mask"]),
+            )
+        else:
+            kl = dict(kl=0.0)
+        return losses.kto_loss_fused(
+            hidden,
+            weight,
+            labels,
+            batch["desirable"].to(self.device),
+            beta=cfg.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            **ref,
+            **kl,
+            **common,
+        )
+
+    # ------------------------------------------------------------------ data order
+    def _batches(self, epoch: int):
+        """Deterministic per-epoch order (seed + epoch), sharded over ranks."""
+        order = torch.randperm(
+            len(self.train_set), generator=torch.Generator().manual_seed(self.config.seed + epoch)
+        )
+        order = order[self.rank :: self.world].tolist()
+        size = self.config.batch_size
+        for start in range(0, len(order) - size + 1, size):
+            rows = [self.train_set[i] for i in order[start : start + size]]
+            batch = self.collator(rows)
+            batch["index"] = torch.tensor([r["index"] for r in rows])
+            yield batch
+
+    def _stream(self):
+        """Endless microbatches, resumable from ``self.step``."""
+        per_epoch = max(1, (len(self.train_set) // self.world) // self.config.batch_size)
+        consumed = self.step * self.config.grad_accum
+        epoch, skip = divmod(consumed, per_epoch)
+        while True:
+            for i, batch in enumerate(self._batches(epoch)):
+                if i >= skip:
+                    yield batch
+            epoch, skip = epoch + 1, 0
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics (reward accuracy for paired losses) on the test split."""
+        if self.test_set is None or len(self.test_set) < 2:
+            return {}
+        self.model.eval()
+        totals, count = {}, 0
+        rows = list(self.test_set)
+        for start in range(0, len(rows) - 1, self.config.batch_size):
+            chunk = rows[start : start + self.config.batch_size]
+            if len(chunk) < 2:
+                continue
+            batch = self.collator(chunk)
+            batch["index"] = torch.zeros(len(chunk), dtype=torch.long)
+            if self.ref_logps is not None:  # test rows have no cached reference: stream it
+                saved, self.ref_logps = self.ref_logps, None
+                self.ref_body = self.ref_body or HiddenStates(copy.deepcopy(self.model))
+                out = self.compute(batch, train=False)
+                self.ref_logps = saved
+            else:
+                out = self.compute(batch, train=False)
+            for name, value in out.metrics().items():
+                totals[name] = totals.get(name, 0.0) + value * len(chunk)
+            count += len(chunk)
+        self.model.train()
+        return {f"eval/{k}": v / count for k, v in totals.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: Path) -> None:
+        if self.rank != 0:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path / "model")
+        self.tokenizer.save_pretrained(path / "model")
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(),
+                "step": self.step,
+                "config": asdict(self.config),
+            },
+            path / "trainer_state.pt",
+        )
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        cfg = self.config
+        before = self.evaluate() if self.step == 0 else {}
+        metrics_path = self.output_dir / "metrics.jsonl"
+        stream = self._stream()
+        progress = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(
+                total=cfg.max_steps, initial=self.step, desc=f"{cfg.loss}", dynamic_ncols=True
+            )
+        window = []
+        while self.step < cfg.max_steps:
+            self.optimizer.zero_grad(set_to_none=True)
+            step_metrics = []
+            for micro in range(cfg.grad_accum):
+                batch = next(stream)
+                out = self.compute(batch)
+                if not torch.isfinite(out.loss):
+                    raise DivergedError(
+                        f"non-finite loss {float(out.loss)} at step {self.step + 1}, microbatch "
+                        f"{micro} (rows {batch['index'].tolist()}); no checkpoint was written"
+                    )
+                (out.loss / cfg.grad_accum).backward()
+                step_metrics.append({"loss": float(out.loss.detach()), **out.metrics()})
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+            )
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            merged = {
+                k: float(np.mean([m[k] for m in step_metrics if k in m])) for k in step_metrics[0]
+            }
+            merged.update(
+                grad_norm=float(grad_norm),
+                learning_rate=self.scheduler.get_last_lr()[0],
+                step=self.step,
+            )
+            window.append(merged)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{merged['loss']:.4f}",
+                    acc=f"{merged.get('rewards/accuracies', float('nan')):.2f}",
+                )
+            if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
+                record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+                record["step"] = self.step
+                window = []
+                if self.rank == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self.save(self.output_dir / f"checkpoint-{self.step}")
+        if progress is not None:
+            progress.close()
+        self.save(self.output_dir / "final")
+        after = self.evaluate()
+        summary = {
+            **{f"before/{k}": v for k, v in before.items()},
+            **{f"after/{k}": v for k, v in after.items()},
+            "steps": self.step,
+        }
+        if self.rank == 0:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary

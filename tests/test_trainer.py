@@ -1,0 +1,192 @@
+"""The trainer on the embedded default: every loss runs, resumes exactly, references agree,
+errors are clear, and each model family scores as its own forward does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+import fastalign  # noqa: E402
+from fastalign.trainer.loop import DivergedError, TrainConfig, Trainer  # noqa: E402
+from fastalign.trainer.model import HiddenStates, head_params, lm_head, logit_transform  # noqa: E402
+
+FAST = dict(sft_warmup_steps=5, batch_size=4, logging_steps=1, progress=False)
+
+
+def losses_of(run_dir):
+    return [
+        json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "kto", "typo"])
+def test_three_steps_of_each_loss(tmp_path, loss):
+    trainer = Trainer(TrainConfig(loss=loss, max_steps=3, output_dir=str(tmp_path), **FAST))
+    summary = trainer.train()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().split("\n") if x]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    expected = "kl" if loss == "kto" else "rewards/accuracies"
+    assert expected in records[0] and "rewards/chosen" in records[0]
+    assert (tmp_path / "final" / "model" / "config.json").exists()
+    assert summary["steps"] == 3
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    full = Trainer(TrainConfig(loss="dpo", max_steps=6, output_dir=str(tmp_path / "a"), **FAST))
+    full.train()
+    config = TrainConfig(
+        loss="dpo", max_steps=6, save_steps=3, output_dir=str(tmp_path / "b"), **FAST
+    )
+    crashed = Trainer(config)
+    compute = crashed.compute
+
+    def crash_after_step_3(batch, train=True):
+        if crashed.step == 3:
+            raise KeyboardInterrupt
+        return compute(batch, train)
+
+    monkeypatch.setattr(crashed, "compute", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    config.resume_from = str(tmp_path / "b" / "checkpoint-3")
+    Trainer(config).train()
+    assert losses_of(tmp_path / "b") == losses_of(tmp_path / "a")
+    assert len(losses_of(tmp_path / "a")) == 6
+
+
+def _first_loss(tmp_path, **kwargs):
+    config = TrainConfig(loss="dpo", max_steps=1, output_dir=str(tmp_path), **{**FAST, **kwargs})
+    trainer = Trainer(config)
+    batch = next(trainer._stream())
+    return trainer, trainer.compute(batch)
+
+
+def test_peft_disabled_reference_equals_frozen_copy(tmp_path):
+    pytest.importorskip("peft")
+    _, copy_out = _first_loss(tmp_path / "copy", lora_rank=4, reference="copy")
+    trainer, peft_out = _first_loss(tmp_path / "peft", lora_rank=4, reference="peft")
+    torch.testing.assert_close(peft_out.loss, copy_out.loss, rtol=1e-6, atol=1e-6)
+    assert trainer.ref_model is None  # no second model in memory
+
+
+def test_precomputed_reference_equals_streamed(tmp_path):
+    _, streamed = _first_loss(tmp_path / "s", reference="copy")
+    trainer, cached = _first_loss(tmp_path / "p", reference="precomputed")
+    torch.testing.assert_close(cached.loss, streamed.loss, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "p" / "reference" / "ref_logps.pt").exists()
+    assert trainer.ref_model is None
+
+
+def test_nan_loss_stops_without_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(
+        TrainConfig(loss="dpo", max_steps=5, save_steps=1, output_dir=str(tmp_path), **FAST)
+    )
+    compute = trainer.compute
+
+    def poisoned(batch, train=True):
+        out = compute(batch, train)
+        if trainer.step == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "compute", poisoned)
+    with pytest.raises(DivergedError, match="at step 3, microbatch 0"):
+        trainer.train()
+    assert (tmp_path / "checkpoint-2").exists()
+    assert not (tmp_path / "checkpoint-3").exists() and not (tmp_path / "final").exists()
+
+
+def test_data_errors_name_the_fix(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "chosen": "2"}\n')
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['rejected'\]"):
+        Trainer(TrainConfig(loss="dpo", dataset=str(bad), output_dir=str(tmp_path / "r"), **FAST))
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text('{"prompt": "1+1=", "completion": "2", "label": 1}\n')
+    with pytest.raises(ValueError, match="'label' must be booleans"):
+        Trainer(TrainConfig(loss="kto", dataset=str(kto), output_dir=str(tmp_path / "k"), **FAST))
+    with pytest.raises(ValueError, match="empty after truncation"):
+        Trainer(
+            TrainConfig(loss="dpo", max_completion_length=0, output_dir=str(tmp_path / "e"), **FAST)
+        )
+    with pytest.raises(ValueError, match="unknown loss 'orpo'"):
+        Trainer(TrainConfig(loss="orpo", output_dir=str(tmp_path / "o")))
+
+
+def test_model_without_lm_head_is_rejected():
+    from transformers import LlamaConfig, LlamaModel
+
+    bare = LlamaModel(
+        LlamaConfig(
+            vocab_size=20,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    )
+    with pytest.raises(ValueError, match="has no lm_head"):
+        lm_head(bare)
+
+
+def test_cli_help_and_errors(capsys):
+    from fastalign.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--loss" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--loss", "orpo"])
+    assert exit_info.value.code == 2
+    assert main(["plot", "/nonexistent-run"]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"final_logit_softcapping": 2.0, "head_dim": 8},
+    ),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_scores_match_the_models_own_logits(family):
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=61,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).eval()
+    ids = torch.randint(0, 61, (2, 9))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.double()
+        want = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        want = (want * (labels[:, 1:] != -100)).sum(-1)
+        hidden = HiddenStates(model)(ids, mask)
+        weight, bias = head_params(model)
+        got = fastalign.sequence_logps(
+            hidden, weight, labels, bias=bias, shift=True, **logit_transform(config)
+        ).logps
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
