@@ -225,7 +225,7 @@ class Trainer:
                 from transformers import AutoModelForCausalLM
 
                 self.ref_model = AutoModelForCausalLM.from_pretrained(cfg.ref_model)
-            elif (ref_dir / "config.json").exists():
+            elif cfg.resume_from and (ref_dir / "config.json").exists():
                 from transformers import AutoModelForCausalLM
 
                 self.ref_model = AutoModelForCausalLM.from_pretrained(ref_dir)
