@@ -72,3 +72,18 @@ def assert_loss_and_grads(fused_loss, naive_loss, leaves, rtol=1e-4):
     for g, w in zip(got, want):
         scale = w.abs().max().clamp_min(1e-8)
         assert float((g.double() - w).abs().max() / scale) < rtol * 10, "gradient mismatch"
+
+
+def record_launches(monkeypatch) -> list[int]:
+    """Patch the torch backend's forward to record how many streams each launch scores."""
+    from fastalign import torch_backend
+
+    launches = []
+    forward = torch_backend.forward
+
+    def counting(batches, *args, **kwargs):
+        launches.append(len(batches))
+        return forward(batches, *args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "forward", counting)
+    return launches

@@ -32,15 +32,7 @@ def test_typo_matches_formula(backend, lam):
 
 
 def test_samples_scored_in_the_same_launch(monkeypatch):
-    from fastalign import torch_backend
-
-    calls = []
-    forward = torch_backend.forward
-    monkeypatch.setattr(
-        torch_backend,
-        "forward",
-        lambda batches, *a, **k: calls.append(len(batches)) or forward(batches, *a, **k),
-    )
+    calls = R.record_launches(monkeypatch)
     hidden, _, weight, labels = R.paired_inputs()
     fastalign.typo_loss_fused(
         hidden,

@@ -25,8 +25,13 @@ def _grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def _worker(rank, world, port, out_dir, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-                      RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
     try:
         trainer = Trainer(TrainConfig(batch_size=2, output_dir=out_dir, **SETUP))
         loss, grads = _grads(trainer)
