@@ -390,11 +390,7 @@ def backward(
         if need_hidden
         else None
     )
-    grad_weight = (
-        torch.zeros(vocab_size, hidden_size, dtype=torch.float32, device=device)
-        if need_weight
-        else None
-    )
+    grad_weight = None  # the first chunk's product becomes the fp32 accumulator
     grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
     blocks = _blocks(tokens.hidden.dtype)
     block_m = blocks["BLOCK_M"]
@@ -429,8 +425,9 @@ def backward(
         )
         if grad_rows is not None:
             grad_rows[start:stop] = _mm_fp32(dz, weight)
-        if grad_weight is not None:
-            grad_weight += _mm_fp32(dz.T, tokens.rows(start, stop).to(dz.dtype))
+        if need_weight:
+            product = _mm_fp32(dz.T, tokens.rows(start, stop).to(dz.dtype))
+            grad_weight = product if grad_weight is None else grad_weight.add_(product)
         if grad_bias is not None:
             grad_bias += dz.float().sum(0)
     return grad_rows, grad_weight, grad_bias
