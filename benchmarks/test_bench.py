@@ -23,6 +23,10 @@ from benchmarks.impls import IMPLEMENTATIONS, Unavailable, make_inputs
 GRID = os.environ.get("FASTALIGN_BENCH_GRID", "quick")
 DEVICE = os.environ.get("FASTALIGN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 CELLS = grid(GRID, DEVICE)
+# glibc keeps freed heap memory resident and reuses it, which would hide a step's peak
+# behind the warm-up's leftovers; with every allocation over 64 KiB mmapped, freed memory
+# leaves the resident set at once and the RSS high-water mark tracks live memory.
+CELL_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
 
 
 def _memory(case, impl, shape) -> dict:

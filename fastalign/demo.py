@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -67,8 +68,11 @@ def measure(path: str, num_seqs: int, seq_len: int, vocab: int, hidden_size: int
         "import json, fastalign.demo as d; "
         f"print(json.dumps(d._run_one({path!r}, {num_seqs}, {seq_len}, {vocab}, {hidden_size})))"
     )
+    # Allocations over 64 KiB are mmapped so freed memory leaves the resident set at once
+    # (otherwise glibc reuses the warm-up's freed pages and hides the measured peak).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
