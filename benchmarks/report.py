@@ -140,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     md = (
         f"## {record['device']} — {record['grid']} grid, {record['date']}\n\n"
         f"torch {record['versions']['torch']}, {record['threads']} threads, load average "
-        f"before/after {record['load_average_before'][0]:.2f}/{record['load_average_after'][0]:.2f}. "
-        "Forward+backward of the whole loss; peak extra memory above the inputs and "
-        "parameter gradients of a warmed-up step.\n\n" + table(record) + "\n"
+        f"before/after {record['load_average_before'][0]:.2f}/"
+        f"{record['load_average_after'][0]:.2f}. "
+        "Time: forward+backward of the whole loss (pytest-benchmark median). Peak extra "
+        "memory: resident-set (CPU, fresh process) or allocator (CUDA) high-water mark of one "
+        "warmed-up step above its start; it includes the transient lm_head gradient "
+        "(V·H·4 bytes in fp32) that every implementation produces.\n\n" + table(record) + "\n"
     )
     for png in plots(record, stem):
         md += f"\n![{png.stem}]({png.name})\n"
