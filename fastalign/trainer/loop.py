@@ -48,10 +48,10 @@ class TrainConfig:
     sample_column: str = "sample"  # TYPO: reference samples
     desirable_weight: float | None = None  # KTO; None: kto_class_weights on the data
     undesirable_weight: float | None = None
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
-    max_steps: int = 150
+    max_steps: int = 300
     batch_size: int = 16
     grad_accum: int = 1
     max_grad_norm: float = 1.0
