@@ -148,22 +148,10 @@ def fastalign_impl(case, x):
                 x["hidden"], x["weight"], x["labels"], x["ref_hidden"], **common
             )
             loss = (policy.logps - ref.logps).sum()
-        elif case == "dpo":
-            loss = fastalign.dpo_loss_fused(
-                x["hidden"],
-                x["weight"],
-                x["labels"],
-                ref_hidden=x["ref_hidden"],
-                beta=BETA,
-                **common,
-            ).loss
-        elif case == "ipo":
-            loss = fastalign.ipo_loss_fused(
-                x["hidden"],
-                x["weight"],
-                x["labels"],
-                ref_hidden=x["ref_hidden"],
-                beta=BETA,
+        elif case in ("dpo", "ipo"):
+            paired = {"dpo": fastalign.dpo_loss_fused, "ipo": fastalign.ipo_loss_fused}[case]
+            loss = paired(
+                x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], beta=BETA,
                 **common,
             ).loss
         elif case == "typo":
