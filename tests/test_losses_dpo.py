@@ -124,3 +124,14 @@ def test_loss_and_metrics_match_trl(loss_type, eps):
         "logps/rejected",
     ):
         assert ours[name] == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+
+
+def test_reference_lm_head_with_its_own_bias():
+    hidden, ref_hidden, weight, labels = R.paired_inputs()
+    ref_weight, ref_bias = torch.randn_like(weight) / 4, torch.randn(weight.shape[0])
+    ref_s, _ = R.logps64(ref_hidden, ref_weight.detach(), labels, bias=ref_bias.double())
+    streamed = fastalign.dpo_loss_fused(
+        hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias
+    )
+    precomputed = fastalign.dpo_loss_fused(hidden, weight, labels, ref_logps=ref_s.float())
+    torch.testing.assert_close(streamed.loss, precomputed.loss, rtol=1e-5, atol=1e-6)

@@ -76,10 +76,19 @@ def test_peft_disabled_reference_equals_frozen_copy(tmp_path):
 
 
 def test_precomputed_reference_equals_streamed(tmp_path):
-    _, streamed = _first_loss(tmp_path / "s", reference="copy")
+    streaming, streamed = _first_loss(tmp_path / "s", reference="copy")
     trainer, cached = _first_loss(tmp_path / "p", reference="precomputed")
     torch.testing.assert_close(cached.loss, streamed.loss, rtol=1e-5, atol=1e-6)
-    assert (tmp_path / "p" / "reference" / "ref_logps.pt").exists()
+    # The held-out split is cached too, so after training evaluation still scores against
+    # the initial policy, as the streamed frozen copy does.
+    trainer.train()
+    streaming.train()
+    held_out, held_out_streamed = trainer.evaluate(), streaming.evaluate()
+    assert held_out_streamed["eval/rewards/margins"] != 0.0
+    assert held_out.keys() == held_out_streamed.keys() and held_out
+    for name, value in held_out_streamed.items():
+        assert held_out[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert (tmp_path / "p" / "reference" / "ref_logps_train.pt").exists()
     assert trainer.ref_model is None
 
 

@@ -17,13 +17,13 @@ STREAM_KWARGS = ("bias", "cu_seqlens")
 
 def split_logp_kwargs(logp_kwargs: dict) -> tuple[dict, dict]:
     """``(stream kwargs, shared kwargs)``; unknown names raise a TypeError naming them."""
-    unknown = set(logp_kwargs) - set(SHARED_KWARGS) - set(STREAM_KWARGS)
+    unknown = set(logp_kwargs) - set(SHARED_KWARGS) - set(STREAM_KWARGS) - {"ref_bias"}
     if unknown:
         raise TypeError(
             f"unexpected keyword argument(s) {sorted(unknown)}; the log-prob options are "
             f"{', '.join(STREAM_KWARGS + SHARED_KWARGS)}"
         )
-    stream = {k: v for k, v in logp_kwargs.items() if k in STREAM_KWARGS}
+    stream = {k: v for k, v in logp_kwargs.items() if k in STREAM_KWARGS}  # ref_bias: score()
     shared = {k: v for k, v in logp_kwargs.items() if k in SHARED_KWARGS}
     return stream, shared
 
@@ -54,6 +54,8 @@ def score(
     ``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
     ``"optional"`` (at most one) or ``"none"`` (neither accepted).
     """
+    logp_kwargs = dict(logp_kwargs)
+    ref_bias = logp_kwargs.pop("ref_bias", None)  # the reference lm_head's bias, with ref_weight
     stream_kwargs, shared = split_logp_kwargs(logp_kwargs)
     given = [
         name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None
@@ -75,7 +77,7 @@ def score(
             reference_stream(
                 ref_hidden,
                 ref_weight,
-                None,
+                ref_bias,
                 weight=weight,
                 bias=stream_kwargs.get("bias"),
                 labels=labels,

@@ -41,7 +41,8 @@ def dpo_loss_fused(
         ref_logps: precomputed reference sums ``[2B]``. Exactly one unless ``reference_free``.
         beta: β > 0. loss_type: ``"sigmoid"`` or ``"robust"``.
         label_smoothing: ε in [0, 0.5) (cDPO for sigmoid, the robust loss's noise rate).
-        **logp_kwargs: ``bias``, ``cu_seqlens``, ``shift``, ``ignore_index``, ``logit_scale``,
+        **logp_kwargs: ``bias`` (and ``ref_bias`` for ``ref_weight``), ``cu_seqlens``, ``shift``,
+            ``ignore_index``, ``logit_scale``,
             ``temperature``, ``logit_softcap``, ``backend`` (see ``sequence_logps``).
 
     Returns:

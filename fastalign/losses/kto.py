@@ -253,7 +253,7 @@ def kto_loss_fused(
                 reference_stream(
                     kl_ref_hidden,
                     ref_weight,
-                    None,
+                    logp_kwargs.get("ref_bias"),
                     weight=weight,
                     bias=bias,
                     labels=kl_labels,

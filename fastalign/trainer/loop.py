@@ -240,7 +240,11 @@ class Trainer:
             if not hasattr(self.model, "disable_adapter"):
                 raise ValueError("--reference peft needs a LoRA adapter: pass --lora-rank > 0")
         else:
-            self.ref_logps = self._precompute_reference(ref_dir / "ref_logps.pt")
+            self.ref_logps = {
+                name: self._precompute_reference(ref_dir / f"ref_logps_{name}.pt", split)
+                for name, split in (("train", self.train_set), ("test", self.test_set))
+                if split is not None
+            }
         self.body = HiddenStates(self.model)
         self.ref_body = HiddenStates(self.ref_model) if self.ref_model is not None else None
         self.train_body = self.body
@@ -285,18 +289,17 @@ class Trainer:
             optimizer.step()
 
     @torch.no_grad()
-    def _precompute_reference(self, path: Path) -> torch.Tensor:
-        """Reference log-probs of every training row ``[n, 2]`` (chosen, rejected), computed
-        once with the initial policy and cached at ``path``."""
+    def _precompute_reference(self, path: Path, dataset) -> torch.Tensor:
+        """Reference log-probs of every row of ``dataset`` ``[n, 2]`` (chosen, rejected),
+        computed once with the initial policy and cached at ``path``."""
         if path.exists():
             return torch.load(path)
         body = HiddenStates(self.model).eval()
         weight, bias = head_params(self.model)
-        out = torch.zeros(len(self.train_set), 2)
-        for start in range(0, len(self.train_set), self.config.batch_size):
+        out = torch.zeros(len(dataset), 2)
+        for start in range(0, len(dataset), self.config.batch_size):
             rows = [
-                self.train_set[i]
-                for i in range(start, min(start + self.config.batch_size, len(self.train_set)))
+                dataset[i] for i in range(start, min(start + self.config.batch_size, len(dataset)))
             ]
             batch = {k: v.to(self.device) for k, v in self.collator(rows)["policy"].items()}
             hidden = body(batch["input_ids"], batch["attention_mask"])
@@ -354,12 +357,14 @@ class Trainer:
         ref = {}
         if cfg.loss != "typo":
             if self.ref_logps is not None:
-                rows = self.ref_logps[batch["index"]]
+                rows = self.ref_logps["train" if train else "test"][batch["index"]]
                 ref["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]]).to(self.device)
             else:
                 ref["ref_hidden"] = self._reference_hidden(
                     policy["input_ids"], policy["attention_mask"]
                 ).to(weight.dtype)
+                if self.ref_model is not None:  # the frozen copy's own lm_head
+                    ref["ref_weight"], ref["ref_bias"] = head_params(self.ref_model)
         labels = policy["labels"]
         if cfg.loss == "dpo":
             return losses.dpo_loss_fused(
@@ -449,14 +454,8 @@ class Trainer:
             if len(chunk) < 2:
                 continue
             batch = self.collator(chunk)
-            batch["index"] = torch.zeros(len(chunk), dtype=torch.long)
-            if self.ref_logps is not None:  # test rows have no cached reference: stream it
-                saved, self.ref_logps = self.ref_logps, None
-                self.ref_body = self.ref_body or HiddenStates(copy.deepcopy(self.model))
-                out = self.compute(batch, train=False)
-                self.ref_logps = saved
-            else:
-                out = self.compute(batch, train=False)
+            batch["index"] = torch.arange(start, start + len(chunk))
+            out = self.compute(batch, train=False)
             for name, value in out.metrics().items():
                 totals[name] = totals.get(name, 0.0) + value * len(chunk)
             count += len(chunk)
