@@ -100,6 +100,7 @@ def test_z0_is_detached_and_clamped():
 def test_all_streams_share_one_launch(monkeypatch):
     calls = R.record_launches(monkeypatch)
     hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden = kto_inputs()
+    kl_hidden.requires_grad_()
     out = fastalign.kto_loss_fused(
         hidden,
         weight,
@@ -115,41 +116,46 @@ def test_all_streams_share_one_launch(monkeypatch):
     assert kl_hidden.grad is None
 
 
-def test_loss_and_metrics_match_trl():
+@pytest.mark.parametrize(
+    "desirable,w_d,w_u",
+    [(DESIRABLE, 1.0, 2.0), (DESIRABLE, 1.3, 1.0), (torch.ones(6, dtype=torch.bool), 1.0, 1.0)],
+)
+def test_loss_and_metrics_match_trl(desirable, w_d, w_u):
+    """TRL's KTOTrainer._compute_loss on the same log-probs: loss, ``kl`` (the clamped
+    mismatched-pair mean) and the class means it logs (none for an absent class)."""
     pytest.importorskip("trl")
     from tests.trl_peer import trl_kto
 
     hidden, weight, labels, _, kl_hidden, kl_labels, _ = kto_inputs()
     ref_logps = torch.randn(6) - 40
     kl_ref_logps = torch.randn(6) - 60  # z0 > 0
-    out = fastalign.kto_loss_fused(
-        hidden,
-        weight,
-        labels,
-        DESIRABLE,
-        ref_logps=ref_logps,
-        kl_hidden=kl_hidden,
-        kl_labels=kl_labels,
-        kl_ref_logps=kl_ref_logps,
-        beta=0.3,
-        desirable_weight=1.0,
-        undesirable_weight=2.0,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weights outside the paper's range are on purpose
+        out = fastalign.kto_loss_fused(
+            hidden,
+            weight,
+            labels,
+            desirable,
+            ref_logps=ref_logps,
+            kl_hidden=kl_hidden,
+            kl_labels=kl_labels,
+            kl_ref_logps=kl_ref_logps,
+            beta=0.3,
+            desirable_weight=w_d,
+            undesirable_weight=w_u,
+        )
     kl_policy = fastalign.sequence_logps(kl_hidden, weight, kl_labels).logps.detach()
     trl_loss, trl_metrics = trl_kto(
-        out.logps, ref_logps, DESIRABLE, kl_policy, kl_ref_logps, beta=0.3, w_d=1.0, w_u=2.0
+        out.logps, ref_logps, desirable, kl_policy, kl_ref_logps, beta=0.3, w_d=w_d, w_u=w_u
     )
     assert float(out.loss.detach()) == pytest.approx(trl_loss, rel=1e-5)
     ours = out.metrics()
-    for name in (
-        "kl",
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-    ):
+    loss_metrics = {k for k in trl_metrics if k == "kl" or k.split("/")[0] in ("rewards", "logps")}
+    assert {k for k in ours if not k.startswith("count/")} == loss_metrics
+    assert float(out.kl) > 0
+    for name in loss_metrics:
         assert ours[name] == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+    assert ours["count/chosen"] == float(desirable.sum())
 
 
 def _free_port() -> int:
@@ -215,6 +221,14 @@ def test_mismatched_pairs(offset, partner):
         assert batch["labels"][i, :n_p].tolist() == [-100] * n_p
         assert batch["labels"][i, n_p:n].tolist() == completions[j]
         assert (batch["labels"][i, n:] == -100).all() and batch["attention_mask"][i].sum() == n
+
+
+def test_offset_minus_one_is_trls_cycling():
+    completions = [[10], [20, 21], [30, 31, 32], [40]]
+    cycled = completions[-1:] + completions[:-1]  # TRL's KTO collator builds its KL rows so
+    batch = fastalign.mismatched_pairs([[1, 2]] * 4, completions, offset=-1)
+    for row, want in zip(batch["labels"], cycled):
+        assert row[row != -100].tolist() == want
 
 
 def test_mismatched_pairs_errors():

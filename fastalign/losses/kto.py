@@ -47,8 +47,9 @@ class KTOOutput:
     num_tokens: torch.Tensor
 
     def metrics(self) -> dict[str, float]:
-        """TRL's KTO names: ``kl``, ``rewards/{chosen,rejected,margins}``, ``logps/*``,
-        ``count/*``; class means only for classes present in the batch (as TRL logs them)."""
+        """TRL's KTO names and values: ``kl``, ``rewards/{chosen,rejected,margins}``,
+        ``logps/{chosen,rejected}``, class means only for classes present in the batch (as
+        TRL logs them); plus ``count/{chosen,rejected}``, this batch's class sizes."""
         out = {"kl": float(self.kl)}
         undesirable = ~self.desirable
         for name, mask in (("chosen", self.desirable), ("rejected", undesirable)):
@@ -186,7 +187,9 @@ def kto_loss_fused(
             ``kto_class_weights``; a warning is issued when this batch's
             ``λ_D·n_D / (λ_U·n_U)`` falls outside the paper's [1, 3/2]).
         process_group: group over which z0 is averaged when ``torch.distributed`` is
-            initialised (default: the world).
+            initialised (default: the world): the mean over every rank's mismatched pairs,
+            clamped at 0 after the all-reduce (TRL averages per-rank means; the two agree
+            when ranks hold equally many pairs).
         **logp_kwargs: as in ``sequence_logps``.
 
     Example:

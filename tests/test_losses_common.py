@@ -1,0 +1,263 @@
+"""Every loss on the shared log-prob path: odd shapes, bias, shift and bf16 against float64.
+
+One table drives all four losses so the shared path (``fastalign/losses/_common.py``) is
+checked the same way for each: value and gradients w.r.t. hidden, weight and bias (and the
+TYPO samples) under style.md's rule ``|impl − truth| ≤ 2·|plain torch, same dtype − truth|
++ atol``, on both backends; then the shared argument checks and the no-autograd-state
+guarantee of the reference and mismatched-pair streams.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastalign
+from tests import loss_reference as R
+from tests.reference import naive_sequence_logps
+
+DTYPES = [torch.float32, torch.bfloat16]
+# bf16: one unit of its 8-bit mantissa (2^-8), so rounding the result to bf16 always fits.
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8}
+# (pairs, seq_len, hidden_size, vocab, shift): the default odd case, T = 1, a shifted one
+# with V not a multiple of any tile.
+SHAPES = [(3, 7, 17, 97, False), (1, 1, 8, 31, False), (2, 9, 24, 130, True)]
+
+
+def plain_logps(hidden, weight, bias, labels, shift):
+    """What a user writes in the input dtype: full logits, fp32 log_softmax, gather."""
+    logits = hidden @ weight.T  # [R, T, V] in the input dtype
+    if bias is not None:
+        logits = logits + bias
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (token * mask).sum(-1), mask.sum(-1)
+
+
+def truth_logps(hidden, weight, bias, labels, shift):
+    return naive_sequence_logps(
+        hidden.double(),
+        weight.double(),
+        labels,
+        bias=None if bias is None else bias.double(),
+        shift=shift,
+    )
+
+
+def make_inputs(pairs, seq_len, hidden_size, vocab, dtype):
+    """Rows ``2·pairs``; row 1 entirely unscored when there is room, prompts masked."""
+    rows = 2 * pairs
+
+    def states(n=rows, t=seq_len):
+        return torch.randn(n, t, hidden_size).to(dtype)
+
+    def token_labels(n=rows, t=seq_len):
+        y = torch.randint(0, vocab, (n, t))
+        y[:, : t // 3] = -100
+        return y
+
+    labels = token_labels()
+    if rows > 2:
+        labels[1] = -100
+    return dict(
+        hidden=states().requires_grad_(),
+        weight=(torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype).requires_grad_(),
+        bias=(torch.randn(vocab) / 4).to(dtype).requires_grad_(),
+        labels=labels,
+        ref_hidden=states(),
+        kl_hidden=states(),
+        kl_labels=labels.roll(1, 0),
+        kl_ref_hidden=states(),
+        desirable=torch.arange(rows) % 2 == 0,
+        sample_hidden=states(3, seq_len + 2).requires_grad_(),
+        sample_labels=token_labels(3, seq_len + 2),
+    )
+
+
+def fused(name, x, backend, shift):
+    common = dict(bias=x["bias"], shift=shift, backend=backend)
+    if name == "dpo":
+        return fastalign.dpo_loss_fused(
+            x["hidden"],
+            x["weight"],
+            x["labels"],
+            ref_hidden=x["ref_hidden"],
+            beta=0.3,
+            label_smoothing=0.1,
+            **common,
+        )
+    if name == "ipo":
+        return fastalign.ipo_loss_fused(
+            x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], beta=0.5, **common
+        )
+    if name == "typo":
+        return fastalign.typo_loss_fused(
+            x["hidden"],
+            x["weight"],
+            x["labels"],
+            sample_hidden=x["sample_hidden"],
+            sample_labels=x["sample_labels"],
+            lam=0.3,
+            **common,
+        )
+    return fastalign.kto_loss_fused(
+        x["hidden"],
+        x["weight"],
+        x["labels"],
+        x["desirable"],
+        ref_hidden=x["ref_hidden"],
+        kl_hidden=x["kl_hidden"],
+        kl_labels=x["kl_labels"],
+        kl_ref_hidden=x["kl_ref_hidden"],
+        beta=0.4,
+        **common,
+    )
+
+
+def formula(name, x, logps_fn, leaves, shift):
+    """The loss written from its formula, with ``logps_fn`` (truth or plain) doing the sums."""
+    weight, bias = leaves[1], leaves[2]
+
+    def score(hidden, labels, grad=True):
+        if not grad:
+            hidden, w, b = hidden.detach(), weight.detach(), bias.detach()
+            return tuple(t.detach() for t in logps_fn(hidden, w, b, labels, shift))
+        return logps_fn(hidden, weight, bias, labels, shift)
+
+    s, n = score(leaves[0], x["labels"])
+    ref, _ = score(x["ref_hidden"], x["labels"], grad=False)
+    if name == "dpo":
+        return R.dpo(s, ref, 0.3, "sigmoid", 0.1)
+    if name == "ipo":
+        return R.ipo(s, ref, n, 0.5)
+    if name == "typo":
+        return R.typo(s, score(leaves[3], x["sample_labels"])[0], 0.3)
+    kl_policy, _ = score(x["kl_hidden"], x["kl_labels"], grad=False)
+    kl_ref, _ = score(x["kl_ref_hidden"], x["kl_labels"], grad=False)
+    return R.kto(s, ref, x["desirable"], kl_policy, kl_ref, 0.4)[0]
+
+
+def within_rule(impl, plain, truth, atol):
+    """style.md's bound on the max error: ≤ 2·(plain torch's max error) + atol·(1 + max|truth|)."""
+    impl, plain, truth = impl.double(), plain.double(), truth.double()
+    err = float((impl - truth).abs().max())
+    bound = 2 * float((plain - truth).abs().max()) + atol * (1 + float(truth.abs().max()))
+    return err <= bound, f"error {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.parametrize("backend", R.BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pairs,seq_len,hidden_size,vocab,shift", SHAPES)
+@pytest.mark.parametrize("name", ["dpo", "ipo", "kto", "typo"])
+def test_loss_and_grads_follow_the_dtype_rule(
+    name, pairs, seq_len, hidden_size, vocab, shift, dtype, backend
+):
+    x = make_inputs(pairs, seq_len, hidden_size, vocab, dtype)
+    leaves = [x["hidden"], x["weight"], x["bias"]] + (
+        [x["sample_hidden"]] if name == "typo" else []
+    )
+    out = fused(name, x, backend, shift)
+    assert out.loss.dtype == torch.float32 and out.loss.shape == ()
+    got = torch.autograd.grad(out.loss, leaves)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    truth = formula(name, x, truth_logps, leaves64, shift)
+    want = torch.autograd.grad(truth, leaves64)
+    plain = formula(name, x, plain_logps, leaves, shift)
+    plain_grads = torch.autograd.grad(plain, leaves)
+
+    ok, why = within_rule(out.loss.detach(), plain.detach(), truth.detach(), ATOL[dtype])
+    assert ok, f"loss: {why}"
+    for leaf_name, g, p, w in zip(
+        ["hidden", "weight", "bias", "sample_hidden"], got, plain_grads, want
+    ):
+        assert g.dtype == dtype and g.shape == w.shape
+        ok, why = within_rule(g, p, w, ATOL[dtype])
+        assert ok, f"grad {leaf_name}: {why}"
+
+
+def test_reference_and_mismatched_streams_hold_no_autograd_state():
+    """Gradients reach the policy rows only: the reference and KL rows are not in the graph."""
+    x = make_inputs(3, 7, 17, 97, torch.float32)
+    for key in ("ref_hidden", "kl_hidden", "kl_ref_hidden"):
+        x[key].requires_grad_()
+    out = fused("kto", x, "torch", False)
+    assert not out.kl.requires_grad and not out.rewards.requires_grad
+    grads = torch.autograd.grad(
+        out.loss,
+        [x["hidden"], x["ref_hidden"], x["kl_hidden"], x["kl_ref_hidden"]],
+        allow_unused=True,
+    )
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    assert grads[1:] == (None, None, None)
+
+    dpo = fused("dpo", x, "torch", False)
+    assert torch.autograd.grad(dpo.loss, [x["ref_hidden"]], allow_unused=True) == (None,)
+
+
+@pytest.mark.parametrize(
+    "loss,kwargs,error,match",
+    [
+        (
+            "dpo",
+            dict(ref_logps=torch.zeros(6), ref_weight=torch.randn(97, 17)),
+            ValueError,
+            "ref_weight was given without ref_hidden",
+        ),
+        ("ipo", dict(ref_logps=torch.zeros(6), bogus=1), TypeError, "unexpected keyword.*bogus"),
+        ("ipo", dict(ref_logps=torch.zeros(3, 2)), ValueError, r"ref_logps must have shape \[6\]"),
+        (
+            "dpo",
+            dict(ref_hidden=torch.randn(6, 5, 17)),
+            ValueError,
+            "labels shape .* must equal ref_hidden.shape",
+        ),
+        (
+            "kto",
+            dict(kl_hidden=torch.randn(6, 7, 17), kl_labels=torch.zeros(6, 5, dtype=torch.long)),
+            ValueError,
+            "kl_labels shape .* must equal kl_hidden.shape",
+        ),
+        (
+            "kto",
+            dict(kl_hidden=torch.randn(6, 7, 17), kl_labels=torch.full((6, 7), 97)),
+            ValueError,
+            "kl_labels holds 97",
+        ),
+        (
+            "kto",
+            dict(
+                kl_hidden=torch.randn(6, 7, 17),
+                kl_labels=torch.zeros(6, 7, dtype=torch.long),
+                kl_ref_hidden=torch.randn(6, 7, 16),
+            ),
+            ValueError,
+            "kl_ref_hidden",
+        ),
+        (
+            "typo",
+            dict(sample_hidden=torch.randn(2, 4, 16), sample_labels=torch.zeros(2, 4).long()),
+            ValueError,
+            r"weight must be .* \(the last dim of sample_hidden\)",
+        ),
+        ("dpo", dict(ref_logps=torch.zeros(6), backend="cuda"), ValueError, "backend"),
+    ],
+)
+def test_errors_name_the_argument(loss, kwargs, error, match):
+    x = make_inputs(3, 7, 17, 97, torch.float32)
+    hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
+    with pytest.raises(error, match=match):
+        if loss == "dpo":
+            fastalign.dpo_loss_fused(hidden, weight, labels, **kwargs)
+        elif loss == "ipo":
+            fastalign.ipo_loss_fused(hidden, weight, labels, **kwargs)
+        elif loss == "typo":
+            fastalign.typo_loss_fused(hidden, weight, labels, **kwargs)
+        else:
+            kwargs = dict(ref_logps=torch.zeros(6), kl_ref_logps=torch.zeros(6)) | kwargs
+            if "kl_ref_hidden" in kwargs:
+                del kwargs["kl_ref_logps"]
+            fastalign.kto_loss_fused(hidden, weight, labels, x["desirable"], **kwargs)
