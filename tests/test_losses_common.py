@@ -198,6 +198,39 @@ def test_reference_and_mismatched_streams_hold_no_autograd_state():
     assert torch.autograd.grad(dpo.loss, [x["ref_hidden"]], allow_unused=True) == (None,)
 
 
+@pytest.mark.parametrize("backend", R.BACKENDS)
+def test_reference_lm_head_with_its_own_bias(backend):
+    """ref_weight/ref_bias score the reference (and KTO's mismatched reference rows)."""
+    x = make_inputs(3, 7, 17, 97, torch.float32)
+    ref_weight, ref_bias = torch.randn(97, 17) / 4, torch.randn(97)
+    head = dict(ref_weight=ref_weight, ref_bias=ref_bias, bias=x["bias"], backend=backend)
+    s, _ = truth_logps(x["hidden"], x["weight"], x["bias"], x["labels"], False)
+    ref, _ = truth_logps(x["ref_hidden"], ref_weight, ref_bias, x["labels"], False)
+    kl_policy, _ = truth_logps(x["kl_hidden"], x["weight"], x["bias"], x["kl_labels"], False)
+    kl_ref, _ = truth_logps(x["kl_ref_hidden"], ref_weight, ref_bias, x["kl_labels"], False)
+
+    dpo = fastalign.dpo_loss_fused(
+        x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], beta=0.3, **head
+    )
+    R.assert_loss_and_grads(dpo.loss, R.dpo(s, ref.detach(), 0.3), [x["hidden"], x["weight"]])
+    kto = fastalign.kto_loss_fused(
+        x["hidden"],
+        x["weight"],
+        x["labels"],
+        x["desirable"],
+        ref_hidden=x["ref_hidden"],
+        kl_hidden=x["kl_hidden"],
+        kl_labels=x["kl_labels"],
+        kl_ref_hidden=x["kl_ref_hidden"],
+        beta=0.4,
+        **head,
+    )
+    s, _ = truth_logps(x["hidden"], x["weight"], x["bias"], x["labels"], False)  # fresh graph
+    naive, z0 = R.kto(s, ref.detach(), x["desirable"], kl_policy.detach(), kl_ref.detach(), 0.4)
+    R.assert_loss_and_grads(kto.loss, naive, [x["hidden"], x["weight"]])
+    torch.testing.assert_close(kto.kl.double(), z0, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "loss,kwargs,error,match",
     [
@@ -207,6 +240,13 @@ def test_reference_and_mismatched_streams_hold_no_autograd_state():
             ValueError,
             "ref_weight was given without ref_hidden",
         ),
+        (
+            "dpo",
+            dict(ref_logps=torch.zeros(6), ref_bias=torch.zeros(97)),
+            ValueError,
+            "ref_bias was given without ref_hidden",
+        ),
+        ("typo", dict(lam=0.0, ref_bias=torch.zeros(97)), ValueError, "ref_bias was given"),
         ("ipo", dict(ref_logps=torch.zeros(6), bogus=1), TypeError, "unexpected keyword.*bogus"),
         ("ipo", dict(ref_logps=torch.zeros(3, 2)), ValueError, r"ref_logps must have shape \[6\]"),
         (

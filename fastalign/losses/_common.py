@@ -21,7 +21,7 @@ def split_logp_kwargs(logp_kwargs: dict) -> tuple[dict, dict]:
     if unknown:
         raise TypeError(
             f"unexpected keyword argument(s) {sorted(unknown)}; the log-prob options are "
-            f"{', '.join(STREAM_KWARGS + SHARED_KWARGS)}"
+            f"{', '.join(STREAM_KWARGS + ('ref_bias',) + SHARED_KWARGS)}"
         )
     stream = {k: v for k, v in logp_kwargs.items() if k in STREAM_KWARGS}  # ref_bias: score()
     shared = {k: v for k, v in logp_kwargs.items() if k in SHARED_KWARGS}
@@ -69,8 +69,9 @@ def score(
         raise ValueError("give at most one of ref_hidden and ref_logps, not both")
     if reference == "none" and given:
         raise ValueError(f"{given[0]} is not used by this loss (it is reference-free)")
-    if ref_weight is not None and ref_hidden is None:
-        raise ValueError("ref_weight was given without ref_hidden")
+    for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if value is not None and ref_hidden is None:
+            raise ValueError(f"{name} was given without ref_hidden")
     streams = [StreamInput(hidden, weight, labels, **stream_kwargs)]
     if ref_hidden is not None:
         streams.append(
