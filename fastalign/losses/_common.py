@@ -110,6 +110,7 @@ def check_logps(value, name: str, rows: int, device: torch.device) -> torch.Tens
 
 
 def check_beta(beta) -> float:
+    """β as a float; not a finite number > 0 raises naming ``beta``."""
     V.check_positive(beta, "beta")
     return float(beta)
 
@@ -173,7 +174,8 @@ def paired_output(
     rejected_rewards: torch.Tensor,
     num_pairs: int,
 ) -> PreferenceOutput:
-    logps = policy.logps.detach()
+    """Split ``[2B]`` per-row values into the chosen ``[0, B)`` and rejected ``[B, 2B)`` halves."""
+    logps = policy.logps.detach()  # [2B]
     return PreferenceOutput(
         loss=loss,
         chosen_logps=logps[:num_pairs],

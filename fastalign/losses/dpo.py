@@ -73,10 +73,10 @@ def dpo_loss_fused(
         reference="none" if reference_free else "required",
         logp_kwargs=logp_kwargs,
     )
-    logratios = scored.policy.logps
+    logratios = scored.policy.logps  # [2B] fp32, r = s − s_ref (or s when reference-free)
     if scored.ref_logps is not None:
         logratios = logratios - scored.ref_logps
-    delta = logratios[:num_pairs] - logratios[num_pairs:]
+    delta = logratios[:num_pairs] - logratios[num_pairs:]  # [B]
     eps = float(label_smoothing)
     clean = -F.logsigmoid(beta * delta)
     flipped = -F.logsigmoid(-beta * delta)

@@ -45,11 +45,11 @@ def ipo_loss_fused(
         reference="required",
         logp_kwargs=logp_kwargs,
     )
-    logratios = scored.policy.logps - scored.ref_logps
+    logratios = scored.policy.logps - scored.ref_logps  # [2B] fp32
     scores = logratios
     if length_normalize:
         scores = logratios / scored.policy.num_tokens.clamp_min(1).to(logratios.dtype)
-    margin = scores[:num_pairs] - scores[num_pairs:]
+    margin = scores[:num_pairs] - scores[num_pairs:]  # [B], h of the paper
     loss = ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
     rewards = beta * logratios.detach()
     return paired_output(loss, scored.policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)

@@ -142,7 +142,7 @@ def _reference_point(
     process_group,
 ) -> torch.Tensor:
     """z0 = max(0, mean over all ranks' mismatched pairs of s_θ − s_ref), detached."""
-    diff = (kl_policy.logps.detach() - kl_ref_logps).double()
+    diff = (kl_policy.logps.detach() - kl_ref_logps).double()  # [m]
     totals = torch.stack(
         [diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64, device=diff.device)]
     )
@@ -294,7 +294,7 @@ def kto_loss_fused(
                 f"[{RATIO_RANGE[0]}, {RATIO_RANGE[1]}]; see fastalign.kto_class_weights",
                 stacklevel=2,
             )
-    logratios = scored.policy.logps - scored.ref_logps
+    logratios = scored.policy.logps - scored.ref_logps  # [B] fp32
     desirable = desirable.to(logratios.device)
     losses = torch.where(
         desirable,

@@ -99,11 +99,11 @@ def typo_loss_fused(
         extra=extra,
         logp_kwargs=logp_kwargs,
     )
-    logps = scored.policy.logps
+    logps = scored.policy.logps  # [2B] fp32
     loss = F.softplus(logps[num_pairs:] - logps[:num_pairs]).mean()
     sample_logps = None
     if extra:
-        sample_logps = scored.extra[0].logps
+        sample_logps = scored.extra[0].logps  # [S] fp32, differentiable
         if sample_logps.numel() == 0:
             raise ValueError("sample_labels holds no sequence")
         loss = loss + lam * (-sample_logps).mean()
