@@ -53,15 +53,21 @@ def kto(s, ref, desirable, kl_policy, kl_ref, beta, w_d=1.0, w_u=1.0):
 BACKENDS = ["torch", "triton"]
 
 
-def paired_inputs(pairs=3, seq_len=7, hidden_size=17, vocab=97, dtype=torch.float32):
-    """Policy/reference hidden states, lm_head and labels of 2·pairs rows (prompt masked)."""
-    hidden = torch.randn(2 * pairs, seq_len, hidden_size, dtype=dtype, requires_grad=True)
+def paired_inputs(pairs=3, seq_len=7, hidden_size=17, vocab=97, dtype=torch.float32, device="cpu"):
+    """Policy/reference hidden states, lm_head and labels of 2·pairs rows (prompt masked).
+
+    Drawn on the CPU (the same values for a seed whatever ``device``), then moved.
+    """
+    hidden = torch.randn(2 * pairs, seq_len, hidden_size, dtype=dtype)
     ref_hidden = torch.randn(2 * pairs, seq_len, hidden_size, dtype=dtype)
-    weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype)
     labels = torch.randint(0, vocab, (2 * pairs, seq_len))
     labels[:, :2] = -100
     labels[0, 5:] = -100  # unequal lengths
-    return hidden, ref_hidden, weight, labels
+    hidden, ref_hidden, weight, labels = (
+        t.to(device) for t in (hidden, ref_hidden, weight, labels)
+    )
+    return hidden.requires_grad_(), ref_hidden, weight.requires_grad_(), labels
 
 
 def assert_loss_and_grads(fused_loss, naive_loss, leaves, rtol=1e-4):

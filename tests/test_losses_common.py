@@ -50,8 +50,11 @@ def truth_logps(hidden, weight, bias, labels, shift):
     )
 
 
-def make_inputs(pairs, seq_len, hidden_size, vocab, dtype):
-    """Rows ``2·pairs``; row 1 entirely unscored when there is room, prompts masked."""
+def make_inputs(pairs, seq_len, hidden_size, vocab, dtype, device="cpu"):
+    """Rows ``2·pairs``; row 1 entirely unscored when there is room, prompts masked.
+
+    Drawn on the CPU, then moved to ``device``; the gradient leaves require grad there.
+    """
     rows = 2 * pairs
 
     def states(n=rows, t=seq_len):
@@ -65,19 +68,23 @@ def make_inputs(pairs, seq_len, hidden_size, vocab, dtype):
     labels = token_labels()
     if rows > 2:
         labels[1] = -100
-    return dict(
-        hidden=states().requires_grad_(),
-        weight=(torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype).requires_grad_(),
-        bias=(torch.randn(vocab) / 4).to(dtype).requires_grad_(),
+    inputs = dict(
+        hidden=states(),
+        weight=(torch.randn(vocab, hidden_size) / hidden_size**0.5).to(dtype),
+        bias=(torch.randn(vocab) / 4).to(dtype),
         labels=labels,
         ref_hidden=states(),
         kl_hidden=states(),
         kl_labels=labels.roll(1, 0),
         kl_ref_hidden=states(),
         desirable=torch.arange(rows) % 2 == 0,
-        sample_hidden=states(3, seq_len + 2).requires_grad_(),
+        sample_hidden=states(3, seq_len + 2),
         sample_labels=token_labels(3, seq_len + 2),
     )
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    for leaf in ("hidden", "weight", "bias", "sample_hidden"):
+        inputs[leaf].requires_grad_()
+    return inputs
 
 
 def fused(name, x, backend, shift):
@@ -156,9 +163,9 @@ def within_rule(impl, plain, truth, atol):
 @pytest.mark.parametrize("pairs,seq_len,hidden_size,vocab,shift", SHAPES)
 @pytest.mark.parametrize("name", ["dpo", "ipo", "kto", "typo"])
 def test_loss_and_grads_follow_the_dtype_rule(
-    name, pairs, seq_len, hidden_size, vocab, shift, dtype, backend
+    name, pairs, seq_len, hidden_size, vocab, shift, dtype, backend, device
 ):
-    x = make_inputs(pairs, seq_len, hidden_size, vocab, dtype)
+    x = make_inputs(pairs, seq_len, hidden_size, vocab, dtype, device)
     leaves = [x["hidden"], x["weight"], x["bias"]] + (
         [x["sample_hidden"]] if name == "typo" else []
     )
@@ -202,10 +209,10 @@ def test_reference_and_mismatched_streams_hold_no_autograd_state():
 
 
 @pytest.mark.parametrize("backend", R.BACKENDS)
-def test_reference_lm_head_with_its_own_bias(backend):
+def test_reference_lm_head_with_its_own_bias(backend, device):
     """ref_weight/ref_bias score the reference (and KTO's mismatched reference rows)."""
-    x = make_inputs(3, 7, 17, 97, torch.float32)
-    ref_weight, ref_bias = torch.randn(97, 17) / 4, torch.randn(97)
+    x = make_inputs(3, 7, 17, 97, torch.float32, device)
+    ref_weight, ref_bias = (torch.randn(97, 17) / 4).to(device), torch.randn(97).to(device)
     head = dict(ref_weight=ref_weight, ref_bias=ref_bias, bias=x["bias"], backend=backend)
     s, _ = truth_logps(x["hidden"], x["weight"], x["bias"], x["labels"], False)
     ref, _ = truth_logps(x["ref_hidden"], ref_weight, ref_bias, x["labels"], False)

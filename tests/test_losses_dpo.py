@@ -12,8 +12,8 @@ from tests import loss_reference as R
 @pytest.mark.parametrize("backend", R.BACKENDS)
 @pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.1)])
 @pytest.mark.parametrize("reference", ["stream", "precomputed", "free"])
-def test_dpo_matches_formula(backend, loss_type, eps, reference):
-    hidden, ref_hidden, weight, labels = R.paired_inputs()
+def test_dpo_matches_formula(backend, loss_type, eps, reference, device):
+    hidden, ref_hidden, weight, labels = R.paired_inputs(device=device)
     ref_weight = torch.randn_like(weight) / 4
     s, _ = R.logps64(hidden, weight, labels)
     ref_s, _ = R.logps64(ref_hidden, ref_weight.detach(), labels)

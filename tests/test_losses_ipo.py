@@ -12,8 +12,8 @@ from tests import loss_reference as R
 @pytest.mark.parametrize("backend", R.BACKENDS)
 @pytest.mark.parametrize("length_normalize", [True, False])
 @pytest.mark.parametrize("reference", ["stream", "precomputed"])
-def test_ipo_matches_formula(backend, length_normalize, reference):
-    hidden, ref_hidden, weight, labels = R.paired_inputs()
+def test_ipo_matches_formula(backend, length_normalize, reference, device):
+    hidden, ref_hidden, weight, labels = R.paired_inputs(device=device)
     s, n = R.logps64(hidden, weight, labels)
     ref_s, _ = R.logps64(ref_hidden, weight.detach(), labels)
     kwargs = dict(ref_hidden=ref_hidden) if reference == "stream" else dict(ref_logps=ref_s.float())

@@ -17,22 +17,29 @@ from tests import loss_reference as R
 DESIRABLE = torch.tensor([True, False, True, False, False, True])
 
 
-def kto_inputs(rows=6, seq_len=7, hidden_size=17, vocab=97):
-    hidden = torch.randn(rows, seq_len, hidden_size, requires_grad=True)
-    weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5).requires_grad_()
+def kto_inputs(rows=6, seq_len=7, hidden_size=17, vocab=97, device="cpu"):
+    hidden = torch.randn(rows, seq_len, hidden_size)
+    weight = torch.randn(vocab, hidden_size) / hidden_size**0.5
     labels = torch.randint(0, vocab, (rows, seq_len))
     labels[:, :2] = -100
     ref_hidden = torch.randn(rows, seq_len, hidden_size)
     kl_hidden = torch.randn(rows, seq_len, hidden_size)
     kl_labels = labels.roll(1, 0)
     kl_ref_hidden = torch.randn(rows, seq_len, hidden_size)
-    return hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden
+    hidden, weight, *rest = (
+        t.to(device)
+        for t in (hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden)
+    )
+    return (hidden.requires_grad_(), weight.requires_grad_(), *rest)
 
 
 @pytest.mark.parametrize("backend", R.BACKENDS)
 @pytest.mark.parametrize("reference", ["stream", "precomputed"])
-def test_kto_matches_formula(backend, reference):
-    hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden = kto_inputs()
+def test_kto_matches_formula(backend, reference, device):
+    hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden = kto_inputs(
+        device=device
+    )
+    desirable = DESIRABLE.to(device)
     # Shift the policy's KL rows so that z0 > 0 and the clamp is inactive.
     kl_hidden = kl_hidden * 0.5
     s, _ = R.logps64(hidden, weight, labels)
@@ -47,7 +54,7 @@ def test_kto_matches_formula(backend, reference):
         hidden,
         weight,
         labels,
-        DESIRABLE,
+        desirable,
         kl_hidden=kl_hidden,
         kl_labels=kl_labels,
         beta=0.4,
@@ -56,7 +63,7 @@ def test_kto_matches_formula(backend, reference):
         backend=backend,
         **refs,
     )
-    naive, z0 = R.kto(s, ref_s.detach(), DESIRABLE, kl_s.detach(), kl_ref_s.detach(), 0.4, 1.3, 1.0)
+    naive, z0 = R.kto(s, ref_s.detach(), desirable, kl_s.detach(), kl_ref_s.detach(), 0.4, 1.3, 1.0)
     R.assert_loss_and_grads(out.loss, naive, [hidden, weight])
     torch.testing.assert_close(out.kl.double(), z0, rtol=1e-4, atol=1e-5)
 

@@ -11,11 +11,12 @@ from tests import loss_reference as R
 
 @pytest.mark.parametrize("backend", R.BACKENDS)
 @pytest.mark.parametrize("lam", [0.0, 0.3])
-def test_typo_matches_formula(backend, lam):
-    hidden, _, weight, labels = R.paired_inputs()
-    sample_hidden = torch.randn(4, 5, 17, requires_grad=True)
+def test_typo_matches_formula(backend, lam, device):
+    hidden, _, weight, labels = R.paired_inputs(device=device)
+    sample_hidden = torch.randn(4, 5, 17).to(device).requires_grad_()
     sample_labels = torch.randint(0, 97, (4, 5))
     sample_labels[:, 0] = -100
+    sample_labels = sample_labels.to(device)
     s, _ = R.logps64(hidden, weight, labels)
     sample_s, _ = R.logps64(sample_hidden, weight, sample_labels)
     out = fastalign.typo_loss_fused(
