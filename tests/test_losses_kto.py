@@ -71,6 +71,9 @@ def test_kto_matches_formula(backend, reference, device):
 def test_z0_is_detached_and_clamped():
     hidden, weight, labels, ref_hidden, kl_hidden, kl_labels, kl_ref_hidden = kto_inputs()
     common = dict(ref_hidden=ref_hidden, beta=0.4)
+    # A sharper reference on the same mismatched rows (3x the hidden states) gives random
+    # labels lower log-probs, so z0 > 0 and the clamp is inactive: a z0 that kept its graph
+    # would change the gradients below.
     streamed = fastalign.kto_loss_fused(
         hidden,
         weight,
@@ -78,9 +81,10 @@ def test_z0_is_detached_and_clamped():
         DESIRABLE,
         kl_hidden=kl_hidden,
         kl_labels=kl_labels,
-        kl_ref_hidden=kl_ref_hidden,
+        kl_ref_hidden=kl_hidden * 3.0,
         **common,
     )
+    assert float(streamed.kl) > 0.5
     # Same z0 given as a constant: identical loss and gradients, so z0 adds no gradient.
     fixed = fastalign.kto_loss_fused(hidden, weight, labels, DESIRABLE, kl=streamed.kl, **common)
     assert torch.equal(streamed.loss, fixed.loss)
