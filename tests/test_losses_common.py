@@ -189,6 +189,14 @@ def test_loss_and_grads_follow_the_dtype_rule(
         assert ok, f"grad {leaf_name}: {why}"
 
 
+@pytest.mark.parametrize("name,streams", [("dpo", 2), ("ipo", 2), ("typo", 2), ("kto", 4)])
+def test_every_stream_of_a_loss_is_one_launch(monkeypatch, name, streams):
+    """Policy rows (chosen and rejected alike), reference, samples, mismatched pairs: one call."""
+    launches = R.record_launches(monkeypatch)
+    fused(name, make_inputs(3, 7, 17, 97, torch.float32), "torch", False)
+    assert launches == [streams]
+
+
 def test_reference_and_mismatched_streams_hold_no_autograd_state():
     """Gradients reach the policy rows only: the reference and KL rows are not in the graph."""
     x = make_inputs(3, 7, 17, 97, torch.float32)
