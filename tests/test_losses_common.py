@@ -302,6 +302,17 @@ def test_reference_lm_head_with_its_own_bias(backend, device):
             r"weight must be .* \(the last dim of sample_hidden\)",
         ),
         ("dpo", dict(ref_logps=torch.zeros(6), backend="cuda"), ValueError, "backend"),
+        ("dpo", dict(ref_logps=torch.zeros(6), cu_seqlens=[0, 7]), TypeError, "cu_seqlens must"),
+        (
+            "kto",
+            dict(
+                kl_hidden=torch.randn(14, 17),
+                kl_labels=torch.zeros(14, dtype=torch.long),
+                kl_cu_seqlens=[0, 7, 14],
+            ),
+            TypeError,
+            "kl_cu_seqlens must be a torch.Tensor",
+        ),
     ],
 )
 def test_errors_name_the_argument(loss, kwargs, error, match):

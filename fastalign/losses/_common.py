@@ -115,10 +115,18 @@ def check_beta(beta) -> float:
     return float(beta)
 
 
+def num_sequences(labels: torch.Tensor, cu_seqlens, cu_name: str) -> int:
+    """Rows of padded ``labels [B, T]``, or ``B`` of packed ``cu_seqlens [B + 1]``."""
+    if cu_seqlens is None:
+        return labels.shape[0]
+    V.check_tensor(cu_seqlens, cu_name)
+    return max(cu_seqlens.numel() - 1, 0)
+
+
 def check_paired_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     """Number of pairs B of the concatenated layout (rows [0, B) chosen, [B, 2B) rejected)."""
     V.check_tensor(labels, "labels")
-    rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    rows = num_sequences(labels, cu_seqlens, "cu_seqlens")
     if rows == 0 or rows % 2:
         raise ValueError(
             f"the paired layout needs an even, non-zero number of sequences (rows [0, B) chosen, "

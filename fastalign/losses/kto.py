@@ -18,7 +18,14 @@ import torch.distributed as dist
 from .. import _validate as V
 from .._types import LogpOutput
 from ..ops import StreamInput, reference_stream
-from ._common import check_beta, check_logps, masked_mean, score, split_logp_kwargs
+from ._common import (
+    check_beta,
+    check_logps,
+    masked_mean,
+    num_sequences,
+    score,
+    split_logp_kwargs,
+)
 
 KL_NAMES = {
     "hidden": "kl_hidden",
@@ -208,7 +215,7 @@ def kto_loss_fused(
         raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
     V.check_tensor(labels, "labels")
     cu_seqlens = logp_kwargs.get("cu_seqlens")
-    rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    rows = num_sequences(labels, cu_seqlens, "cu_seqlens")
     if desirable.shape != (rows,):
         raise ValueError(
             f"desirable must have shape [{rows}] (one per row), got {tuple(desirable.shape)}"
@@ -232,7 +239,7 @@ def kto_loss_fused(
             raise ValueError("give exactly one of kl_ref_hidden and kl_ref_logps")
         V.check_tensor(kl_hidden, "kl_hidden")
         V.check_tensor(kl_labels, "kl_labels")
-        kl_rows = kl_labels.shape[0] if kl_cu_seqlens is None else kl_cu_seqlens.numel() - 1
+        kl_rows = num_sequences(kl_labels, kl_cu_seqlens, "kl_cu_seqlens")
         if kl_rows < 2:
             raise ValueError(
                 f"kl_hidden: the mismatched-pair estimate of z0 needs a microbatch of at least "
