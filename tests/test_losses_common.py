@@ -248,6 +248,22 @@ def test_reference_lm_head_with_its_own_bias(backend, device):
     R.assert_loss_and_grads(kto.loss, naive, [x["hidden"], x["weight"]])
     torch.testing.assert_close(kto.kl.double(), z0, rtol=1e-4, atol=1e-5)
 
+    # Precomputed ref_logps, mismatched reference rows streamed: the head still applies to them.
+    half = fastalign.kto_loss_fused(
+        x["hidden"],
+        x["weight"],
+        x["labels"],
+        x["desirable"],
+        ref_logps=ref.float(),
+        kl_hidden=x["kl_hidden"],
+        kl_labels=x["kl_labels"],
+        kl_ref_hidden=x["kl_ref_hidden"],
+        beta=0.4,
+        **head,
+    )
+    torch.testing.assert_close(half.kl, kto.kl)
+    torch.testing.assert_close(half.loss, kto.loss)
+
 
 @pytest.mark.parametrize(
     "loss,kwargs,error,match",

@@ -47,12 +47,14 @@ def score(
     ref_logps: torch.Tensor | None,
     reference: str,
     extra: list[StreamInput] = (),
+    extra_uses_ref_head: bool = False,
     logp_kwargs: dict,
 ) -> Scored:
     """Score the policy rows, their reference (if streamed) and ``extra`` in one launch.
 
     ``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
-    ``"optional"`` (at most one) or ``"none"`` (neither accepted).
+    ``"optional"`` (at most one) or ``"none"`` (neither accepted). ``ref_weight``/``ref_bias``
+    need a streamed reference: ``ref_hidden``, or one in ``extra`` (``extra_uses_ref_head``).
     """
     logp_kwargs = dict(logp_kwargs)
     ref_bias = logp_kwargs.pop("ref_bias", None)  # the reference lm_head's bias, with ref_weight
@@ -70,7 +72,7 @@ def score(
     if reference == "none" and given:
         raise ValueError(f"{given[0]} is not used by this loss (it is reference-free)")
     for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
-        if value is not None and ref_hidden is None:
+        if value is not None and ref_hidden is None and not extra_uses_ref_head:
             raise ValueError(f"{name} was given without ref_hidden")
     streams = [StreamInput(hidden, weight, labels, **stream_kwargs)]
     if ref_hidden is not None:

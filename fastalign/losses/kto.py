@@ -186,6 +186,8 @@ def kto_loss_fused(
             packed with ``cu_seqlens``).
         desirable: bool ``[B]``, True for desirable (thumbs-up) completions.
         ref_hidden (+ ``ref_weight``, default ``weight``) or ref_logps ``[B]``: the reference.
+            ``ref_weight`` and ``ref_bias`` (a ``**logp_kwargs`` entry) also score
+            ``kl_ref_hidden``, so they may come with ``ref_logps`` when ``kl_ref_hidden`` does.
         kl_hidden, kl_labels: the mismatched-pair rows (see ``mismatched_pairs``), scored by
             the policy in the same launch with no autograd state; with kl_ref_hidden (the
             reference model on the same rows) or kl_ref_logps ``[m]``. Or
@@ -280,6 +282,7 @@ def kto_loss_fused(
         ref_logps=ref_logps,
         reference="required",
         extra=extra,
+        extra_uses_ref_head=kl is None and kl_ref_hidden is not None,
         logp_kwargs=logp_kwargs,
     )
     if kl is None:
