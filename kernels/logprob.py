@@ -14,9 +14,12 @@ Story in order:
    write ``dz = g·(onehot − softmax(z))`` (chained through the softcap and multiplier) into a
    bounded ``[chunk, V]`` buffer; two GEMMs then give ``grad_rows = dz·W`` and
    ``grad_W += dzᵀ·h`` in a fixed order (deterministic), ``grad_b += Σ dz``.
+5. ``_softmax_fold_kernel`` + ``_forward_expectation``: the frozen-lm_head fast path. Per
+   chunk of tokens a GEMM gives the logits, the fold kernel their logsumexp, target and
+   softmax, and a second GEMM ``E_t = softmax(z_t)·W``, so the backward is elementwise.
 
 FLOPs per scored token: forward 2HV; backward 2HV (recompute) + 4HV (two GEMMs), 2HV of them
-skipped when the lm_head is frozen.
+skipped when the lm_head is frozen. Frozen-head fast path: 4HV in forward, none in backward.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ import triton.language as tl
 from .._types import LogitTransform, TokenBatch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Sentinel for "no logit seen yet": finite, so exp(sentinel − m) is 0 and never NaN.
-NEG_BIG = -1.0e30
+# Sentinel for "no logit seen yet": finite, so exp(sentinel − m) is 0 and never NaN. A
+# constexpr: compiled kernels may read no other kind of global.
+NEG_BIG = tl.constexpr(-1.0e30)
 # Columns of a vocab split are rounded to this, a multiple of every BLOCK_V in use.
 SPLIT_ALIGN = 256
 # Elements of the backward's [chunk, V] dz buffer (fp32: 256 MiB on CUDA, 4 MiB interpreted).
@@ -75,6 +79,13 @@ def _logits_tile(
             b_h = b_h.to(tl.float32)
             b_w = b_w.to(tl.float32)
         b_acc = tl.dot(b_h, b_w, b_acc, input_precision=INPUT_PRECISION)
+    return _transform(b_acc, b_ptr, has_bias, o_v, m_v, multiplier, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def _transform(b_acc, b_ptr, has_bias, o_v, m_v, multiplier, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``z = softcap(mult·(acc + b))`` on an fp32 ``[BLOCK_M, BLOCK_V]`` tile of ``h·Wᵀ``;
+    invalid columns are −inf."""
     if has_bias != 0:
         b_bias = tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_acc += b_bias[None, :]
@@ -83,6 +94,16 @@ def _logits_tile(
         # c·tanh(u/c) with tanh(x) = 1 − 2/(exp(2x) + 1): saturates cleanly at ±1.
         b_z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * b_z / softcap) + 1.0))
     return tl.where(m_v[None, :], b_z, float("-inf"))
+
+
+@triton.jit
+def _online_update(b_z, o_v, b_target, b_max, b_sum, b_tgt):
+    """Fold a ``[BLOCK_M, BLOCK_V]`` tile of ``z`` into the running max, sum of exponentials
+    and target logit of each row (the target is picked up in the tile that holds it)."""
+    b_tgt += tl.sum(tl.where(o_v[None, :] == b_target[:, None], b_z, 0.0), axis=1)
+    b_new_max = tl.maximum(b_max, tl.max(b_z, axis=1))
+    b_sum = b_sum * tl.exp(b_max - b_new_max) + tl.sum(tl.exp(b_z - b_new_max[:, None]), axis=1)
+    return b_new_max, b_sum, b_tgt
 
 
 @triton.jit
@@ -157,10 +178,7 @@ def _forward_kernel(
             BLOCK_V=BLOCK_V,
             BLOCK_K=BLOCK_K,
         )
-        b_tgt += tl.sum(tl.where(o_v[None, :] == b_target[:, None], b_z, 0.0), axis=1)
-        b_new_max = tl.maximum(b_max, tl.max(b_z, axis=1))
-        b_sum = b_sum * tl.exp(b_max - b_new_max) + tl.sum(tl.exp(b_z - b_new_max[:, None]), axis=1)
-        b_max = b_new_max
+        b_max, b_sum, b_tgt = _online_update(b_z, o_v, b_target, b_max, b_sum, b_tgt)
     o_part = (i_s * SPLITS + i_split) * M_max + o_m
     tl.store(part_max_ptr + o_part, b_max, mask=m_m)
     tl.store(part_sum_ptr + o_part, b_sum, mask=m_m)
@@ -235,6 +253,60 @@ def _grad_logits_kernel(
     tl.store(p_dz, b_dz.to(dz_ptr.dtype.element_ty), mask=m_m[:, None] & m_v[None, :])
 
 
+@triton.jit
+def _softmax_fold_kernel(
+    logits_ptr,  # fp32 [C, V] h·Wᵀ of a chunk of rows (bias and transform not yet applied)
+    targets_ptr,  # int64 [C]
+    b_ptr,
+    has_bias,
+    probs_ptr,  # [C, V] out, the weight's dtype: softmax(z)·softcap slope (may alias logits)
+    logp_ptr,  # fp32 [C] out
+    lse_ptr,  # fp32 [C] out
+    num_rows,
+    V,
+    multiplier,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Frozen-head forward, per row block: transform the logits, fold them into logsumexp
+    and target logit, then write ``p·s`` (``s = ∂z/∂u``, 1 without softcap) for ``E = (p·s)·W``.
+
+    The second pass reads a tile before writing the same tile, so ``probs`` may alias
+    ``logits`` (fp32 weights).
+    """
+    i_m = tl.program_id(0)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < num_rows
+    o_row = o_m.to(tl.int64)[:, None] * V
+    b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1)
+    b_max = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    b_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_tgt = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        b_x = tl.load(logits_ptr + o_row + o_v[None, :], mask=m_m[:, None] & m_v[None, :])
+        b_z = _transform(b_x, b_ptr, has_bias, o_v, m_v, multiplier, softcap, HAS_SOFTCAP)
+        b_max, b_sum, b_tgt = _online_update(b_z, o_v, b_target, b_max, b_sum, b_tgt)
+    b_lse = b_max + tl.log(b_sum)
+    tl.store(lse_ptr + o_m, b_lse, mask=m_m)
+    tl.store(logp_ptr + o_m, b_tgt - b_lse, mask=m_m)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_v = o_v < V
+        m_tile = m_m[:, None] & m_v[None, :]
+        b_x = tl.load(logits_ptr + o_row + o_v[None, :], mask=m_tile)
+        b_z = _transform(b_x, b_ptr, has_bias, o_v, m_v, multiplier, softcap, HAS_SOFTCAP)
+        b_p = tl.exp(b_z - b_lse[:, None])
+        if HAS_SOFTCAP:
+            b_ratio = tl.where(m_v[None, :], b_z, 0.0) / softcap  # padding columns: z = −inf
+            b_p = b_p * (1.0 - b_ratio * b_ratio)
+        p_probs = probs_ptr + o_row + o_v[None, :]
+        tl.store(p_probs, b_p.to(probs_ptr.dtype.element_ty), mask=m_tile)
+
+
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -248,6 +320,13 @@ def _blocks(dtype: torch.dtype) -> dict:
     return dict(
         BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, INPUT_PRECISION=precision, num_warps=8, num_stages=3
     )
+
+
+def _fold_blocks() -> dict:
+    """Tiles of the row-wise fold kernel: memory-bound, wide vocab tiles on the GPU."""
+    if INTERPRET:
+        return dict(BLOCK_M=4, BLOCK_V=64, num_warps=1)
+    return dict(BLOCK_M=1, BLOCK_V=2048, num_warps=8)
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -317,12 +396,34 @@ def _prepare(tokens: TokenBatch) -> TokenBatch:
 
 
 def forward(
+    batches: list[TokenBatch],
+    transform: LogitTransform,
+    expectation: list[bool] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per batch, ``(logp [M], lse [M], expected [M, H] or None)``, fp32.
+
+    Batches without ``expectation`` share one fused launch; those with it (a frozen lm_head)
+    take the two-GEMM path of ``_forward_expectation``, whose ``E_t`` spares the backward.
+    """
+    expectation = expectation or [False] * len(batches)
+    plain = [i for i, wanted in enumerate(expectation) if not wanted]
+    results: list = [None] * len(batches)
+    if plain:
+        fused = _forward_fused([_prepare(batches[i]) for i in plain], transform)
+        for i, (logp, lse) in zip(plain, fused):
+            results[i] = (logp, lse, None)
+    for i, wanted in enumerate(expectation):
+        if wanted:
+            results[i] = _forward_expectation(_prepare(batches[i]), transform)
+    return results
+
+
+def _forward_fused(
     batches: list[TokenBatch], transform: LogitTransform
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch, ``(logp [M] fp32, lse [M] fp32)``; compatible batches share one launch."""
-    batches = [_prepare(b) for b in batches]
     if len(batches) > 1 and not _compatible(batches):
-        return [forward([b], transform)[0] for b in batches]
+        return [_forward_fused([b], transform)[0] for b in batches]
     device = batches[0].hidden.device
     vocab_size, hidden_size = batches[0].weight.shape
     max_rows = max(b.num_rows for b in batches)
@@ -368,6 +469,58 @@ def forward(
     return results
 
 
+def _chunk_rows(vocab_size: int, block_m: int) -> int:
+    """Rows per chunk of the two-GEMM passes: a ``[chunk, V]`` buffer of ~``DZ_ELEMENTS``."""
+    return max(block_m, DZ_ELEMENTS // vocab_size // block_m * block_m)
+
+
+def _forward_expectation(
+    tokens: TokenBatch, transform: LogitTransform
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frozen-head forward: ``(logp [M], lse [M], expected [M, H])``, fp32.
+
+    Per chunk of rows: a GEMM for the logits (fp32 out), ``_softmax_fold_kernel`` for the
+    transform, logsumexp, target and ``p·s``, then ``E = (p·s)·W``: 4·H·V FLOPs a token, and
+    the backward needs only ``W[y_t]`` and ``E_t`` (``torch_backend.backward_from_expectation``).
+    ``E_t`` is an ``[H]`` vector per token, too wide to keep in registers beside the online
+    logsumexp for real hidden sizes, hence the chunked GEMMs rather than one fused kernel.
+    """
+    weight = tokens.weight
+    vocab_size, hidden_size = weight.shape
+    device = tokens.hidden.device
+    num_rows = tokens.num_rows
+    logp = torch.empty(num_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(num_rows, dtype=torch.float32, device=device)
+    expected = torch.empty(num_rows, hidden_size, dtype=torch.float32, device=device)
+    fold = _fold_blocks()
+    step = _chunk_rows(vocab_size, fold["BLOCK_M"])
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        logits = _mm_fp32(tokens.rows(start, stop), weight.T)  # [C, V] fp32
+        # fp32 weights: p·s overwrites the logits in place; otherwise a half-size buffer.
+        probs = logits
+        if weight.dtype != torch.float32:
+            probs = torch.empty_like(logits, dtype=weight.dtype)
+        _softmax_fold_kernel[(triton.cdiv(stop - start, fold["BLOCK_M"]),)](
+            logits_ptr=logits,
+            targets_ptr=tokens.targets[start:stop],
+            b_ptr=tokens.bias if tokens.bias is not None else weight,
+            has_bias=0 if tokens.bias is None else 1,
+            probs_ptr=probs,
+            logp_ptr=logp[start:stop],
+            lse_ptr=lse[start:stop],
+            num_rows=stop - start,
+            V=vocab_size,
+            multiplier=transform.multiplier,
+            softcap=transform.softcap or 1.0,
+            HAS_SOFTCAP=transform.softcap is not None,
+            **fold,
+        )
+        expected[start:stop] = _mm_fp32(probs, weight)
+        del logits, probs
+    return logp, lse, expected
+
+
 def backward(
     tokens: TokenBatch,
     transform: LogitTransform,
@@ -394,7 +547,7 @@ def backward(
     grad_bias = torch.zeros(vocab_size, dtype=torch.float32, device=device) if need_bias else None
     blocks = _blocks(tokens.hidden.dtype)
     block_m = blocks["BLOCK_M"]
-    step = max(block_m, DZ_ELEMENTS // vocab_size // block_m * block_m)
+    step = _chunk_rows(vocab_size, block_m)
     # dz feeds the GEMMs in the weight's dtype (tensor cores on GPU), fp32 for fp32 weights.
     dz_buffer = torch.empty(min(step, num_rows), vocab_size, dtype=weight.dtype, device=device)
     for start in range(0, num_rows, step):

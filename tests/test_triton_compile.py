@@ -1,0 +1,96 @@
+"""The Triton kernels compile for the GPU (sm_90, the tile sizes CUDA launches use), no GPU needed.
+
+The interpreter runs kernels as Python, so it accepts code that the compiler rejects (a plain
+float global read inside a kernel, say). Here every kernel is compiled ahead of time for Hopper
+with the compiled path's own ``_blocks``/``_fold_blocks``, in a subprocess with
+``TRITON_INTERPRET=0``, and its shared memory is checked against the chip's limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+# Hopper's largest shared-memory allocation per block (bytes).
+SM90_SHARED_LIMIT = 227 * 1024
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch, triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastalign.kernels import logprob as K
+
+    def pointer_type(name, dtype):
+        if name in ("table_ptr", "offsets_ptr", "targets_ptr"):
+            return "*i64"
+        if name in ("h_ptr", "w_ptr", "b_ptr", "dz_ptr", "probs_ptr"):
+            return "*" + dtype
+        return "*fp32"  # partials, lse, logp, upstream gradients, fp32 logits
+
+    def compile_kernel(fn, dtype, constexprs, options):
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = pointer_type(name, dtype)
+            elif name in ("multiplier", "softcap"):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i64"
+        src = ASTSource(fn, signature, constexprs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        return kernel.metadata.shared
+
+    report = {}
+    for torch_dtype, dtype in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        blocks = K._blocks(torch_dtype)
+        options = {k: blocks.pop(k) for k in ("num_warps", "num_stages")}
+        tile = dict(HAS_SOFTCAP=True, DOT_FP32=False, **blocks)
+        tl_dtype = K._TL_DTYPES[torch_dtype]
+        forward = dict(tile, H_DTYPE=tl_dtype, W_DTYPE=tl_dtype, SPLITS=4)
+        report[f"forward/{dtype}"] = compile_kernel(K._forward_kernel, dtype, forward, options)
+        report[f"grad_logits/{dtype}"] = compile_kernel(
+            K._grad_logits_kernel, dtype, tile, options
+        )
+        fold = K._fold_blocks()
+        fold_options = {"num_warps": fold.pop("num_warps")}
+        report[f"softmax_fold/{dtype}"] = compile_kernel(
+            K._softmax_fold_kernel, dtype, dict(HAS_SOFTCAP=True, **fold), fold_options
+        )
+    print(json.dumps(report))
+    """
+)
+
+
+def _ptxas_available() -> bool:
+    """Triton's wheel bundles NVIDIA's ptxas; a build without it cannot compile for sm_90."""
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.access(os.environ.get("TRITON_PTXAS_PATH", bundled), os.X_OK)
+
+
+def test_every_kernel_compiles_for_sm90():
+    if not _ptxas_available():
+        pytest.skip("triton's bundled ptxas is not available on this machine")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) == {
+        f"{kernel}/{dtype}"
+        for kernel in ("forward", "grad_logits", "softmax_fold")
+        for dtype in ("bf16", "fp32")
+    }
+    for name, shared in report.items():
+        assert 0 <= shared <= SM90_SHARED_LIMIT, f"{name} needs {shared} B of shared memory"
