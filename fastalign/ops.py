@@ -263,13 +263,9 @@ class _FusedLogps(torch.autograd.Function):
             need = ctx.needs_input_grad[slot : slot + 3] if p.differentiable else (False,) * 3
             slot += 3 if p.differentiable else 0
             expectation.append(bool(need[0] and not need[1] and not need[2]))
-        if getattr(plan.backend, "SUPPORTS_EXPECTATION", False) and any(expectation):
-            results = plan.backend.forward(
-                [p.tokens for p in plan.streams], plan.transform, expectation
-            )
-        else:
-            results = plan.backend.forward([p.tokens for p in plan.streams], plan.transform)
-            results = [(r[0], r[1], None) for r in results]
+        results = plan.backend.forward(
+            [p.tokens for p in plan.streams], plan.transform, expectation
+        )
         outputs = tuple(_sequence_sums(r[0], p) for p, r in zip(plan.streams, results))
         ctx.plan = plan
         ctx.saved = [r if p.differentiable else None for p, r in zip(plan.streams, results)]

@@ -40,10 +40,6 @@ def _logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -
     return logits
 
 
-# The frozen-lm_head fast path (``expectation``) is implemented here.
-SUPPORTS_EXPECTATION = True
-
-
 def forward(
     batches: list[TokenBatch],
     transform: LogitTransform,

@@ -161,7 +161,8 @@ def test_incompatible_streams_fall_back_to_separate_launches(device):
     torch.testing.assert_close(ref.logps, want.logps, rtol=1e-3, atol=1e-3)
 
 
-def test_every_output_element_is_written(device, monkeypatch):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_every_output_element_is_written(device, monkeypatch, frozen):
     """Fresh buffers poisoned with NaN: an unwritten element would surface as NaN."""
     real_empty = torch.empty
 
@@ -173,8 +174,66 @@ def test_every_output_element_is_written(device, monkeypatch):
     hidden, weight, labels, bias, _ = to(
         device, *make_case((3, 17), 333, 20, torch.float32, bias=True)
     )
-    leaves = [hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()]
+    leaves = [hidden.requires_grad_()]
+    if not frozen:  # a frozen lm_head takes the expectation path and its fold kernel
+        leaves += [weight.requires_grad_(), bias.requires_grad_()]
     out = fastalign.sequence_logps(hidden, weight, labels, bias=bias, backend="triton")
     grads = torch.autograd.grad(out.logps.sum(), leaves)
     assert torch.isfinite(out.logps).all()
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"logit_softcap": 3.0, "temperature": 0.7, "logit_scale": 1.3}]
+)
+def test_frozen_head_fast_path_matches_general_path(device, monkeypatch, dtype, kwargs):
+    """A frozen lm_head takes the two-GEMM forward with E_t = softmax(z_t)·W; the backward
+    then recomputes nothing, and values and hidden gradients stay within the dtype rule."""
+    hidden, weight, labels, bias, _ = to(device, *make_case((3, 11), 301, 33, dtype, bias=True))
+    hidden.requires_grad_()
+    upstream = torch.randn(3).to(device)
+    general = fastalign.sequence_logps(
+        hidden, weight.clone().requires_grad_(), labels, bias=bias, backend="triton", **kwargs
+    )
+    (g_general,) = torch.autograd.grad(general.logps, [hidden], upstream)
+
+    fused_launches = []
+    monkeypatch.setattr(logprob, "backward", _no_recompute)
+    monkeypatch.setattr(logprob, "_forward_fused", lambda *a: fused_launches.append(a))
+    fast = fastalign.sequence_logps(hidden, weight, labels, bias=bias, backend="triton", **kwargs)
+    (g_fast,) = torch.autograd.grad(fast.logps, [hidden], upstream)
+    assert not fused_launches  # the frozen stream took the expectation path alone
+
+    cpu = [t.detach().cpu() for t in (hidden, weight, labels, bias)]
+    h64 = cpu[0].double().requires_grad_()
+    truth, _ = naive_sequence_logps(h64, cpu[1].double(), cpu[2], bias=cpu[3].double(), **kwargs)
+    same = eager_same_dtype(*cpu[:3], cpu[3], None, **kwargs)
+    assert_near_truth(fast.logps.cpu(), same, truth.detach(), ATOL[dtype])
+    (g_truth,) = torch.autograd.grad(truth, [h64], upstream.cpu().double())
+    scale = g_truth.abs().max()
+    err_fast = float((g_fast.cpu().double() - g_truth).abs().max() / scale)
+    err_general = float((g_general.cpu().double() - g_truth).abs().max() / scale)
+    assert err_fast <= 2 * err_general + {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+
+
+def test_frozen_policy_and_plain_reference_in_one_call(device):
+    """Mixed call: the frozen policy takes the expectation path, the reference the fused
+    kernel; both equal their single-stream results and the fold's buffers are all written."""
+    hidden, weight, labels, _, _ = to(device, *make_case((4, 9), 250, 24, torch.float32))
+    ref_hidden = torch.randn_like(hidden)
+    hidden.requires_grad_()
+    policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, backend="triton")
+    alone = fastalign.sequence_logps(ref_hidden, weight, labels, backend="triton")
+    assert torch.equal(ref.logps, alone.logps)
+    general = fastalign.sequence_logps(
+        hidden, weight.clone().requires_grad_(), labels, backend="triton"
+    )
+    torch.testing.assert_close(policy.logps, general.logps, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(policy.logps.sum(), [hidden])
+    (grad_general,) = torch.autograd.grad(general.logps.sum(), [hidden])
+    torch.testing.assert_close(grad, grad_general, rtol=1e-4, atol=1e-5)
+
+
+def _no_recompute(*args, **kwargs):
+    raise AssertionError("frozen-head path recomputed logits")
