@@ -23,9 +23,14 @@ def measure(case: str, impl: str, shape: Shape, device: str) -> dict:
         run()
     except Unavailable as err:
         return {"unavailable": str(err)}
+    return {"peak_extra_bytes": peak_extra_bytes(run, device)}
+
+
+def peak_extra_bytes(run, device: str) -> int:
+    """Peak memory of one ``run()`` above what was live before it (see ``PeakMemory``)."""
     with PeakMemory(device) as probe:
         run()
-    return {"peak_extra_bytes": probe.peak_extra_bytes}
+    return probe.peak_extra_bytes
 
 
 def main(argv: list[str]) -> int:

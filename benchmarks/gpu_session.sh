@@ -33,7 +33,7 @@ case "${1:-}" in
         ;;
     bench)
         python3 -m benchmarks.run --grid "${2:-gpu}" ${3:+-k "$3"} --out "$OUT" 2>&1 \
-            | tee "$OUT/bench.log"
+            | tee "$OUT/bench-${2:-gpu}.log"
         ;;
     *) echo "usage: $0 setup|tests|bench GRID [K]" >&2; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.impls import CASES, Shape
+from benchmarks.impls import CASES, FROZEN, Shape
 
 # The issue's CPU reference shape: B=4 pairs (8 rows), T=512, H=1024, V=32000, fp32.
 CPU_MAIN = Shape(rows=8, seq_len=512, hidden=1024, vocab=32000)
@@ -12,7 +12,7 @@ def grid(name: str, device: str) -> list[tuple[str, str, Shape]]:
     """``[(grid_part, case, shape)]`` for a named grid."""
     if name == "quick":
         shape = Shape(rows=4, seq_len=16, hidden=32, vocab=250)
-        return [("main", case, shape) for case in CASES]
+        return [("main", case, shape) for case in (*CASES, FROZEN)]
     if name == "default" and device == "cpu":
         cells = [("main", case, CPU_MAIN) for case in ("logps", "dpo", "kto")]
         cells += [("sweep-v", "logps", Shape(8, 128, 512, v)) for v in (8000, 16000, 32000, 64000)]
@@ -34,4 +34,15 @@ def grid(name: str, device: str) -> list[tuple[str, str, Shape]]:
             for n in (2048, 4096, 8192, 16384)
         ]
         return cells
-    raise ValueError(f"unknown grid {name!r} for {device}; use quick, default or gpu")
+    if name == "scale":
+        # Issue 7's rows: the frozen-lm_head fast path against the recompute path and peers.
+        if device == "cpu":
+            return [("frozen", FROZEN, Shape(4, 512, 1024, 32000))]
+        bf16 = "bfloat16"
+        return [
+            ("frozen", FROZEN, Shape(8, 512, 4096, 128256, bf16)),  # Llama-3-8B head
+            ("frozen", FROZEN, Shape(16, 512, 2048, 151936, bf16)),  # Qwen3-30B-A3B head
+            ("frozen", FROZEN, Shape(16, 512, 5120, 152064, bf16)),  # Qwen2.5-32B head
+            ("frozen", "logps", Shape(16, 512, 5120, 152064, bf16)),  # same, trainable head
+        ]
+    raise ValueError(f"unknown grid {name!r} for {device}; use quick, default, gpu or scale")

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import fastalign
 
 CASES = ("logps", "policy_ref", "dpo", "ipo", "kto", "typo")
+# The log-prob case with a frozen lm_head (LoRA): no weight gradient is asked for.
+FROZEN = "logps_frozen"
 BETA = 0.1
 
 
@@ -43,15 +45,22 @@ class Shape:
 
 def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
     """Policy/reference/mismatched/sample hidden states, lm_head and labels (prompt masked)."""
-    gen = torch.Generator().manual_seed(seed)
+    # Drawn on the target device: CPU draws of GPU-sized inputs would take longer than the
+    # cells they feed.
+    gen = torch.Generator(device=device).manual_seed(seed)
     dtype = getattr(torch, shape.dtype)
 
-    def hidden():
-        return torch.randn(shape.rows, shape.seq_len, shape.hidden, generator=gen).to(device, dtype)
+    def randn(*size):
+        return torch.randn(*size, generator=gen, device=device)
 
-    labels = torch.randint(0, shape.vocab, (shape.rows, shape.seq_len), generator=gen)
+    def hidden():
+        return randn(shape.rows, shape.seq_len, shape.hidden).to(dtype)
+
+    labels = torch.randint(
+        0, shape.vocab, (shape.rows, shape.seq_len), generator=gen, device=device
+    )
     labels[:, : max(1, shape.seq_len // 8)] = -100  # a short prompt
-    weight = torch.randn(shape.vocab, shape.hidden, generator=gen) / shape.hidden**0.5
+    weight = randn(shape.vocab, shape.hidden) / shape.hidden**0.5
     return {
         "hidden": hidden().requires_grad_(),
         "ref_hidden": hidden(),
@@ -82,9 +91,10 @@ def _losses(logps_fn):
                 return logps_fn(x[name], x["weight"], x["labels"])[0]
 
         def run():
-            s, n = logps_fn(x["hidden"], x["weight"], x["labels"])
+            weight = x["weight"].detach() if case == FROZEN else x["weight"]
+            s, n = logps_fn(x["hidden"], weight, x["labels"])
             b = s.shape[0] // 2
-            if case == "logps":
+            if case in ("logps", FROZEN):
                 loss = s.sum()
             elif case == "policy_ref":
                 loss = (s - ref()).sum()
@@ -140,8 +150,9 @@ def fastalign_impl(case, x):
     common = dict(backend=backend)
 
     def run():
-        if case == "logps":
-            loss = fastalign.sequence_logps(x["hidden"], x["weight"], x["labels"], **common)
+        if case in ("logps", FROZEN):
+            weight = x["weight"].detach() if case == FROZEN else x["weight"]
+            loss = fastalign.sequence_logps(x["hidden"], weight, x["labels"], **common)
             loss = loss.logps.sum()
         elif case == "policy_ref":
             policy, ref = fastalign.policy_ref_logps(
@@ -151,7 +162,11 @@ def fastalign_impl(case, x):
         elif case in ("dpo", "ipo"):
             paired = {"dpo": fastalign.dpo_loss_fused, "ipo": fastalign.ipo_loss_fused}[case]
             loss = paired(
-                x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], beta=BETA,
+                x["hidden"],
+                x["weight"],
+                x["labels"],
+                ref_hidden=x["ref_hidden"],
+                beta=BETA,
                 **common,
             ).loss
         elif case == "typo":
@@ -178,6 +193,23 @@ def fastalign_impl(case, x):
                 **common,
             ).loss
         loss.backward()
+
+    return run
+
+
+def fastalign_recompute(case, x):
+    """fastalign with the frozen-head fast path switched off: the general recompute backward
+    on a frozen lm_head, the baseline the fast path is measured against."""
+    if case != FROZEN:
+        raise Unavailable("only the frozen-head case compares the two fastalign paths")
+    run_fast = fastalign_impl(case, x)
+
+    def run():
+        fastalign.ops.FROZEN_HEAD_FAST_PATH = False
+        try:
+            run_fast()
+        finally:
+            fastalign.ops.FROZEN_HEAD_FAST_PATH = True
 
     return run
 
@@ -248,7 +280,7 @@ def cut_cross_entropy(case, x):
     """Apple's CCE (CUDA only): per-token losses via ``linear_cross_entropy``."""
     if not x["hidden"].is_cuda:
         raise Unavailable("cut-cross-entropy runs on CUDA only")
-    if case not in ("logps", "policy_ref", "dpo"):
+    if case not in ("logps", FROZEN, "policy_ref", "dpo"):
         raise Unavailable("only the log-prob cases are built on CCE here")
     try:
         from cut_cross_entropy import linear_cross_entropy
@@ -270,4 +302,5 @@ IMPLEMENTATIONS = {
     "trl.kernels": trl_kernel,
     "cce": cut_cross_entropy,
     "fastalign": fastalign_impl,
+    "fastalign-recompute": fastalign_recompute,
 }

@@ -19,6 +19,11 @@ from . import _validate as V
 from . import torch_backend
 from ._types import LogitTransform, LogpOutput, TokenBatch
 
+# A differentiable stream whose lm_head needs no gradient takes the frozen-head fast path
+# (E_t = softmax(z_t)·W in forward, no recompute in backward). False forces the general
+# path; the benchmarks flip it to measure one against the other.
+FROZEN_HEAD_FAST_PATH = True
+
 
 @dataclass
 class StreamInput:
@@ -262,7 +267,8 @@ class _FusedLogps(torch.autograd.Function):
         for p in plan.streams:
             need = ctx.needs_input_grad[slot : slot + 3] if p.differentiable else (False,) * 3
             slot += 3 if p.differentiable else 0
-            expectation.append(bool(need[0] and not need[1] and not need[2]))
+            frozen_head = need[0] and not need[1] and not need[2]
+            expectation.append(bool(FROZEN_HEAD_FAST_PATH and frozen_head))
         results = plan.backend.forward(
             [p.tokens for p in plan.streams], plan.transform, expectation
         )

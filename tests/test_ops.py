@@ -270,5 +270,24 @@ def test_frozen_head_fast_path_matches_general_path(monkeypatch, dtype, kwargs):
     assert err_fast <= 2 * err_general + {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
 
 
+def test_frozen_head_fast_path_can_be_switched_off(monkeypatch):
+    """With FROZEN_HEAD_FAST_PATH False a frozen head takes the general recompute backward."""
+    hidden, weight, labels, _, _ = make_case((2, 7), 50, 16, torch.float32)
+    hidden.requires_grad_()
+    calls = []
+    general_backward = torch_backend.backward
+    monkeypatch.setattr(
+        torch_backend, "backward", lambda *a, **k: calls.append(1) or general_backward(*a, **k)
+    )
+    fast = fastalign.sequence_logps(hidden, weight, labels)
+    (g_fast,) = torch.autograd.grad(fast.logps.sum(), [hidden])
+    assert not calls
+    monkeypatch.setattr(fastalign.ops, "FROZEN_HEAD_FAST_PATH", False)
+    slow = fastalign.sequence_logps(hidden, weight, labels)
+    (g_slow,) = torch.autograd.grad(slow.logps.sum(), [hidden])
+    assert calls == [1]
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-6)
+
+
 def _no_recompute(*args, **kwargs):
     raise AssertionError("frozen-head path recomputed logits")
