@@ -2,7 +2,7 @@
 
 The interpreter runs kernels as Python, so it accepts code that the compiler rejects (a plain
 float global read inside a kernel, say). Here every kernel is compiled ahead of time for Hopper
-with the compiled path's own ``_blocks``/``_fold_blocks``, in a subprocess with
+with the compiled path's own ``_fold_blocks``, in a subprocess with
 ``TRITON_INTERPRET=0``, and its shared memory is checked against the chip's limit.
 """
 
@@ -32,9 +32,9 @@ SCRIPT = textwrap.dedent(
     def pointer_type(name, dtype):
         if name in ("table_ptr", "offsets_ptr", "targets_ptr"):
             return "*i64"
-        if name in ("h_ptr", "w_ptr", "b_ptr", "dz_ptr", "probs_ptr"):
+        if name in ("b_ptr", "dz_ptr", "probs_ptr"):
             return "*" + dtype
-        return "*fp32"  # partials, lse, logp, upstream gradients, fp32 logits
+        return "*fp32"  # logits, running statistics, lse, upstream gradients
 
     def compile_kernel(fn, dtype, constexprs, options):
         signature = {}
@@ -52,20 +52,15 @@ SCRIPT = textwrap.dedent(
         return kernel.metadata.shared
 
     report = {}
-    for torch_dtype, dtype in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        blocks = K._blocks(torch_dtype)
-        options = {k: blocks.pop(k) for k in ("num_warps", "num_stages")}
-        tile = dict(HAS_SOFTCAP=True, DOT_FP32=False, **blocks)
-        tl_dtype = K._TL_DTYPES[torch_dtype]
-        forward = dict(tile, H_DTYPE=tl_dtype, W_DTYPE=tl_dtype, SPLITS=4)
-        report[f"forward/{dtype}"] = compile_kernel(K._forward_kernel, dtype, forward, options)
+    fold = K._fold_blocks()
+    options = {"num_warps": fold.pop("num_warps")}
+    for dtype in ("bf16", "fp32"):
+        for write_probs in (False, True):
+            constexprs = dict(HAS_SOFTCAP=True, WRITE_PROBS=write_probs, **fold)
+            name = f"fold{'+probs' if write_probs else ''}/{dtype}"
+            report[name] = compile_kernel(K._fold_kernel, dtype, constexprs, options)
         report[f"grad_logits/{dtype}"] = compile_kernel(
-            K._grad_logits_kernel, dtype, tile, options
-        )
-        fold = K._fold_blocks()
-        fold_options = {"num_warps": fold.pop("num_warps")}
-        report[f"softmax_fold/{dtype}"] = compile_kernel(
-            K._softmax_fold_kernel, dtype, dict(HAS_SOFTCAP=True, **fold), fold_options
+            K._grad_logits_kernel, dtype, dict(HAS_SOFTCAP=True, **fold), options
         )
     print(json.dumps(report))
     """
@@ -89,7 +84,7 @@ def test_every_kernel_compiles_for_sm90():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(report) == {
         f"{kernel}/{dtype}"
-        for kernel in ("forward", "grad_logits", "softmax_fold")
+        for kernel in ("fold", "fold+probs", "grad_logits")
         for dtype in ("bf16", "fp32")
     }
     for name, shared in report.items():

@@ -125,23 +125,31 @@ def test_backward_is_bit_identical(device):
         assert torch.equal(a, b)
 
 
-def test_policy_and_reference_share_one_launch(device, monkeypatch):
+def test_policy_and_reference_share_one_launch_per_vocab_chunk(device, monkeypatch):
+    """Streams sharing an lm_head are stacked: one GEMM and one fold launch per vocab chunk
+    cover the policy and the reference rows together."""
     launches = []
-    kernel = logprob._forward_kernel
+    kernel = logprob._fold_kernel
 
     class Counting:
         def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
+            def launch(**kwargs):
+                launches.append((grid, kwargs["num_rows"]))
+                return kernel[grid](**kwargs)
 
-    monkeypatch.setattr(logprob, "_forward_kernel", Counting())
+            return launch
+
+    monkeypatch.setattr(logprob, "_fold_kernel", Counting())
     hidden = torch.randn(3, 6, 16, device=device, requires_grad=True)
     ref_hidden = torch.randn(3, 6, 16, device=device)
-    weight = torch.randn(80, 16, device=device, requires_grad=True)
-    labels = torch.randint(0, 80, (3, 6), device=device)
+    weight = torch.randn(200, 16, device=device, requires_grad=True)
+    labels = torch.randint(0, 200, (3, 6), device=device)
     labels[0, :4] = -100  # streams of different lengths in one launch
     policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, backend="triton")
-    assert len(launches) == 1 and launches[0][2] == 2
+    stacked = 2 * int((labels != -100).sum())
+    chunks = -(-200 // logprob._chunk_width(stacked, 200))
+    assert chunks > 1 and len(launches) == chunks
+    assert all(rows == stacked for _, rows in launches)
     alone = fastalign.sequence_logps(ref_hidden, weight, labels, backend="triton")
     assert torch.equal(ref.logps, alone.logps) and not ref.logps.requires_grad
     single = fastalign.sequence_logps(hidden, weight, labels, backend="triton")
@@ -188,8 +196,8 @@ def test_every_output_element_is_written(device, monkeypatch, frozen):
     "kwargs", [{}, {"logit_softcap": 3.0, "temperature": 0.7, "logit_scale": 1.3}]
 )
 def test_frozen_head_fast_path_matches_general_path(device, monkeypatch, dtype, kwargs):
-    """A frozen lm_head takes the two-GEMM forward with E_t = softmax(z_t)·W; the backward
-    then recomputes nothing, and values and hidden gradients stay within the dtype rule."""
+    """A frozen lm_head accumulates E_t = softmax(z_t)·W online in forward; the backward then
+    recomputes nothing, and values and hidden gradients stay within the dtype rule."""
     hidden, weight, labels, bias, _ = to(device, *make_case((3, 11), 301, 33, dtype, bias=True))
     hidden.requires_grad_()
     upstream = torch.randn(3).to(device)
@@ -198,12 +206,9 @@ def test_frozen_head_fast_path_matches_general_path(device, monkeypatch, dtype, 
     )
     (g_general,) = torch.autograd.grad(general.logps, [hidden], upstream)
 
-    fused_launches = []
     monkeypatch.setattr(logprob, "backward", _no_recompute)
-    monkeypatch.setattr(logprob, "_forward_fused", lambda *a: fused_launches.append(a))
     fast = fastalign.sequence_logps(hidden, weight, labels, bias=bias, backend="triton", **kwargs)
     (g_fast,) = torch.autograd.grad(fast.logps, [hidden], upstream)
-    assert not fused_launches  # the frozen stream took the expectation path alone
 
     cpu = [t.detach().cpu() for t in (hidden, weight, labels, bias)]
     h64 = cpu[0].double().requires_grad_()
@@ -218,8 +223,8 @@ def test_frozen_head_fast_path_matches_general_path(device, monkeypatch, dtype, 
 
 
 def test_frozen_policy_and_plain_reference_in_one_call(device):
-    """Mixed call: the frozen policy takes the expectation path, the reference the fused
-    kernel; both equal their single-stream results and the fold's buffers are all written."""
+    """Mixed call: the frozen policy takes the expectation path, the reference the plain one;
+    both equal their single-stream results."""
     hidden, weight, labels, _, _ = to(device, *make_case((4, 9), 250, 24, torch.float32))
     ref_hidden = torch.randn_like(hidden)
     hidden.requires_grad_()
