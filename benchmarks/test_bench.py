@@ -8,6 +8,7 @@ cell (``benchmarks.cell``). Missing peers are skipped with the reason.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -57,6 +58,7 @@ def test_bench(benchmark, part, case, shape, impl):
         # The allocator's peak is per device, not per process: measure here, after a
         # warm-up step, instead of paying a fresh CUDA process per cell.
         run()
+        gc.collect()  # earlier cells' tensors must not be freed inside the measured step
         memory = {"peak_extra_bytes": peak_extra_bytes(run, DEVICE)}
     else:
         memory = _memory(case, impl, shape)  # the RSS high-water mark needs a fresh process

@@ -140,6 +140,7 @@ def test_policy_and_reference_share_one_launch_per_vocab_chunk(device, monkeypat
             return launch
 
     monkeypatch.setattr(logprob, "_fold_kernel", Counting())
+    monkeypatch.setattr(logprob, "CHUNK_ELEMENTS", 4096)  # several vocab chunks on any device
     hidden = torch.randn(3, 6, 16, device=device, requires_grad=True)
     ref_hidden = torch.randn(3, 6, 16, device=device)
     weight = torch.randn(200, 16, device=device, requires_grad=True)
