@@ -22,20 +22,27 @@ TINY = dict(
 
 def _configs():
     yield "llama", transformers.LlamaConfig(**TINY)
-    yield "llama-tied-bias", transformers.LlamaConfig(
-        **TINY, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
+    yield (
+        "llama-tied-bias",
+        transformers.LlamaConfig(
+            **TINY, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
+        ),
     )
     yield "llama-mha-headdim", transformers.LlamaConfig(**{**TINY, "num_key_value_heads": 4})
     yield "qwen2", transformers.Qwen2Config(**TINY)
     yield "qwen3", transformers.Qwen3Config(**TINY, head_dim=16)
     moe = dict(moe_intermediate_size=16, num_experts=6, num_experts_per_tok=2)
     if hasattr(transformers, "Qwen3MoeConfig"):
-        yield "qwen3-moe", transformers.Qwen3MoeConfig(
-            **TINY, **moe, head_dim=8, mlp_only_layers=[1]
+        yield (
+            "qwen3-moe",
+            transformers.Qwen3MoeConfig(**TINY, **moe, head_dim=8, mlp_only_layers=[1]),
         )
     if hasattr(transformers, "Qwen2MoeConfig"):
-        yield "qwen2-moe", transformers.Qwen2MoeConfig(
-            **TINY, **moe, shared_expert_intermediate_size=24, decoder_sparse_step=2
+        yield (
+            "qwen2-moe",
+            transformers.Qwen2MoeConfig(
+                **TINY, **moe, shared_expert_intermediate_size=24, decoder_sparse_step=2
+            ),
         )
 
 
