@@ -4,8 +4,7 @@ fastalign train --loss dpo                  # embedded tiny model + data, CPU, ~
 fastalign train --loss kto --model PATH --dataset data.jsonl --lora-rank 16
 fastalign sample --model PATH --dataset prefs.jsonl --out with_samples.jsonl
 fastalign plot runs/dpo-20261124-120000
-fastalign memory Qwen/Qwen3-30B-A3B --batch-size 1 --seq-len 4096 --world-size 8 \
-    --sharding fsdp --activation-checkpointing --gpu-memory 80GB
+fastalign memory Qwen/Qwen3-30B-A3B --batch-size 2 --seq-len 4096 --sharding fsdp --world-size 8
 """
 
 from __future__ import annotations
