@@ -4,6 +4,7 @@ fastalign train --loss dpo                  # embedded tiny model + data, CPU, ~
 fastalign train --loss kto --model PATH --dataset data.jsonl --lora-rank 16
 fastalign sample --model PATH --dataset prefs.jsonl --out with_samples.jsonl
 fastalign plot runs/dpo-20261124-120000
+fastalign memory Qwen/Qwen3-30B-A3B --batch-size 2 --seq-len 4096 --sharding fsdp --world-size 8
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from . import memory
 
 
 def _train_parser(sub) -> None:
@@ -118,13 +121,6 @@ def _plot(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["memory"]:
-        try:
-            from .memory import cli as memory_cli
-        except ImportError:
-            print("error: `fastalign memory` is not available in this version", file=sys.stderr)
-            return 2
-        return memory_cli(argv[1:])
     parser = argparse.ArgumentParser(
         prog="fastalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -143,9 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plot", help="draw a run's metric curves to PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None)
+    m = sub.add_parser(
+        "memory", help="per-GPU memory of a training step: eager logits vs fused (estimate)"
+    )
+    memory.add_arguments(m)
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample, "plot": _plot}[args.command](args)
+        return {"train": _train, "sample": _sample, "plot": _plot, "memory": memory.run}[
+            args.command
+        ](args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

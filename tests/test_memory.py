@@ -1,0 +1,180 @@
+"""fastalign.memory: parameter counts vs HF models, estimates vs measured peaks, presets, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from fastalign import cli
+from fastalign.memory import count_parameters, estimate, model_shape, parse_bytes
+from fastalign.profiling import cpu_probe_available
+
+TINY = dict(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=72,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def _configs():
+    yield "llama", transformers.LlamaConfig(**TINY)
+    yield (
+        "llama-tied-bias",
+        transformers.LlamaConfig(
+            **TINY, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
+        ),
+    )
+    yield "llama-mha-headdim", transformers.LlamaConfig(**{**TINY, "num_key_value_heads": 4})
+    yield "qwen2", transformers.Qwen2Config(**TINY)
+    yield "qwen3", transformers.Qwen3Config(**TINY, head_dim=16)
+    moe = dict(moe_intermediate_size=16, num_experts=6, num_experts_per_tok=2)
+    if hasattr(transformers, "Qwen3MoeConfig"):
+        yield (
+            "qwen3-moe",
+            transformers.Qwen3MoeConfig(**TINY, **moe, head_dim=8, mlp_only_layers=[1]),
+        )
+    if hasattr(transformers, "Qwen2MoeConfig"):
+        yield (
+            "qwen2-moe",
+            transformers.Qwen2MoeConfig(
+                **TINY, **moe, shared_expert_intermediate_size=24, decoder_sparse_step=2
+            ),
+        )
+
+
+CONFIGS = list(_configs())
+
+
+@pytest.mark.parametrize("name,config", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_parameter_count_matches_hf_model(name, config):
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    expected = sum(p.numel() for p in model.parameters())
+    assert count_parameters(config)["total"] == expected
+    # the same through a dict and a config.json-style mapping
+    assert count_parameters(config.to_dict())["total"] == expected
+
+
+def test_config_json_path(tmp_path):
+    config = transformers.LlamaConfig(**TINY)
+    config.save_pretrained(tmp_path)
+    assert count_parameters(tmp_path)["total"] == count_parameters(config)["total"]
+    assert count_parameters(tmp_path / "config.json") == count_parameters(config)
+
+
+def test_presets_orders_of_magnitude():
+    qwen3 = count_parameters("Qwen/Qwen3-30B-A3B")
+    assert 30.4e9 < qwen3["total"] < 30.6e9  # "30.5B"
+    assert 3.2e9 < qwen3["active"] < 3.4e9  # "A3B" (3.3B activated)
+    assert 32.5e9 < count_parameters("Qwen/Qwen2.5-32B")["total"] < 32.9e9
+    assert 8.0e9 < count_parameters("meta-llama/Llama-3.1-8B")["total"] < 8.1e9
+    shape = model_shape("Qwen/Qwen3-30B-A3B")
+    assert (shape.num_experts, shape.num_experts_per_tok, shape.dense_layers) == (128, 8, 0)
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-30B-A3B", "Qwen/Qwen2.5-32B"])
+@pytest.mark.parametrize("loss", ["dpo", "kto", "typo"])
+def test_presets_fused_below_eager(model, loss):
+    est = estimate(
+        model,
+        batch_size=2,
+        seq_len=4096,
+        loss=loss,
+        world_size=8,
+        sharding="fsdp",
+        activation_checkpointing=True,
+    )
+    gib = 1 << 30
+    assert est.total("fused") < est.total("eager")
+    # per-GPU shard of fp32 master weights: ~total·4/8 bytes, tens of GiB, not TiB
+    assert 10 * gib < est.fused.parts["weights"] < 20 * gib
+    # eager's loss buffers hold three fp32 [N, V] tensors at once (V ≈ 152k)
+    tokens = est.setup["policy_tokens"]
+    assert tokens == (2 if loss == "kto" else 4) * 4096
+    assert est.eager.parts["loss buffers"] >= 3 * tokens * 151936 * 4
+    assert est.fused.parts["loss buffers"] < est.eager.parts["loss buffers"] / 2
+    assert est.fits("1000GB", "fused") and not est.fits("1GB", "fused")
+
+
+def test_lora_and_checkpointing_shrink():
+    full = estimate("meta-llama/Llama-3.1-8B", 1, 2048)
+    lora = estimate("meta-llama/Llama-3.1-8B", 1, 2048, lora=16)
+    ckpt = estimate("meta-llama/Llama-3.1-8B", 1, 2048, activation_checkpointing=True)
+    assert lora.trainable_params < full.trainable_params / 100
+    assert lora.fused.parts["optimizer states"] < full.fused.parts["optimizer states"] / 100
+    assert lora.eager.parts["reference weights"] == 0  # the adapter-disabled policy
+    assert ckpt.fused.parts["activations"] < full.fused.parts["activations"] / 5
+    typo = estimate("meta-llama/Llama-3.1-8B", 1, 2048, loss="typo")
+    assert typo.fused.parts["reference weights"] == 0
+
+
+# ----------------------------------------------------------------------------- measured
+@pytest.mark.skipif(not cpu_probe_available(), reason="needs /proc/self/clear_refs (Linux)")
+@pytest.mark.parametrize("path", ["eager", "fused"])
+@pytest.mark.parametrize("setup", ["logits", "activations"])
+def test_estimate_matches_measured_peak(setup, path):
+    from benchmarks.memory_check import TOLERANCE, measure
+
+    result = measure(setup, path, "cpu")
+    assert abs(result["error"]) <= TOLERANCE, result
+
+
+# ----------------------------------------------------------------------------- CLI, errors
+def test_cli_prints_table(capsys):
+    argv = ["memory", "Qwen/Qwen3-30B-A3B", "--batch-size", "1", "--seq-len", "4096"]
+    argv += ["--world-size", "8", "--sharding", "fsdp", "--activation-checkpointing"]
+    assert cli.main(argv + ["--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "eager" in out and "fused" in out and "PEAK" in out and "loss buffers" in out
+    assert "fits in 80.0 GiB" in out
+
+
+def test_cli_bad_arguments(capsys):
+    assert cli.main(["memory", "no/such-model", "--batch-size", "1", "--seq-len", "8"]) == 2
+    assert "config_or_name" in capsys.readouterr().err
+    argv = ["memory", "meta-llama/Llama-3.1-8B", "--batch-size", "0", "--seq-len", "8"]
+    assert cli.main(argv) == 2
+    assert "batch_size" in capsys.readouterr().err
+    argv = ["memory", "meta-llama/Llama-3.1-8B", "--batch-size", "1", "--seq-len", "8"]
+    assert cli.main(argv + ["--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,name",
+    [
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(batch_size=1.5), TypeError, "batch_size"),
+        (dict(seq_len=-3), ValueError, "seq_len"),
+        (dict(loss="sft"), ValueError, "loss"),
+        (dict(world_size=0), ValueError, "world_size"),
+        (dict(sharding="zero3"), ValueError, "sharding"),
+        (dict(lora=0), ValueError, "lora"),
+        (dict(lora="8"), TypeError, "lora"),
+        (dict(activation_checkpointing="yes"), TypeError, "activation_checkpointing"),
+        (dict(dtype="int8"), ValueError, "dtype"),
+        (dict(dtype=3), TypeError, "dtype"),
+        (dict(adamw="sgd"), ValueError, "adamw"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, error, name):
+    args = dict(config_or_name="meta-llama/Llama-3.1-8B", batch_size=1, seq_len=16)
+    with pytest.raises(error, match=name):
+        estimate(**{**args, **kwargs})
+
+
+def test_bad_config_and_sizes():
+    with pytest.raises(TypeError, match="config_or_name"):
+        estimate(3, 1, 16)
+    with pytest.raises(ValueError, match="config_or_name"):
+        estimate({"hidden_size": 8}, 1, 16)
+    assert parse_bytes("80GB") == 80 << 30 == parse_bytes("80 GiB")
+    assert parse_bytes(1024) == 1024
+    with pytest.raises(ValueError, match="gpu_bytes"):
+        estimate("meta-llama/Llama-3.1-8B", 1, 16).fits("eighty", "fused")
+    with pytest.raises(ValueError, match="path"):
+        estimate("meta-llama/Llama-3.1-8B", 1, 16).total("naive")
