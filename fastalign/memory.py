@@ -30,10 +30,11 @@ _DTYPE_BYTES = {
     "float": 4,
 }
 # Mirrors of the loss kernels' tile-size rules (``torch_backend.CHUNK_ELEMENTS``,
-# ``kernels.logprob.DZ_ELEMENTS``), copied so that this module imports neither torch nor triton.
+# ``kernels.logprob.CHUNK_ELEMENTS``/``VOCAB_ALIGN``), copied so that this module imports
+# neither torch nor triton.
 TORCH_CHUNK_ELEMENTS = 1 << 22
-TRITON_DZ_ELEMENTS = 1 << 26
-TRITON_BLOCK_M = 64
+TRITON_CHUNK_ELEMENTS = 1 << 26
+TRITON_VOCAB_ALIGN = 256
 
 # Architectures by hub name (from each model's config.json), so no download is needed.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -527,16 +528,19 @@ def eager_loss_bytes(rows_tokens: int, vocab: int, act: int) -> dict[str, int]:
     }
 
 
-def fused_tile_bytes(vocab: int, hidden: int, act: int, device: str, num_rows: int) -> int:
-    """The bounded ``[chunk, V]`` working set of the fused loss (per the backend in use);
-    a chunk never holds more than the ``num_rows`` scored tokens of a stream."""
-    if device == "cuda":  # Triton: one dz buffer in the weight dtype, plus a [chunk, H] fp32
-        rows = max(TRITON_BLOCK_M, TRITON_DZ_ELEMENTS // vocab // TRITON_BLOCK_M * TRITON_BLOCK_M)
-        rows = min(rows, num_rows)
-        return rows * vocab * act + rows * hidden * 4
+def fused_tile_bytes(vocab: int, hidden: int, act: int, num_rows: int) -> int:
+    """The torch backend's bounded ``[chunk, V]`` working set: the matmul's ``[C, V]`` in the
+    model dtype and its fp32 copy (dz formed in place), and the chunk's gathered rows."""
     rows = min(max(8, TORCH_CHUNK_ELEMENTS // vocab), num_rows)
-    # torch backend: the matmul's [C, V] (model dtype) and its fp32 copy, dz in place.
     return rows * vocab * (4 + (act if act < 4 else 0)) + rows * hidden * (4 + act)
+
+
+def triton_chunk_bytes(num_rows: int, vocab: int, act: int, half_copy: bool) -> int:
+    """The Triton backend's ``[R, C]`` vocab chunk: the GEMM's fp32 logits, plus (when
+    ``half_copy``) the ``dz`` or ``p`` the fold writes in a half model dtype."""
+    width = TRITON_CHUNK_ELEMENTS // max(num_rows, 1) // TRITON_VOCAB_ALIGN * TRITON_VOCAB_ALIGN
+    width = min(vocab, max(TRITON_VOCAB_ALIGN, width))
+    return num_rows * width * (4 + (act if half_copy and act < 4 else 0))
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -738,7 +742,7 @@ def estimate(
         phases=phases(eager_forward, eager_backward, grad_hidden + head_grad_eager),
     )
 
-    # ---- fused: O(N) scalars, one tile, fp32 head-grad accumulator, hidden-state inputs.
+    # ---- fused: O(N) scalars, bounded tiles, hidden-state inputs, [M, H] accumulators.
     all_tokens = tokens + ref_tokens + nograd_tokens
     # per scored token: logp, lse (fp32), targets, offsets, ids, positions (int64), and the
     # fp64 per-sequence grid; padded layout assumed (no index tensors for cu_seqlens).
@@ -746,24 +750,54 @@ def estimate(
     # hidden states the loss reads besides the policy's own (saved activations): the
     # reference's and KTO's KL rows (policy and reference)
     extra_hidden = (ref_tokens + nograd_tokens) * h * act
-    tile = fused_tile_bytes(v, h, act, device, tokens)
     frozen_head = lora is not None
-    expectation = tokens * h * 4 if frozen_head else 0
-    fused_forward = scalars + extra_hidden + tile + expectation + nograd_forward
-    head_grad_fp32 = head_params * 4 if head_trainable else 0
-    # Triton: the first chunk's product becomes the accumulator; later chunks add a second
-    head_grad_fp32 *= 2 if device == "cuda" and head_trainable else 1
-    head_grad_cast = head_params * act if head_trainable and act < 4 else 0
+    head_grad = head_params * act if head_trainable else 0  # written once, in the weight dtype
     grad_rows_fp32 = tokens * h * 4
     grad_rows_cast = tokens * h * act if act < 4 else 0
-    fused_backward = (
-        scalars + expectation + grad_rows_fp32 + head_grad_fp32 + (0 if frozen_head else tile)
-    )
-    fused_backward = max(
-        fused_backward,
-        scalars + expectation + grad_rows_fp32 + grad_rows_cast + grad_hidden + head_grad_fp32,
-    )
-    fused_backward += head_grad_cast  # the cast [V, H] beside the accumulator at the end
+    if device == "cuda":
+        # Triton backend: streams sharing an lm_head are stacked (their rows gathered into
+        # one [R, H] copy) and scored vocab chunk by vocab chunk; a frozen head's policy is
+        # its own group and also keeps the fp32 [M, H] E plus one [M, H] fp32 GEMM product.
+        stacked = tokens + nograd_tokens + (ref_tokens if not separate_reference else 0)
+        if frozen_head:
+            groups = [(tokens, True), (nograd_tokens + ref_tokens, False)]
+        elif separate_reference:
+            groups = [(tokens + nograd_tokens, False), (ref_tokens, False)]
+        else:
+            groups = [(stacked, False)]
+        fused_forward = scalars + extra_hidden + nograd_forward
+        fused_forward += max(
+            rows * h * act
+            + rows * 3 * 4
+            + triton_chunk_bytes(rows, v, act, half_copy=probs)
+            + (2 * rows * h * 4 if probs else 0)
+            for rows, probs in groups
+            if rows
+        )
+        expectation = tokens * h * 4 if frozen_head else 0
+        after_loop = grad_rows_fp32 + grad_rows_cast + grad_hidden
+        if frozen_head:
+            # backward from E: W[y_t] gathered in fp32 becomes grad_rows; no recompute
+            fused_backward = scalars + expectation + after_loop
+        else:
+            # the vocab-chunk loop: gathered rows, the chunk (fp32 logits + dz), the fp32
+            # grad_rows and one fp32 [M, H] GEMM product added into it, the lm_head gradient;
+            # then ops writes grad_hidden (zeros, model dtype) from grad_rows' cast.
+            in_loop = tokens * h * act + 2 * grad_rows_fp32 + head_grad
+            in_loop += triton_chunk_bytes(tokens, v, act, half_copy=True)
+            fused_backward = scalars + max(in_loop, after_loop + head_grad)
+    else:
+        # torch backend: one [chunk, V] tile per stream in turn; fp32 accumulators.
+        tile = fused_tile_bytes(v, h, act, tokens)
+        expectation = tokens * h * 4 if frozen_head else 0
+        fused_forward = scalars + extra_hidden + tile + expectation + nograd_forward
+        head_grad_fp32 = head_params * 4 if head_trainable else 0
+        fused_backward = max(
+            scalars + expectation + grad_rows_fp32 + head_grad_fp32 + (0 if frozen_head else tile),
+            scalars + expectation + grad_rows_fp32 + grad_rows_cast + grad_hidden + head_grad_fp32,
+        )
+        # the cast [V, H] beside the fp32 accumulator at the end
+        fused_backward += head_params * act if head_trainable and act < 4 else 0
     fused_parts = dict(eager_parts)
     fused_parts["loss buffers"] = max(fused_forward - nograd_forward, fused_backward)
     fused = PathBreakdown(
