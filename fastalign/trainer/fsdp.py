@@ -64,7 +64,9 @@ def mixed_precision(device: torch.device, bf16: bool) -> MixedPrecisionPolicy:
 
 
 def shard(model: nn.Module, ref_model: nn.Module | None, mp_policy) -> RootForward:
-    """Apply ``fully_shard`` bottom-up and return the root that must run each loss.
+    """Apply ``fully_shard`` bottom-up and return the root that must run each loss; the
+    policy's sharded parameters become fp32 masters, the reference is stored in the compute
+    dtype.
 
     Each decoder layer of the policy and of the frozen reference is its own group, resharded
     after forward (``True``: the reference layers have no backward, the policy layers are
@@ -75,11 +77,18 @@ def shard(model: nn.Module, ref_model: nn.Module | None, mp_policy) -> RootForwa
     outside the recompute). The optimizer must be built afterwards: ``fully_shard`` replaces
     the parameters with ``DTensor`` ones.
     """
-    for m in (model, ref_model):
-        if m is None:
-            continue
-        for layer in decoder_layers(m):
+    if ref_model is not None:  # frozen: stored in the compute dtype, no master copy needed
+        ref_model.to(mp_policy.param_dtype or torch.float32)
+        for layer in decoder_layers(ref_model):
             fully_shard(layer, mp_policy=mp_policy, reshard_after_forward=True)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp_policy, reshard_after_forward=True)
+        # fp32 master weights (and so fp32 AdamW state) for the trainable policy, whatever
+        # dtype it was loaded in (hub checkpoints load bf16): bf16 weights would round away
+        # updates of lr ~1e-6. Cast per layer after sharding (FSDPModule._apply re-registers
+        # the cast shards), so the full model never exists in fp32 on one rank.
+        layer.to(torch.float32)
+    model.to(torch.float32)  # the rest: embeddings, norm, lm_head (root group, not yet sharded)
     root = RootForward(model, ref_model)
     fully_shard(root, mp_policy=mp_policy)
     return root

@@ -153,7 +153,10 @@ class Trainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         lm_head(self.model)  # a clear error for models without one
-        self.model.to(self.device)
+        if not cfg.fsdp or self.is_default:
+            # Under FSDP a real model stays on the CPU: a whole 30B model does not fit one GPU,
+            # and fully_shard moves each group's shard to the GPU as it shards it.
+            self.model.to(self.device)
         if cfg.activation_checkpointing:
             # Non-reentrant, on every decoder layer; before any fully_shard (transformers
             # checkpoints the layer's ``forward``, so FSDP2's hooks stay outside the recompute).
@@ -243,7 +246,9 @@ class Trainer:
                     self.ref_model = self.ref_model.merge_and_unload()
                 if self.rank == 0:
                     self.ref_model.save_pretrained(ref_dir)
-            self.ref_model.to(self.device).eval().requires_grad_(False)
+            if not cfg.fsdp or self.is_default:
+                self.ref_model.to(self.device)
+            self.ref_model.eval().requires_grad_(False)
         elif cfg.reference == "peft":
             if not hasattr(self.model, "disable_adapter"):
                 raise ValueError("--reference peft needs a LoRA adapter: pass --lora-rank > 0")
@@ -315,7 +320,8 @@ class Trainer:
             rows = [
                 dataset[i] for i in range(start, min(start + self.config.batch_size, len(dataset)))
             ]
-            batch = {k: v.to(self.device) for k, v in self.collator(rows)["policy"].items()}
+            device = weight.device  # the CPU for a real model still to be sharded by FSDP
+            batch = {k: v.to(device) for k, v in self.collator(rows)["policy"].items()}
             hidden = body(batch["input_ids"], batch["attention_mask"])
             logps = losses._common.score_streams(
                 [losses._common.StreamInput(hidden, weight, batch["labels"], bias=bias)],
