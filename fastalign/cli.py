@@ -48,6 +48,8 @@ def _train(args) -> int:
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     trainer = Trainer(config)
     summary = trainer.train()
+    if trainer.rank != 0:  # under torchrun, one report
+        return 0
     print(f"run directory: {trainer.output_dir}")
     for stage in ("before", "after"):
         acc = summary.get(f"{stage}/eval/rewards/accuracies")

@@ -29,8 +29,11 @@ def default_tokenizer():
     )
 
 
-def default_model(tokenizer, seed: int = 0):
-    """A tiny randomly initialised Llama (2 layers, hidden 64): ~0.1 M parameters."""
+def default_model(tokenizer, seed: int = 0, tie_word_embeddings: bool = False):
+    """A tiny randomly initialised Llama (2 layers, hidden 64): ~0.1 M parameters.
+
+    ``tie_word_embeddings=True`` makes lm_head.weight the embedding (tests of tied heads).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -45,7 +48,7 @@ def default_model(tokenizer, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

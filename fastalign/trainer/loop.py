@@ -4,7 +4,8 @@
 reference policy (frozen copy, PEFT adapter disabled, or precomputed log-probs), the data in
 TRL's formats, then runs AdamW with warmup+cosine, gradient accumulation and clipping, logs
 TRL-named metrics to ``metrics.jsonl``, checkpoints and resumes exactly. Under ``torchrun``
-it wraps the hidden-state forward in DDP and all-reduces KTO's z0.
+it wraps the hidden-state forward in DDP, or with ``fsdp`` shards with FSDP2 (see ``fsdp.py``),
+and all-reduces KTO's z0.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class TrainConfig:
     save_steps: int = 0  # 0: only at the end
     bf16: bool = False  # autocast on CUDA
     activation_checkpointing: bool = False
+    fsdp: bool = False  # FSDP2 (fully_shard) under torchrun instead of DDP
     sft_warmup_steps: int = 300  # embedded default only: SFT the tiny model first
     resume_from: str | None = None
     backend: str = "auto"
@@ -107,6 +109,10 @@ class Trainer:
         self.config = config
         self.kind = "unpaired" if config.loss == "kto" else "paired"
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if config.fsdp:  # FSDP needs a process group, even a one-process torchrun has one
+            if "WORLD_SIZE" not in os.environ:
+                raise ValueError("--fsdp shards over a process group: launch with torchrun")
+            self.distributed = True
         if self.distributed and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if self.distributed else 0
@@ -147,9 +153,14 @@ class Trainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         lm_head(self.model)  # a clear error for models without one
-        self.model.to(self.device)
+        if not cfg.fsdp or self.is_default:
+            # Under FSDP a real model stays on the CPU: a whole 30B model does not fit one GPU,
+            # and fully_shard moves each group's shard to the GPU as it shards it.
+            self.model.to(self.device)
         if cfg.activation_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # Non-reentrant, on every decoder layer; before any fully_shard (transformers
+            # checkpoints the layer's ``forward``, so FSDP2's hooks stay outside the recompute).
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.transform = logit_transform(self.model.config)
 
     def _setup_data(self) -> None:
@@ -235,7 +246,9 @@ class Trainer:
                     self.ref_model = self.ref_model.merge_and_unload()
                 if self.rank == 0:
                     self.ref_model.save_pretrained(ref_dir)
-            self.ref_model.to(self.device).eval().requires_grad_(False)
+            if not cfg.fsdp or self.is_default:
+                self.ref_model.to(self.device)
+            self.ref_model.eval().requires_grad_(False)
         elif cfg.reference == "peft":
             if not hasattr(self.model, "disable_adapter"):
                 raise ValueError("--reference peft needs a LoRA adapter: pass --lora-rank > 0")
@@ -248,7 +261,13 @@ class Trainer:
         self.body = HiddenStates(self.model)
         self.ref_body = HiddenStates(self.ref_model) if self.ref_model is not None else None
         self.train_body = self.body
-        if self.distributed:
+        self.fsdp_root = None
+        if cfg.fsdp:
+            from . import fsdp
+
+            mp_policy = fsdp.mixed_precision(self.device, cfg.bf16)
+            self.fsdp_root = fsdp.shard(self.model, self.ref_model, mp_policy)
+        elif self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             # DDP wraps the hidden-state forward; the lm_head weight, read by the fused loss,
@@ -301,7 +320,8 @@ class Trainer:
             rows = [
                 dataset[i] for i in range(start, min(start + self.config.batch_size, len(dataset)))
             ]
-            batch = {k: v.to(self.device) for k, v in self.collator(rows)["policy"].items()}
+            device = weight.device  # the CPU for a real model still to be sharded by FSDP
+            batch = {k: v.to(device) for k, v in self.collator(rows)["policy"].items()}
             hidden = body(batch["input_ids"], batch["attention_mask"])
             logps = losses._common.score_streams(
                 [losses._common.StreamInput(hidden, weight, batch["labels"], bias=bias)],
@@ -343,6 +363,17 @@ class Trainer:
 
     def compute(self, batch: dict, train: bool = True):
         """The loss output for one collated batch (policy forward with autograd)."""
+        if self.fsdp_root is None:
+            return self._compute(batch, train)
+        # Body and fused loss inside the FSDP root's forward: see fsdp.RootForward.
+        out = self.fsdp_root(self._compute, batch, train)
+        if not torch.is_grad_enabled():
+            # No backward will reshard the root (reshard_after_forward=False for the root):
+            # free it now, so the next forward gathers the parameters after optimizer steps.
+            self.fsdp_root.reshard()
+        return out
+
+    def _compute(self, batch: dict, train: bool = True):
         cfg = self.config
         policy = {k: v.to(self.device) for k, v in batch["policy"].items()}
         body = self.train_body if train else self.body
@@ -464,14 +495,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: Path) -> None:
+        model_state, optimizer_state = None, self.optimizer.state_dict()
+        if self.fsdp_root is not None:  # a collective: all ranks gather, rank 0 writes
+            from .fsdp import full_state
+
+            model_state, optimizer_state = full_state(self.model, self.optimizer)
         if self.rank != 0:
             return
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path / "model")
+        self.model.save_pretrained(path / "model", state_dict=model_state)
         self.tokenizer.save_pretrained(path / "model")
         torch.save(
             {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": _rng_state(),
                 "step": self.step,
@@ -482,7 +518,12 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         state = torch.load(path / "trainer_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp_root is not None:  # full, parameter-name keyed (fsdp.full_state)
+            from .fsdp import load_optimizer
+
+            load_optimizer(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         self.step = state["step"]
@@ -514,9 +555,14 @@ class Trainer:
                     )
                 (out.loss / cfg.grad_accum).backward()
                 step_metrics.append({"loss": float(out.loss.detach()), **out.metrics()})
+            # On FSDP's DTensor gradients this is the global norm of the sharded gradients.
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
             )
+            if self.fsdp_root is not None:
+                from .fsdp import total_norm
+
+                grad_norm = total_norm(grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
