@@ -2,7 +2,8 @@
 
 Paired (``prompt/chosen/rejected``) batches are laid out as the fused losses expect: rows
 ``[0, B)`` chosen, ``[B, 2B)`` rejected. Unpaired (``prompt/completion/label``, KTO) batches
-carry a ``desirable`` mask and their mismatched-pair KL rows.
+carry a ``desirable`` mask and their mismatched-pair KL rows. With ``packing`` every part
+of a batch is one row with no padding (see :func:`pack`).
 """
 
 from __future__ import annotations
@@ -95,8 +96,37 @@ def rows_to_batch(pairs: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def pack(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch as one packed row, rows kept in order, padding dropped.
+
+    In: ``input_ids``/``attention_mask``/``labels`` ``[B, T]``. Out: ``input_ids``
+    ``[1, N]``, ``position_ids`` ``[1, N]`` (restarting at 0 for each sequence), ``labels``
+    ``[N]`` (prompt = -100) and ``cu_seqlens`` int32 ``[B + 1]``, N the sum of real lengths.
+    The loss's ``shift=True`` then scores exactly the tokens the padded batch scores.
+
+    Example:
+        >>> out = pack(rows_to_batch([Tokenized([1, 5], [7]), Tokenized([1], [8, 9])], 0))
+        >>> out["input_ids"].tolist(), out["position_ids"].tolist(), out["cu_seqlens"].tolist()
+        ([[1, 5, 7, 1, 8, 9]], [[0, 1, 2, 0, 1, 2]], [0, 3, 6])
+    """
+    mask = batch["attention_mask"].bool()  # [B, T]
+    lengths = mask.sum(1)
+    positions = torch.arange(mask.shape[1]).expand_as(mask)
+    if not torch.equal(mask, positions < lengths[:, None]):
+        raise ValueError("pack: attention_mask must be right-padded (each row's ones first)")
+    cu_seqlens = torch.zeros(mask.shape[0] + 1, dtype=torch.int32)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    return {
+        "input_ids": batch["input_ids"][mask][None],
+        "position_ids": positions[mask][None],
+        "labels": batch["labels"][mask],
+        "cu_seqlens": cu_seqlens,
+    }
+
+
 class Collator:
-    """Turns dataset rows into model batches for one loss family."""
+    """Turns dataset rows into model batches for one loss family (padded, or packed with
+    ``packing=True``: each part of the batch one row, see :func:`pack`)."""
 
     def __init__(
         self,
@@ -105,8 +135,10 @@ class Collator:
         max_prompt: int = 256,
         max_completion: int = 256,
         sample_column: str | None = None,
+        packing: bool = False,
     ):
         self.tokenizer, self.kind = tokenizer, kind
+        self.packing = packing
         self.max_prompt, self.max_completion = max_prompt, max_completion
         self.sample_column = sample_column
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -115,6 +147,14 @@ class Collator:
         return encode(prompt, completion, self.tokenizer, self.max_prompt, self.max_completion)
 
     def __call__(self, rows: list[dict]) -> dict:
+        batch = self._padded(rows)
+        if self.packing:
+            for part in ("policy", "sample", "kl"):
+                if part in batch:
+                    batch[part] = pack(batch[part])
+        return batch
+
+    def _padded(self, rows: list[dict]) -> dict:
         if self.kind == "paired":
             chosen = [self._enc(r["prompt"], r["chosen"]) for r in rows]
             rejected = [self._enc(r["prompt"], r["rejected"]) for r in rows]

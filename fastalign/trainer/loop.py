@@ -5,7 +5,8 @@ reference policy (frozen copy, PEFT adapter disabled, or precomputed log-probs),
 TRL's formats, then runs AdamW with warmup+cosine, gradient accumulation and clipping, logs
 TRL-named metrics to ``metrics.jsonl``, checkpoints and resumes exactly. Under ``torchrun``
 it wraps the hidden-state forward in DDP, or with ``fsdp`` shards with FSDP2 (see ``fsdp.py``),
-and all-reduces KTO's z0.
+and all-reduces KTO's z0. With ``packing`` each microbatch is one padding-free row scored
+through ``cu_seqlens``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ import torch.distributed as dist
 
 from .. import losses
 from . import data as D
-from .model import HiddenStates, adapters_disabled, head_params, lm_head, logit_transform
+from .model import (
+    HiddenStates,
+    adapters_disabled,
+    head_params,
+    lm_head,
+    logit_transform,
+    prepare_packing,
+)
 
 LOSSES = ("dpo", "ipo", "kto", "typo")
 REFERENCES = ("copy", "peft", "precomputed")
@@ -67,6 +75,7 @@ class TrainConfig:
     sft_warmup_steps: int = 300  # embedded default only: SFT the tiny model first
     resume_from: str | None = None
     backend: str = "auto"
+    packing: bool = False  # each microbatch one row, no padding, attention kept per sequence
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -93,6 +102,15 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def _hidden(body, part: dict) -> torch.Tensor:
+    """Body hidden states of one (sub-)batch: padded ``[B, T, H]``, or packed ``[N, H]``."""
+    if "cu_seqlens" in part:
+        return body(
+            part["input_ids"], position_ids=part["position_ids"], cu_seqlens=part["cu_seqlens"]
+        )
+    return body(part["input_ids"], part["attention_mask"])
 
 
 class Trainer:
@@ -162,6 +180,15 @@ class Trainer:
             # checkpoints the layer's ``forward``, so FSDP2's hooks stay outside the recompute).
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.transform = logit_transform(self.model.config)
+        self.packed_attention = self._prepare_packing(self.model)
+
+    def _prepare_packing(self, model) -> str | None:
+        """The packed-attention mode of ``model`` (None without packing); see prepare_packing."""
+        if not self.config.packing:
+            return None
+        half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        # flash-attn has no fp32 kernels: only switch to it when the body runs in half precision
+        return prepare_packing(model, prefer_flash=half or self.config.bf16)
 
     def _setup_data(self) -> None:
         cfg = self.config
@@ -184,6 +211,7 @@ class Trainer:
             cfg.max_prompt_length,
             cfg.max_completion_length,
             sample_column,
+            packing=cfg.packing,
         )
         self.train_set = D.drop_empty(dataset["train"], self.collator, self.kind)
         self.train_set = self.train_set.add_column("index", list(range(len(self.train_set))))
@@ -249,6 +277,7 @@ class Trainer:
             if not cfg.fsdp or self.is_default:
                 self.ref_model.to(self.device)
             self.ref_model.eval().requires_grad_(False)
+            self.ref_packed_attention = self._prepare_packing(self.ref_model)
         elif cfg.reference == "peft":
             if not hasattr(self.model, "disable_adapter"):
                 raise ValueError("--reference peft needs a LoRA adapter: pass --lora-rank > 0")
@@ -258,8 +287,10 @@ class Trainer:
                 for name, split in (("train", self.train_set), ("test", self.test_set))
                 if split is not None
             }
-        self.body = HiddenStates(self.model)
-        self.ref_body = HiddenStates(self.ref_model) if self.ref_model is not None else None
+        self.body = HiddenStates(self.model, self.packed_attention)
+        self.ref_body = None
+        if self.ref_model is not None:
+            self.ref_body = HiddenStates(self.ref_model, self.ref_packed_attention)
         self.train_body = self.body
         self.fsdp_root = None
         if cfg.fsdp:
@@ -313,7 +344,7 @@ class Trainer:
         computed once with the initial policy and cached at ``path``."""
         if path.exists():
             return torch.load(path)
-        body = HiddenStates(self.model).eval()
+        body = HiddenStates(self.model, self.packed_attention).eval()
         weight, bias = head_params(self.model)
         out = torch.zeros(len(dataset), 2)
         for start in range(0, len(dataset), self.config.batch_size):
@@ -322,9 +353,12 @@ class Trainer:
             ]
             device = weight.device  # the CPU for a real model still to be sharded by FSDP
             batch = {k: v.to(device) for k, v in self.collator(rows)["policy"].items()}
-            hidden = body(batch["input_ids"], batch["attention_mask"])
+            hidden = _hidden(body, batch)
+            stream = losses._common.StreamInput(
+                hidden, weight, batch["labels"], bias=bias, cu_seqlens=batch.get("cu_seqlens")
+            )
             logps = losses._common.score_streams(
-                [losses._common.StreamInput(hidden, weight, batch["labels"], bias=bias)],
+                [stream],
                 shift=True,
                 backend=self.config.backend,
                 **self.transform,
@@ -354,12 +388,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     # ------------------------------------------------------------------ one batch
-    def _reference_hidden(self, ids, mask):
+    def _reference_hidden(self, part: dict) -> torch.Tensor:
         with torch.no_grad():
             if self.ref_body is not None:
-                return self.ref_body(ids, mask)
+                return _hidden(self.ref_body, part)
             with adapters_disabled(self.model):
-                return self.body(ids, mask)
+                return _hidden(self.body, part)
 
     def compute(self, batch: dict, train: bool = True):
         """The loss output for one collated batch (policy forward with autograd)."""
@@ -381,19 +415,19 @@ class Trainer:
             "cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda"
         )
         with autocast:
-            hidden = body(policy["input_ids"], policy["attention_mask"])
+            hidden = _hidden(body, policy)
         weight, bias = head_params(self.model)
         hidden = hidden.to(weight.dtype)
         common = dict(bias=bias, shift=True, backend=cfg.backend, **self.transform)
+        if "cu_seqlens" in policy:  # packed: hidden [N, H], labels [N]
+            common["cu_seqlens"] = policy["cu_seqlens"]
         ref = {}
         if cfg.loss != "typo":
             if self.ref_logps is not None:
                 rows = self.ref_logps["train" if train else "test"][batch["index"]]
                 ref["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]]).to(self.device)
             else:
-                ref["ref_hidden"] = self._reference_hidden(
-                    policy["input_ids"], policy["attention_mask"]
-                ).to(weight.dtype)
+                ref["ref_hidden"] = self._reference_hidden(policy).to(weight.dtype)
                 if self.ref_model is not None:  # the frozen copy's own lm_head
                     ref["ref_weight"], ref["ref_bias"] = head_params(self.ref_model)
         labels = policy["labels"]
@@ -415,8 +449,9 @@ class Trainer:
             if "sample" in batch:
                 s = {k: v.to(self.device) for k, v in batch["sample"].items()}
                 sample = dict(
-                    sample_hidden=body(s["input_ids"], s["attention_mask"]),
+                    sample_hidden=_hidden(body, s),
                     sample_labels=s["labels"],
+                    sample_cu_seqlens=s.get("cu_seqlens"),
                 )
             return losses.typo_loss_fused(
                 hidden, weight, labels, lam=cfg.lam if sample else 0.0, **sample, **common
@@ -425,11 +460,12 @@ class Trainer:
         if "kl" in batch:
             k = {n: v.to(self.device) for n, v in batch["kl"].items()}
             with torch.no_grad():
-                kl_hidden = self.body(k["input_ids"], k["attention_mask"])
+                kl_hidden = _hidden(self.body, k)
             kl = dict(
                 kl_hidden=kl_hidden,
                 kl_labels=k["labels"],
-                kl_ref_hidden=self._reference_hidden(k["input_ids"], k["attention_mask"]),
+                kl_ref_hidden=self._reference_hidden(k),
+                kl_cu_seqlens=k.get("cu_seqlens"),
             )
         else:
             kl = dict(kl=0.0)
