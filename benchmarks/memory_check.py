@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 # A fresh process per cell, with every allocation over 64 KiB mmapped, so that freed
@@ -216,7 +217,7 @@ def run_cell(setup: Setup, path: str, device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def measure(setup_name: str, path: str, device: str) -> dict:
+def measure(setup_name: str, path: str, device: str, timeout: float = 300) -> dict:
     """Run one cell in a fresh subprocess (allocator and RSS state of its own)."""
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.memory_check", "--cell", setup_name, path, device],
@@ -224,6 +225,7 @@ def measure(setup_name: str, path: str, device: str) -> dict:
         text=True,
         env=CELL_ENV,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        timeout=timeout,
     )
     if out.returncode != 0:
         raise RuntimeError(f"cell {setup_name}/{path} failed:\n{out.stderr[-4000:]}")
@@ -261,15 +263,21 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
             return 2
-    results = [measure(s, p, args.device) for s in args.setups for p in ("eager", "fused")]
-    print(format_table(results))
     out = args.out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "results", f"memory_check_{args.device}.json"
     )
-    with open(out, "w") as f:
-        json.dump(
-            {"setups": [asdict(SETUPS[s]) for s in args.setups], "results": results}, f, indent=2
-        )
+    results = []
+    for setup in args.setups:
+        for path in ("eager", "fused"):
+            started = time.perf_counter()
+            results.append(measure(setup, path, args.device))
+            row = format_table(results[-1:]).splitlines()[-1]
+            print(f"{row}   ({time.perf_counter() - started:.0f} s)", flush=True)
+            # written after every cell, so an interrupted run keeps what it measured
+            with open(out, "w") as f:
+                setups = [asdict(SETUPS[s]) for s in args.setups]
+                json.dump({"setups": setups, "results": results}, f, indent=2)
+    print(format_table(results))
     print(f"wrote {out}")
     worst = max(abs(r["error"]) for r in results)
     return 0 if worst <= TOLERANCE else 1

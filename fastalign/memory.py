@@ -35,6 +35,8 @@ _DTYPE_BYTES = {
 TORCH_CHUNK_ELEMENTS = 1 << 22
 TRITON_CHUNK_ELEMENTS = 1 << 26
 TRITON_VOCAB_ALIGN = 256
+# PyTorch's default cuBLAS (and cuBLASLt) workspace per handle on Hopper-class GPUs.
+CUBLAS_WORKSPACE_BYTES = 32 << 20
 
 # Architectures by hub name (from each model's config.json), so no download is needed.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -704,13 +706,22 @@ def estimate(
     # loss backward runs; full fine-tuning only.
     head_trainable = lora is None
 
+    # CUDA: PyTorch's cuBLAS and cuBLASLt workspaces, 32 MiB each by default on Hopper and
+    # newer, come from the caching allocator and stay allocated once the first GEMM ran.
+    workspaces = 2 * CUBLAS_WORKSPACE_BYTES if device == "cuda" else 0
+
     def phases(loss_forward: int, loss_backward: int, after_loss: int) -> dict[str, int]:
-        static = weights + reference_weights + optimizer + gathered
+        static = weights + reference_weights + optimizer + gathered + workspaces
         return {
             "forward + reference": static + saved + loss_forward,
             "loss backward": static + gathered_grads + saved + loss_backward,
             "body backward": static + gathered_grads + saved + recompute + workspace + after_loss,
-            "optimizer step": weights + reference_weights + optimizer + gradients + optimizer_temp,
+            "optimizer step": weights
+            + reference_weights
+            + optimizer
+            + gradients
+            + optimizer_temp
+            + workspaces,
         }
 
     # ---- eager: full [N, V] tensors for every scored row.
@@ -736,6 +747,7 @@ def estimate(
         "activations": saved + recompute,
         "loss buffers": max(eager_forward, eager_backward),
         "reference forward": nograd_forward,
+        "cuBLAS workspaces": workspaces,
     }
     eager = PathBreakdown(
         parts=eager_parts,
