@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{record['load_average_after'][0]:.2f}. "
         "Time: forward+backward of the whole loss (pytest-benchmark median). Peak extra "
         "memory: resident-set (CPU, fresh process) or allocator (CUDA) high-water mark of one "
-        "warmed-up step above its start; it includes the transient lm_head gradient "
-        "(V·H·4 bytes in fp32) that every implementation produces.\n\n" + table(record) + "\n"
+        "warmed-up step above its start; it includes the lm_head gradient that every "
+        "implementation produces (V·H elements; none in the frozen-head case).\n\n"
+        + table(record)
+        + "\n"
     )
     for png in plots(record, stem):
         md += f"\n![{png.stem}]({png.name})\n"
