@@ -37,6 +37,12 @@ def test_three_steps_of_each_loss(tmp_path, loss):
     assert summary["steps"] == 3
 
 
+def test_kto_microbatches_do_not_warn_about_the_class_ratio(tmp_path, recwarn):
+    """The class weights are chosen on the data set; per-microbatch ratios are not flagged."""
+    Trainer(TrainConfig(loss="kto", max_steps=4, output_dir=str(tmp_path), **FAST)).train()
+    assert not [w for w in recwarn if "λ_D·n_D/" in str(w.message)]
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     full = Trainer(TrainConfig(loss="dpo", max_steps=6, output_dir=str(tmp_path / "a"), **FAST))
     full.train()

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -469,18 +470,22 @@ class Trainer:
             )
         else:
             kl = dict(kl=0.0)
-        return losses.kto_loss_fused(
-            hidden,
-            weight,
-            labels,
-            batch["desirable"].to(self.device),
-            beta=cfg.beta,
-            desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight,
-            **ref,
-            **kl,
-            **common,
-        )
+        with warnings.catch_warnings():
+            # λ_D, λ_U were set on the whole data set (kto_class_weights, which warns there);
+            # one microbatch's desirable/undesirable mix says nothing about that ratio.
+            warnings.filterwarnings("ignore", message="λ_D·n_D/", category=UserWarning)
+            return losses.kto_loss_fused(
+                hidden,
+                weight,
+                labels,
+                batch["desirable"].to(self.device),
+                beta=cfg.beta,
+                desirable_weight=self.desirable_weight,
+                undesirable_weight=self.undesirable_weight,
+                **ref,
+                **kl,
+                **common,
+            )
 
     # ------------------------------------------------------------------ data order
     def _batches(self, epoch: int):
