@@ -3,8 +3,6 @@ all-reduced over gloo), helpers, TRL's loss/metrics, errors."""
 
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 
 import pytest
@@ -13,6 +11,7 @@ import torch.multiprocessing as mp
 
 import fastalign
 from tests import loss_reference as R
+from tests.distributed import free_port, set_rank_env
 
 DESIRABLE = torch.tensor([True, False, True, False, False, True])
 
@@ -169,14 +168,8 @@ def test_loss_and_metrics_match_trl(desirable, w_d, w_u):
     assert ours["count/chosen"] == float(desirable.sum())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _allreduce_worker(rank, world, port, kl_policy_all, kl_ref_all, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_rank_env(rank, world, port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)
@@ -207,7 +200,7 @@ def test_z0_is_all_reduced_over_gloo():
     kl_ref_all = {0: torch.full((4,), -80.0), 1: torch.full((4,), -20.0)}
     mp.spawn(
         _allreduce_worker,
-        args=(2, _free_port(), kl_policy_all, kl_ref_all, results),
+        args=(2, free_port(), kl_policy_all, kl_ref_all, results),
         nprocs=2,
         join=True,
     )

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -12,6 +9,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("transformers")
 
 from fastalign.trainer.loop import TrainConfig, Trainer  # noqa: E402
+from tests.distributed import free_port, set_rank_env  # noqa: E402
 
 SETUP = dict(loss="dpo", max_steps=1, sft_warmup_steps=5, progress=False)
 
@@ -25,13 +23,7 @@ def _grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
 
 
 def _worker(rank, world, port, out_dir, results):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
+    set_rank_env(rank, world, port)
     try:
         trainer = Trainer(TrainConfig(batch_size=2, output_dir=out_dir, **SETUP))
         loss, grads = _grads(trainer)
@@ -41,9 +33,7 @@ def _worker(rank, world, port, out_dir, results):
 
 
 def test_two_processes_match_one(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp"), results), nprocs=2, join=True)
     single_loss, single_grads = _grads(

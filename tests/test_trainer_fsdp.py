@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ pytest.importorskip("transformers")
 from fastalign.losses import kto as kto_module  # noqa: E402
 from fastalign.trainer import default  # noqa: E402
 from fastalign.trainer.loop import TrainConfig, Trainer  # noqa: E402
+from tests.distributed import free_port, set_rank_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(max_steps=1, sft_warmup_steps=5, progress=False, batch_size=2, learning_rate=1e-2)
@@ -151,13 +151,7 @@ def step_results(trainer: Trainer, batches: list[dict]) -> dict:
 
 
 def _worker(rank, world, port, out_dir, results):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
+    set_rank_env(rank, world, port)
     try:
         for i, (loss, tied, checkpointing) in enumerate(CASES):
             with tied_default(tied):
@@ -196,9 +190,7 @@ def single_process(loss: str, tied: bool, checkpointing: bool, out_dir: str) -> 
 
 
 def test_fsdp_two_processes_match_one(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(2, port, str(tmp_path / "fsdp"), results), nprocs=2, join=True)
     for i, (loss, tied, checkpointing) in enumerate(CASES):
