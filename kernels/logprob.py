@@ -31,6 +31,7 @@ for a frozen head, an fp32 ``[M, H]`` accumulator.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -202,9 +203,36 @@ def _chunk_width(num_rows: int, vocab_size: int) -> int:
     return min(vocab_size, max(VOCAB_ALIGN, width))
 
 
-def _bias_chunk(bias: torch.Tensor | None, start: int, stop: int, like: torch.Tensor):
-    """``(pointer tensor, has_bias)`` for the kernels: the bias slice, or any tensor and 0."""
-    return (like, 0) if bias is None else (bias[start:stop], 1)
+class _VocabChunk(NamedTuple):
+    start: int
+    stop: int
+    weight: torch.Tensor  # [C, H] the chunk's lm_head rows
+    logits: torch.Tensor  # [R, C] fp32 h·Wᵀ
+    out: torch.Tensor  # [R, C] where the kernel writes p or dz (the logits for fp32 weights)
+    bias: torch.Tensor  # [C] the chunk's bias (any tensor when has_bias is 0)
+    has_bias: int
+
+
+def _vocab_chunks(
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, writes_out: bool
+):
+    """The vocabulary in chunks of ``_chunk_width`` columns, each with its GEMM done.
+
+    ``out`` is the logits buffer itself for fp32 weights (the kernels read a tile before
+    writing it) and, when the kernel ``writes_out``, a buffer in the weight's dtype
+    otherwise, so the next GEMMs run on tensor cores.
+    """
+    vocab_size = weight.shape[0]
+    width = _chunk_width(rows.shape[0], vocab_size)
+    for start in range(0, vocab_size, width):
+        stop = min(start + width, vocab_size)
+        chunk_weight = weight[start:stop]
+        logits = _mm_fp32(rows, chunk_weight.T)
+        out = logits
+        if writes_out and weight.dtype != torch.float32:
+            out = torch.empty_like(logits, dtype=weight.dtype)
+        chunk_bias, has_bias = (weight, 0) if bias is None else (bias[start:stop], 1)
+        yield _VocabChunk(start, stop, chunk_weight, logits, out, chunk_bias, has_bias)
 
 
 def _group_key(tokens: TokenBatch, wants_expectation: bool) -> tuple:
@@ -253,10 +281,11 @@ def _forward_group(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stacked rows of streams sharing one lm_head: ``(logp, lse, expected)`` over them."""
     weight, bias = parts[0].weight, parts[0].bias
-    vocab_size, hidden_size = weight.shape
+    hidden_size = weight.shape[1]
     device = weight.device
-    rows = torch.cat([p.rows(0, p.num_rows) for p in parts]) if len(parts) > 1 else None
-    rows = parts[0].rows(0, parts[0].num_rows) if rows is None else rows  # [R, H]
+    gathered = [p.rows(0, p.num_rows) for p in parts]
+    rows = gathered[0] if len(gathered) == 1 else torch.cat(gathered)  # [R, H]
+    del gathered
     targets = torch.cat([p.targets for p in parts]).long().contiguous()  # [R]
     num_rows = rows.shape[0]
     running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
@@ -269,28 +298,20 @@ def _forward_group(
     if num_rows == 0:
         return target_logit, target_logit, expected
     blocks = _fold_blocks()
-    width = _chunk_width(num_rows, vocab_size)
-    for start in range(0, vocab_size, width):
-        stop = min(start + width, vocab_size)
-        chunk_weight = weight[start:stop]  # [C, H]
-        logits = _mm_fp32(rows, chunk_weight.T)  # [R, C] fp32
-        probs = logits
-        if with_expectation and weight.dtype != torch.float32:
-            probs = torch.empty_like(logits, dtype=weight.dtype)
-        b_ptr, has_bias = _bias_chunk(bias, start, stop, weight)
+    for chunk in _vocab_chunks(rows, weight, bias, writes_out=with_expectation):
         _fold_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
-            logits_ptr=logits,
+            logits_ptr=chunk.logits,
             targets_ptr=targets,
-            b_ptr=b_ptr,
-            has_bias=has_bias,
+            b_ptr=chunk.bias,
+            has_bias=chunk.has_bias,
             max_ptr=running_max,
             sum_ptr=running_sum,
             tgt_ptr=target_logit,
-            probs_ptr=probs,
+            probs_ptr=chunk.out,
             rescale_ptr=rescale if rescale is not None else running_sum,
             num_rows=num_rows,
-            chunk_start=start,
-            chunk_width=stop - start,
+            chunk_start=chunk.start,
+            chunk_width=chunk.stop - chunk.start,
             multiplier=transform.multiplier,
             softcap=transform.softcap or 1.0,
             HAS_SOFTCAP=transform.softcap is not None,
@@ -299,8 +320,8 @@ def _forward_group(
         )
         if expected is not None:
             # E ← E·exp(m_old − m_new) + exp(z − m_new)·s·W_c: the online softmax-weighted sum.
-            expected.mul_(rescale[:, None]).add_(_mm_fp32(probs, chunk_weight))
-        del logits, probs
+            expected.mul_(rescale[:, None]).add_(_mm_fp32(chunk.out, chunk.weight))
+        del chunk
     lse = running_max + torch.log(running_sum)
     if expected is not None:
         expected.div_(running_sum[:, None])
@@ -336,38 +357,29 @@ def backward(
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=device) if need_bias else None
     blocks = _fold_blocks()
-    width = _chunk_width(num_rows, vocab_size)
-    for start in range(0, vocab_size, width):
-        stop = min(start + width, vocab_size)
-        chunk_weight = weight[start:stop]  # [C, H]
-        logits = _mm_fp32(rows, chunk_weight.T)  # [M, C] fp32
-        dz = (
-            logits
-            if weight.dtype == torch.float32
-            else torch.empty_like(logits, dtype=weight.dtype)
-        )
-        b_ptr, has_bias = _bias_chunk(bias, start, stop, weight)
+    for chunk in _vocab_chunks(rows, weight, bias, writes_out=True):
         _grad_logits_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
-            logits_ptr=logits,
+            logits_ptr=chunk.logits,
             targets_ptr=targets,
             lse_ptr=lse,
             grad_ptr=grad_logp,
-            b_ptr=b_ptr,
-            has_bias=has_bias,
-            dz_ptr=dz,
+            b_ptr=chunk.bias,
+            has_bias=chunk.has_bias,
+            dz_ptr=chunk.out,
             num_rows=num_rows,
-            chunk_start=start,
-            chunk_width=stop - start,
+            chunk_start=chunk.start,
+            chunk_width=chunk.stop - chunk.start,
             multiplier=transform.multiplier,
             softcap=transform.softcap or 1.0,
             HAS_SOFTCAP=transform.softcap is not None,
             **blocks,
         )
+        dz = chunk.out  # [M, C], the weight's dtype
         if grad_rows is not None:
-            grad_rows.add_(_mm_fp32(dz, chunk_weight))
+            grad_rows.add_(_mm_fp32(dz, chunk.weight))
         if grad_weight is not None:
-            torch.mm(dz.T, rows.to(dz.dtype), out=grad_weight[start:stop])
+            torch.mm(dz.T, rows.to(dz.dtype), out=grad_weight[chunk.start : chunk.stop])
         if grad_bias is not None:
-            grad_bias[start:stop] = dz.float().sum(0)
-        del logits, dz
+            grad_bias[chunk.start : chunk.stop] = dz.float().sum(0)
+        del chunk, dz
     return grad_rows, grad_weight, grad_bias
