@@ -1,4 +1,5 @@
-"""Two CPU processes over gloo (DDP) give the single-process loss and gradients."""
+"""Two CPU processes over gloo (DDP) give the single-process loss and gradients, padded and
+packed."""
 
 from __future__ import annotations
 
@@ -22,22 +23,26 @@ def _grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
     return float(out.loss), grads
 
 
-def _worker(rank, world, port, out_dir, results):
+def _worker(rank, world, port, out_dir, packing, results):
     set_rank_env(rank, world, port)
     try:
-        trainer = Trainer(TrainConfig(batch_size=2, output_dir=out_dir, **SETUP))
+        trainer = Trainer(TrainConfig(batch_size=2, output_dir=out_dir, packing=packing, **SETUP))
         loss, grads = _grads(trainer)
         results[rank] = (loss, grads)
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_two_processes_match_one(tmp_path, packing):
     port = free_port()
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp"), results), nprocs=2, join=True)
+    args = (2, port, str(tmp_path / "ddp"), packing, results)
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
     single_loss, single_grads = _grads(
-        Trainer(TrainConfig(batch_size=4, output_dir=str(tmp_path / "one"), **SETUP))
+        Trainer(
+            TrainConfig(batch_size=4, output_dir=str(tmp_path / "one"), packing=packing, **SETUP)
+        )
     )
     (loss0, grads0), (loss1, grads1) = results[0], results[1]
     # Each rank holds half of the pairs: the mean of the two means is the full-batch mean.
