@@ -29,7 +29,15 @@ from tests.distributed import free_port, set_rank_env  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(max_steps=1, sft_warmup_steps=5, progress=False, batch_size=2, learning_rate=1e-2)
 # (loss, tied lm_head, activation checkpointing)
-CASES = [("dpo", False, False), ("dpo", True, True), ("kto", False, True), ("kto", True, False)]
+# (loss, tied lm_head, activation checkpointing, packing)
+CASES = [
+    ("dpo", False, False, False),
+    ("dpo", True, True, False),
+    ("kto", False, True, False),
+    ("kto", True, False, False),
+    ("dpo", False, True, True),
+    ("kto", True, False, True),
+]
 
 
 # ------------------------------------------------------------------ the launch commands
@@ -153,21 +161,23 @@ def step_results(trainer: Trainer, batches: list[dict]) -> dict:
 def _worker(rank, world, port, out_dir, results):
     set_rank_env(rank, world, port)
     try:
-        for i, (loss, tied, checkpointing) in enumerate(CASES):
+        for i, (loss, tied, checkpointing, packing) in enumerate(CASES):
             with tied_default(tied):
-                trainer = Trainer(config(loss, checkpointing, f"{out_dir}/{i}", fsdp=True))
+                trainer = Trainer(
+                    config(loss, checkpointing, f"{out_dir}/{i}", fsdp=True, packing=packing)
+                )
             assert trainer.fsdp_root is not None
             results[(rank, i)] = step_results(trainer, [next(trainer._stream())])
     finally:
         torch.distributed.destroy_process_group()
 
 
-def single_process(loss: str, tied: bool, checkpointing: bool, out_dir: str) -> dict:
+def single_process(loss: str, tied: bool, checkpointing: bool, packing: bool, out_dir: str) -> dict:
     """The same global batch in one process: both ranks' microbatches, gradients averaged.
     For KTO, z0 is the mean over both microbatches' mismatched pairs, as the all-reduce
     makes it."""
     with tied_default(tied):
-        trainer = Trainer(config(loss, checkpointing, out_dir))
+        trainer = Trainer(config(loss, checkpointing, out_dir, packing=packing))
     batches = []
     for rank in range(2):
         trainer.rank, trainer.world = rank, 2
@@ -193,9 +203,9 @@ def test_fsdp_two_processes_match_one(tmp_path):
     port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(2, port, str(tmp_path / "fsdp"), results), nprocs=2, join=True)
-    for i, (loss, tied, checkpointing) in enumerate(CASES):
-        case = f"{loss} tied={tied} checkpointing={checkpointing}"
-        one = single_process(loss, tied, checkpointing, str(tmp_path / f"one{i}"))
+    for i, (loss, tied, checkpointing, packing) in enumerate(CASES):
+        case = f"{loss} tied={tied} checkpointing={checkpointing} packing={packing}"
+        one = single_process(loss, tied, checkpointing, packing, str(tmp_path / f"one{i}"))
         ranks = [results[(0, i)], results[(1, i)]]
         assert [r["losses"][0] for r in ranks] == pytest.approx(one["losses"], rel=1e-5), case
         # The policy's first attention block runs once (KTO: once more, no grad, for the KL
