@@ -83,6 +83,30 @@ def _online_update(b_z, o_v, b_target, b_max, b_sum, b_tgt):
 
 
 @triton.jit
+def _z_tile(
+    logits_ptr,
+    o_row,  # [BLOCK_M, 1] int64 offsets of the rows in the [R, C] chunk
+    m_m,  # [BLOCK_M] valid rows
+    v0,
+    chunk_width,
+    b_ptr,
+    has_bias,
+    multiplier,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Columns ``[v0, v0 + BLOCK_V)`` of a chunk's raw logits, transformed:
+    ``(o_v, m_v, m_tile, z)`` with invalid columns at −inf."""
+    o_v = v0 + tl.arange(0, BLOCK_V)
+    m_v = o_v < chunk_width
+    m_tile = m_m[:, None] & m_v[None, :]
+    b_x = tl.load(logits_ptr + o_row + o_v[None, :], mask=m_tile)
+    b_z = _transform(b_x, b_ptr, has_bias, o_v, m_v, multiplier, softcap, HAS_SOFTCAP)
+    return o_v, m_v, m_tile, b_z
+
+
+@triton.jit
 def _fold_kernel(
     logits_ptr,  # fp32 [R, C] h·Wᵀ of one vocab chunk (bias and transform not yet applied)
     targets_ptr,  # int64 [R]
@@ -118,10 +142,10 @@ def _fold_kernel(
     b_sum = tl.load(sum_ptr + o_m, mask=m_m, other=0.0)
     b_tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=0.0)
     for v0 in range(0, chunk_width, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < chunk_width
-        b_x = tl.load(logits_ptr + o_row + o_v[None, :], mask=m_m[:, None] & m_v[None, :])
-        b_z = _transform(b_x, b_ptr, has_bias, o_v, m_v, multiplier, softcap, HAS_SOFTCAP)
+        o_v, m_v, m_tile, b_z = _z_tile(
+            logits_ptr, o_row, m_m, v0, chunk_width, b_ptr, has_bias, multiplier, softcap,
+            HAS_SOFTCAP, BLOCK_V,
+        )  # fmt: skip
         b_max, b_sum, b_tgt = _online_update(b_z, o_v, b_target, b_max, b_sum, b_tgt)
     tl.store(max_ptr + o_m, b_max, mask=m_m)
     tl.store(sum_ptr + o_m, b_sum, mask=m_m)
@@ -129,11 +153,10 @@ def _fold_kernel(
     if WRITE_PROBS:
         tl.store(rescale_ptr + o_m, tl.exp(b_old_max - b_max), mask=m_m)
         for v0 in range(0, chunk_width, BLOCK_V):
-            o_v = v0 + tl.arange(0, BLOCK_V)
-            m_v = o_v < chunk_width
-            m_tile = m_m[:, None] & m_v[None, :]
-            b_x = tl.load(logits_ptr + o_row + o_v[None, :], mask=m_tile)
-            b_z = _transform(b_x, b_ptr, has_bias, o_v, m_v, multiplier, softcap, HAS_SOFTCAP)
+            o_v, m_v, m_tile, b_z = _z_tile(
+                logits_ptr, o_row, m_m, v0, chunk_width, b_ptr, has_bias, multiplier, softcap,
+                HAS_SOFTCAP, BLOCK_V,
+            )  # fmt: skip
             b_p = tl.exp(b_z - b_max[:, None])
             if HAS_SOFTCAP:
                 b_p = b_p * _softcap_slope(b_z, m_v, softcap)
@@ -168,11 +191,10 @@ def _grad_logits_kernel(
     b_lse = tl.load(lse_ptr + o_m, mask=m_m, other=0.0)
     b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
     for v0 in range(0, chunk_width, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        m_v = o_v < chunk_width
-        m_tile = m_m[:, None] & m_v[None, :]
-        b_x = tl.load(logits_ptr + o_row + o_v[None, :], mask=m_tile)
-        b_z = _transform(b_x, b_ptr, has_bias, o_v, m_v, multiplier, softcap, HAS_SOFTCAP)
+        o_v, m_v, m_tile, b_z = _z_tile(
+            logits_ptr, o_row, m_m, v0, chunk_width, b_ptr, has_bias, multiplier, softcap,
+            HAS_SOFTCAP, BLOCK_V,
+        )  # fmt: skip
         b_onehot = (o_v[None, :] == b_target[:, None]).to(tl.float32)
         b_dz = b_g[:, None] * (b_onehot - tl.exp(b_z - b_lse[:, None]))
         if HAS_SOFTCAP:
