@@ -83,6 +83,17 @@ def _online_update(b_z, o_v, b_target, b_max, b_sum, b_tgt):
 
 
 @triton.jit
+def _row_block(targets_ptr, num_rows, chunk_start, chunk_width, BLOCK_M: tl.constexpr):
+    """This program's rows of a vocab chunk: ``(o_m, m_m, o_row, target)`` with ``o_row`` the
+    rows' int64 offsets in the ``[R, C]`` chunk and ``target`` relative to the chunk start."""
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < num_rows
+    o_row = o_m.to(tl.int64)[:, None] * chunk_width
+    b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
+    return o_m, m_m, o_row, b_target
+
+
+@triton.jit
 def _z_tile(
     logits_ptr,
     o_row,  # [BLOCK_M, 1] int64 offsets of the rows in the [R, C] chunk
@@ -132,11 +143,7 @@ def _fold_kernel(
     The second pass reads a tile before writing the same tile, so ``probs`` may alias
     ``logits`` (fp32 weights).
     """
-    i_m = tl.program_id(0)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < num_rows
-    o_row = o_m.to(tl.int64)[:, None] * chunk_width
-    b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
+    o_m, m_m, o_row, b_target = _row_block(targets_ptr, num_rows, chunk_start, chunk_width, BLOCK_M)
     b_old_max = tl.load(max_ptr + o_m, mask=m_m, other=0.0)
     b_max = b_old_max
     b_sum = tl.load(sum_ptr + o_m, mask=m_m, other=0.0)
@@ -183,11 +190,7 @@ def _grad_logits_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """``dz = g·(onehot − exp(z − lse))·s·mult`` for one vocab chunk of rows."""
-    i_m = tl.program_id(0)
-    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_m < num_rows
-    o_row = o_m.to(tl.int64)[:, None] * chunk_width
-    b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
+    o_m, m_m, o_row, b_target = _row_block(targets_ptr, num_rows, chunk_start, chunk_width, BLOCK_M)
     b_lse = tl.load(lse_ptr + o_m, mask=m_m, other=0.0)
     b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
     for v0 in range(0, chunk_width, BLOCK_V):
