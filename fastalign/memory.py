@@ -770,13 +770,12 @@ def estimate(
         # Triton backend: streams sharing an lm_head are stacked (their rows gathered into
         # one [R, H] copy) and scored vocab chunk by vocab chunk; a frozen head's policy is
         # its own group and also keeps the fp32 [M, H] E plus one [M, H] fp32 GEMM product.
-        stacked = tokens + nograd_tokens + (ref_tokens if not separate_reference else 0)
         if frozen_head:
             groups = [(tokens, True), (nograd_tokens + ref_tokens, False)]
         elif separate_reference:
             groups = [(tokens + nograd_tokens, False), (ref_tokens, False)]
         else:
-            groups = [(stacked, False)]
+            groups = [(tokens + nograd_tokens + ref_tokens, False)]
         fused_forward = scalars + extra_hidden + nograd_forward
         fused_forward += max(
             rows * h * act
