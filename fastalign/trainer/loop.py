@@ -172,16 +172,20 @@ class Trainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         lm_head(self.model)  # a clear error for models without one
-        if not cfg.fsdp or self.is_default:
-            # Under FSDP a real model stays on the CPU: a whole 30B model does not fit one GPU,
-            # and fully_shard moves each group's shard to the GPU as it shards it.
-            self.model.to(self.device)
+        self._place(self.model)
         if cfg.activation_checkpointing:
             # Non-reentrant, on every decoder layer; before any fully_shard (transformers
             # checkpoints the layer's ``forward``, so FSDP2's hooks stay outside the recompute).
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.transform = logit_transform(self.model.config)
         self.packed_attention = self._prepare_packing(self.model)
+
+    def _place(self, model) -> None:
+        """Move ``model`` to the training device, except a real model under FSDP: that stays
+        on the CPU (a whole 30B model does not fit one GPU) and fully_shard moves each
+        group's shard to the GPU as it shards it."""
+        if not self.config.fsdp or self.is_default:
+            model.to(self.device)
 
     def _prepare_packing(self, model) -> str | None:
         """The packed-attention mode of ``model`` (None without packing); see prepare_packing."""
@@ -275,8 +279,7 @@ class Trainer:
                     self.ref_model = self.ref_model.merge_and_unload()
                 if self.rank == 0:
                     self.ref_model.save_pretrained(ref_dir)
-            if not cfg.fsdp or self.is_default:
-                self.ref_model.to(self.device)
+            self._place(self.ref_model)
             self.ref_model.eval().requires_grad_(False)
             self.ref_packed_attention = self._prepare_packing(self.ref_model)
         elif cfg.reference == "peft":
@@ -347,12 +350,12 @@ class Trainer:
             return torch.load(path)
         body = HiddenStates(self.model, self.packed_attention).eval()
         weight, bias = head_params(self.model)
+        device = weight.device  # the CPU for a real model still to be sharded by FSDP
         out = torch.zeros(len(dataset), 2)
         for start in range(0, len(dataset), self.config.batch_size):
             rows = [
                 dataset[i] for i in range(start, min(start + self.config.batch_size, len(dataset)))
             ]
-            device = weight.device  # the CPU for a real model still to be sharded by FSDP
             batch = {k: v.to(device) for k, v in self.collator(rows)["policy"].items()}
             hidden = _hidden(body, batch)
             stream = losses._common.StreamInput(
