@@ -10,6 +10,7 @@ in backward recompute logits tile by tile. Public wrappers: ``sequence_logps`` a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -41,6 +42,10 @@ class StreamInput:
     cu_seqlens: torch.Tensor | None = None  # [B + 1]
     differentiable: bool = True
     names: dict[str, str] = field(default_factory=dict)
+    # Per-sequence extras from the same launch (LD-DPO, WPO): sums over each sequence's
+    # first prefix_tokens(num_tokens [B]) -> [B] scored tokens, and Σ_t log Σ_v p_tv².
+    prefix_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
+    log_sum_sq: bool = False
 
     def name(self, role: str) -> str:
         return self.names.get(role, role)
@@ -57,6 +62,19 @@ class _Prepared:
     max_len: int
     num_tokens: torch.Tensor  # int64 [B]
     differentiable: bool
+    prefix_mask: torch.Tensor | None = None  # bool [M]: token in its sequence's prefix
+    log_sum_sq: bool = False
+
+
+@dataclass
+class StreamScores:
+    """Per-sequence results of one stream: ``logps``/``num_tokens`` as ``LogpOutput``, and
+    the extras it asked for (``prefix_logps`` differentiable, ``log_sum_sq`` detached)."""
+
+    logps: torch.Tensor  # [B] fp32
+    num_tokens: torch.Tensor  # int64 [B]
+    prefix_logps: torch.Tensor | None = None  # [B] fp32
+    log_sum_sq: torch.Tensor | None = None  # [B] fp32
 
 
 @dataclass
@@ -64,6 +82,11 @@ class _Plan:
     streams: list[_Prepared]
     transform: LogitTransform
     backend: ModuleType
+
+    @property
+    def extras(self) -> bool:
+        """Some stream asks the fold for ``log Σ p²`` (the backends' extra output)."""
+        return any(p.log_sum_sq for p in self.streams)
 
 
 def check_common(
@@ -195,15 +218,28 @@ def _prepare(stream: StreamInput, *, shift: bool, ignore_index: int) -> _Prepare
         weight=weight,
         bias=bias,
     )
+    num_tokens = torch.bincount(seq_ids, minlength=num_seqs)
     return _Prepared(
         tokens=tokens,
         seq_ids=seq_ids,
         positions=positions,
         num_seqs=num_seqs,
         max_len=max(max_len, 1),
-        num_tokens=torch.bincount(seq_ids, minlength=num_seqs),
+        num_tokens=num_tokens,
         differentiable=stream.differentiable,
+        prefix_mask=_prefix_mask(stream.prefix_tokens, seq_ids, num_tokens),
+        log_sum_sq=stream.log_sum_sq,
     )
+
+
+def _prefix_mask(prefix_tokens, seq_ids: torch.Tensor, num_tokens: torch.Tensor):
+    """bool ``[M]``: the token is among the first ``prefix_tokens(num_tokens)[b]`` scored
+    tokens of its sequence (tokens are in sequence order after compaction)."""
+    if prefix_tokens is None:
+        return None
+    starts = torch.cumsum(num_tokens, 0) - num_tokens  # [B] first token of each sequence
+    rank = torch.arange(seq_ids.numel(), device=seq_ids.device) - starts[seq_ids]
+    return rank < prefix_tokens(num_tokens).to(rank.device)[seq_ids]
 
 
 def _triton_usable() -> bool:
@@ -269,36 +305,50 @@ class _FusedLogps(torch.autograd.Function):
             slot += 3 if p.differentiable else 0
             frozen_head = need[0] and not need[1] and not need[2]
             expectation.append(bool(FROZEN_HEAD_FAST_PATH and frozen_head))
+        streams = plan.streams
         results = plan.backend.forward(
-            [p.tokens for p in plan.streams], plan.transform, expectation
+            [p.tokens for p in streams],
+            plan.transform,
+            expectation,
+            **({"log_sum_sq": [p.log_sum_sq for p in streams]} if plan.extras else {}),
         )
-        outputs = tuple(_sequence_sums(r[0], p) for p, r in zip(plan.streams, results))
+        outputs = [_sequence_sums(r[0], p) for p, r in zip(streams, results)]
+        frozen = [out for p, out in zip(streams, outputs) if not p.differentiable]
+        for p, r in zip(streams, results):  # extras: prefix sums, then log Σ p² sums
+            if p.prefix_mask is not None:
+                outputs.append(_sequence_sums(r[0] * p.prefix_mask, p))
+                frozen += [] if p.differentiable else [outputs[-1]]
+        for p, r in zip(streams, results):
+            if p.log_sum_sq:
+                outputs.append(_sequence_sums(r[3], p))
+                frozen.append(outputs[-1])
         ctx.plan = plan
-        ctx.saved = [r if p.differentiable else None for p, r in zip(plan.streams, results)]
-        ctx.mark_non_differentiable(
-            *[out for p, out in zip(plan.streams, outputs) if not p.differentiable]
-        )
-        return outputs
+        ctx.saved = [r[:3] if p.differentiable else None for p, r in zip(streams, results)]
+        ctx.mark_non_differentiable(*frozen)
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor | None):
         plan: _Plan = ctx.plan
         grads: list[torch.Tensor | None] = []
         slot = 0  # index of this stream's hidden in the inputs after plan
+        prefix_grads = iter(grad_outputs[len(plan.streams) :])
         for prepared, saved, grad_sum in zip(plan.streams, ctx.saved, grad_outputs):
+            grad_prefix = next(prefix_grads) if prepared.prefix_mask is not None else None
             if not prepared.differentiable:
                 continue
             need = ctx.needs_input_grad[1 + slot : 4 + slot]
             slot += 3
             tokens = prepared.tokens
-            if grad_sum is None or not any(need) or tokens.num_rows == 0:
+            grad_logp = _token_grads(prepared, grad_sum, grad_prefix)  # [M] or None
+            if grad_logp is None or not any(need) or tokens.num_rows == 0:
                 grads += [
                     torch.zeros_like(t) if (n and t is not None) else None
                     for n, t in zip(need, (tokens.hidden, tokens.weight, tokens.bias))
                 ]
                 continue
             logp, lse, expected = saved
-            grad_logp = grad_sum.to(lse.dtype)[prepared.seq_ids]  # [M]
+            grad_logp = grad_logp.to(lse.dtype)
             if expected is not None:
                 grad_rows = torch_backend.backward_from_expectation(
                     tokens, plan.transform, logp, lse, expected, grad_logp
@@ -327,7 +377,26 @@ class _FusedLogps(torch.autograd.Function):
         return (None, *grads)
 
 
-def score_streams(
+def _token_grads(prepared: _Prepared, grad_sum, grad_prefix) -> torch.Tensor | None:
+    """``∂L/∂logp_t`` ``[M]`` from the upstream gradients of the sums and prefix sums."""
+    grad_logp = None if grad_sum is None else grad_sum[prepared.seq_ids]
+    if grad_prefix is not None:
+        extra = grad_prefix[prepared.seq_ids] * prepared.prefix_mask
+        grad_logp = extra if grad_logp is None else grad_logp + extra
+    return grad_logp
+
+
+def score_streams(streams: list[StreamInput], **shared) -> list[LogpOutput]:
+    """Score several streams in one backend launch; the building block of every loss.
+
+    Returns one ``LogpOutput`` per stream, in order. Differentiable streams carry autograd
+    to their ``hidden``, ``weight`` and ``bias``; the others are detached. ``**shared``:
+    the keyword arguments of :func:`score_streams_full`.
+    """
+    return [LogpOutput(out.logps, out.num_tokens) for out in score_streams_full(streams, **shared)]
+
+
+def score_streams_full(
     streams: list[StreamInput],
     *,
     shift: bool = False,
@@ -336,12 +405,9 @@ def score_streams(
     temperature: float = 1.0,
     logit_softcap: float | None = None,
     backend: str = "auto",
-) -> list[LogpOutput]:
-    """Score several streams in one backend launch; the building block of every loss.
-
-    Returns one ``LogpOutput`` per stream, in order. Differentiable streams carry autograd
-    to their ``hidden``, ``weight`` and ``bias``; the others are detached.
-    """
+) -> list[StreamScores]:
+    """``score_streams`` with each stream's requested extras (``prefix_tokens``,
+    ``log_sum_sq``) from the same launch: one ``StreamScores`` per stream, in order."""
     transform = check_common(
         shift=shift,
         ignore_index=ignore_index,
@@ -359,11 +425,16 @@ def score_streams(
     for s, p in zip(streams, prepared):
         if p.differentiable:
             inputs += [s.hidden, s.weight, s.bias]
-    sums = _FusedLogps.apply(plan, *inputs)
-    return [
-        LogpOutput(logps if p.differentiable else logps.detach(), p.num_tokens)
-        for p, logps in zip(prepared, sums)
-    ]
+    outputs = iter(_FusedLogps.apply(plan, *inputs))
+    scores = [StreamScores(next(outputs), p.num_tokens) for p in prepared]
+    for out, p in zip(scores, prepared):
+        out.logps = out.logps if p.differentiable else out.logps.detach()
+        if p.prefix_mask is not None:
+            out.prefix_logps = next(outputs)
+    for out, p in zip(scores, prepared):
+        if p.log_sum_sq:
+            out.log_sum_sq = next(outputs)
+    return scores
 
 
 def sequence_logps(

@@ -44,8 +44,11 @@ def forward(
     batches: list[TokenBatch],
     transform: LogitTransform,
     expectation: list[bool] | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Per batch, ``(logp [M], lse [M], expected [M, H] or None)``, fp32 (fp64 for fp64).
+    log_sum_sq: list[bool] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """Per batch, ``(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M] or None)``,
+    fp32 (fp64 for fp64). ``log_sum_sq[i]`` asks for ``log Σ_v p_tv²`` of batch i's tokens
+    (WPO's weights), from the same logits tile.
 
     ``expectation[i]`` asks for batch i's ``E_t = Σ_v softmax(z_t)_v · s_tv · W_v`` (``s``
     the softcap slope, 1 without softcap): with a frozen lm_head it turns the backward into
@@ -59,7 +62,9 @@ def forward(
         weight = tokens.weight
         logp = torch.empty(num_rows, dtype=acc, device=device)
         lse = torch.empty(num_rows, dtype=acc, device=device)
-        expected = None
+        expected = sq = None
+        if log_sum_sq is not None and log_sum_sq[i]:
+            sq = torch.empty(num_rows, dtype=acc, device=device)
         if expectation is not None and expectation[i]:
             expected = torch.empty(num_rows, weight.shape[1], dtype=acc, device=device)
         step = chunk_rows(weight.shape[0])
@@ -70,6 +75,8 @@ def forward(
             target = logits.gather(1, tokens.targets[start:stop, None]).squeeze(1)
             lse[start:stop] = chunk_lse
             logp[start:stop] = target - chunk_lse
+            if sq is not None:  # log Σ p² = logsumexp(2z) − 2·lse
+                sq[start:stop] = torch.logsumexp(2 * logits, dim=-1) - 2 * chunk_lse
             if expected is not None:
                 if transform.softcap is not None:
                     cap_slope = 1.0 - (logits / transform.softcap).square_()
@@ -79,7 +86,7 @@ def forward(
                     del cap_slope
                 expected[start:stop] = probs.to(weight.dtype) @ weight
             del logits
-        results.append((logp, lse, expected))
+        results.append((logp, lse, expected, sq))
     return results
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .. import _validate as V
 from .._types import LogpOutput
-from ..ops import StreamInput, reference_stream, score_streams
+from ..ops import StreamInput, reference_stream, score_streams_full
 
 # Keyword arguments forwarded to the core op (``**logp_kwargs`` of every loss).
 SHARED_KWARGS = ("shift", "ignore_index", "logit_scale", "temperature", "logit_softcap", "backend")
@@ -35,6 +35,11 @@ class Scored:
     policy: LogpOutput  # differentiable
     ref_logps: torch.Tensor | None  # [rows] fp32, detached; None when reference-free
     extra: list[LogpOutput]  # the extra streams, in order
+    # Asked for with score(prefix_tokens=..., log_sum_sq=True): policy (differentiable) and
+    # streamed reference prefix sums, the policy's Σ_t log Σ_v p² (detached); [rows] fp32.
+    prefix_logps: torch.Tensor | None = None
+    ref_prefix_logps: torch.Tensor | None = None
+    log_sum_sq: torch.Tensor | None = None
 
 
 def score(
@@ -49,12 +54,16 @@ def score(
     extra: list[StreamInput] = (),
     extra_uses_ref_head: bool = False,
     logp_kwargs: dict,
+    prefix_tokens=None,
+    log_sum_sq: bool = False,
 ) -> Scored:
     """Score the policy rows, their reference (if streamed) and ``extra`` in one launch.
 
     ``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
     ``"optional"`` (at most one) or ``"none"`` (neither accepted). ``ref_weight``/``ref_bias``
     need a streamed reference: ``ref_hidden``, or one in ``extra`` (``extra_uses_ref_head``).
+    ``prefix_tokens`` / ``log_sum_sq``: per-sequence extras of the policy (and prefix sums of
+    the streamed reference), see ``ops.StreamInput``.
     """
     logp_kwargs = dict(logp_kwargs)
     ref_bias = logp_kwargs.pop("ref_bias", None)  # the reference lm_head's bias, with ref_weight
@@ -74,7 +83,16 @@ def score(
     for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
         if value is not None and ref_hidden is None and not extra_uses_ref_head:
             raise ValueError(f"{name} was given without ref_hidden")
-    streams = [StreamInput(hidden, weight, labels, **stream_kwargs)]
+    streams = [
+        StreamInput(
+            hidden,
+            weight,
+            labels,
+            **stream_kwargs,
+            prefix_tokens=prefix_tokens,
+            log_sum_sq=log_sum_sq,
+        )
+    ]
     if ref_hidden is not None:
         streams.append(
             reference_stream(
@@ -87,8 +105,10 @@ def score(
                 cu_seqlens=stream_kwargs.get("cu_seqlens"),
             )
         )
+        streams[-1].prefix_tokens = prefix_tokens
     streams.extend(extra)
-    outputs = score_streams(streams, **shared)
+    full = score_streams_full(streams, **shared)
+    outputs = [LogpOutput(out.logps, out.num_tokens) for out in full]
     policy = outputs[0]
     num_rows = policy.logps.shape[0]
     if ref_hidden is not None:
@@ -97,7 +117,14 @@ def score(
         ref = check_logps(ref_logps, "ref_logps", num_rows, policy.logps.device)
     else:
         ref = None
-    return Scored(policy=policy, ref_logps=ref, extra=outputs[1 + (ref_hidden is not None) :])
+    return Scored(
+        policy=policy,
+        ref_logps=ref,
+        extra=outputs[1 + (ref_hidden is not None) :],
+        prefix_logps=full[0].prefix_logps,
+        ref_prefix_logps=full[1].prefix_logps if ref_hidden is not None else None,
+        log_sum_sq=full[0].log_sum_sq,
+    )
 
 
 def check_logps(value, name: str, rows: int, device: torch.device) -> torch.Tensor:
