@@ -27,8 +27,10 @@ class PairLossConfig:
     def unit(self) -> str:
         """``"pair"`` when every term is per pair, ``"batch"`` when one couples the batch
         (AOT's sorting, or WPO's mean weight scaling the ``sft`` term)."""
-        batch = any(PAIR_LOSS_TYPES[t].unit == "batch" for t in self.loss_types)
-        return "batch" if batch or (self.use_weighting and "sft" in self.loss_types) else "pair"
+        kinds = [PAIR_LOSS_TYPES[t] for t in self.loss_types]
+        batch = any(k.unit == "batch" for k in kinds)
+        batch_weighted = self.use_weighting and any(k.wpo == "batch" for k in kinds)
+        return "batch" if batch or batch_weighted else "pair"
 
     @property
     def needs_reference(self) -> bool:
@@ -103,7 +105,7 @@ def pair_loss_config(
         raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
     if not isinstance(use_weighting, bool):
         raise TypeError(f"use_weighting must be a bool, got {type(use_weighting).__name__}")
-    if use_weighting and any(not PAIR_LOSS_TYPES[t].wpo for t in types):
+    if use_weighting and any(PAIR_LOSS_TYPES[t].wpo == "none" for t in types):
         raise ValueError("use_weighting (WPO) does not apply to 'aot'/'aot_unpaired' (they sort)")
     params = PairParams(
         beta=float(beta),

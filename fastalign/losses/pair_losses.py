@@ -53,6 +53,15 @@ class PairStats:
     pair_weight: torch.Tensor | None = None  # [U] detached
     mean_pair_weight: float | None = None
 
+    def subset(self, index: torch.Tensor | slice) -> PairStats:
+        """The stats of a group of these pairs (a gradient unit is one pair); the batch
+        constants (``sft_scale``, ``mean_pair_weight``) are kept."""
+        fields = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            fields[name] = value[index] if isinstance(value, torch.Tensor) else value
+        return PairStats(**fields)
+
     @property
     def chosen_logratios(self) -> torch.Tensor:  # [U]
         return self.chosen_logps - self.chosen_ref_logps
@@ -235,7 +244,9 @@ class PairLossType:
     unit: str  # "pair": per pair; "batch": couples the batch (sorting)
     uses_reference: bool
     f_divergence: bool  # accepts a non-default f_divergence_type (TRL's rule)
-    wpo: bool = True  # accepts WPO weighting
+    # WPO: "pair" multiplies the per-pair loss by w_w·w_l; "batch" = the term applies the
+    # batch's mean weight itself (TRL's expanded batch NLL); "none" = not allowed (sorting).
+    wpo: str = "pair"
 
 
 PAIR_LOSS_TYPES: dict[str, PairLossType] = {
@@ -249,12 +260,12 @@ PAIR_LOSS_TYPES: dict[str, PairLossType] = {
         PairLossType("robust", robust, "pair", True, True),
         PairLossType("bco_pair", bco_pair, "pair", True, False),
         PairLossType("sppo_hard", sppo_hard, "pair", True, False),
-        PairLossType("aot", aot, "batch", True, False, wpo=False),
-        PairLossType("aot_unpaired", aot_unpaired, "batch", True, False, wpo=False),
+        PairLossType("aot", aot, "batch", True, False, wpo="none"),
+        PairLossType("aot_unpaired", aot_unpaired, "batch", True, False, wpo="none"),
         PairLossType("apo_zero", apo_zero, "pair", True, False),
         PairLossType("apo_down", apo_down, "pair", True, False),
         PairLossType("discopop", discopop, "pair", True, True),
-        PairLossType("sft", sft, "pair", False, True),
+        PairLossType("sft", sft, "pair", False, True, wpo="batch"),
         PairLossType("sigmoid_norm", sigmoid_norm, "pair", True, True),
     )
 }
@@ -266,8 +277,9 @@ def combined_pair_losses(
     """``Σ_k weight_k · loss_k`` per pair (MPO-style mixtures), WPO weights applied: ``[U]``."""
     total = None
     for name, weight in zip(loss_types, loss_weights, strict=True):
-        losses = PAIR_LOSS_TYPES[name].unit_loss(stats, params)
-        if stats.pair_weight is not None:
+        kind = PAIR_LOSS_TYPES[name]
+        losses = kind.unit_loss(stats, params)
+        if stats.pair_weight is not None and kind.wpo == "pair":
             losses = losses * stats.pair_weight
         total = weight * losses if total is None else total + weight * losses
     return total
