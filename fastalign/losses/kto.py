@@ -4,6 +4,7 @@
 pairs ``j = (i+1) mod m`` of the microbatch (paper §4.1), detached and averaged over the data
 parallel group; loss ``λ_D(1 − σ(β(r − z0)))`` for desirable rows,
 ``λ_U(1 − σ(β(z0 − r)))`` for undesirable ones, mean over the batch.
+``loss_type="apo_zero_unpaired"`` (APO, TRL's KTO variant) needs no z0: ``unpaired_losses``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ._common import (
     score,
     split_logp_kwargs,
 )
+from .unpaired_losses import ROW_LOSS_TYPES, RowParams
 
 KL_NAMES = {
     "hidden": "kl_hidden",
@@ -177,6 +179,7 @@ def kto_loss_fused(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     process_group=None,
+    loss_type: str = "kto",
     **logp_kwargs,
 ) -> KTOOutput:
     """KTO loss from final hidden states and the lm_head, z0 from mismatched pairs.
@@ -199,6 +202,8 @@ def kto_loss_fused(
             initialised (default: the world): the mean over every rank's mismatched pairs,
             clamped at 0 after the all-reduce (TRL averages per-rank means; the two agree
             when ranks hold equally many pairs).
+        loss_type: ``"kto"`` or ``"apo_zero_unpaired"`` (APO-zero per example, TRL's KTO
+            variant: ``λ_D(1 − σ(βr))`` / ``λ_U·σ(βr)``; no z0, so no ``kl``/``kl_*``).
         **logp_kwargs: as in ``sequence_logps``.
 
     Example:
@@ -212,6 +217,17 @@ def kto_loss_fused(
     beta = check_beta(beta)
     V.check_positive(desirable_weight, "desirable_weight")
     V.check_positive(undesirable_weight, "undesirable_weight")
+    V.check_choice(loss_type, "loss_type", tuple(ROW_LOSS_TYPES))
+    row_loss = ROW_LOSS_TYPES[loss_type]
+    if not row_loss.needs_z0:
+        given = [
+            name
+            for name, v in (("kl", kl), ("kl_hidden", kl_hidden), ("kl_ref_logps", kl_ref_logps))
+            if v is not None
+        ]
+        if given:
+            raise ValueError(f"{given[0]} is not used by loss_type {loss_type!r} (it has no z0)")
+        kl = 0.0
     V.check_tensor(desirable, "desirable")
     if desirable.dtype != torch.bool:
         raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
@@ -306,11 +322,8 @@ def kto_loss_fused(
             )
     logratios = scored.policy.logps - scored.ref_logps  # [B] fp32
     desirable = desirable.to(logratios.device)
-    losses = torch.where(
-        desirable,
-        desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
-        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))),
-    )
+    params = RowParams(beta, desirable_weight, undesirable_weight)
+    losses = row_loss.row_loss(logratios, desirable, z0, params)  # [B]
     return KTOOutput(
         loss=losses.mean(),
         logps=scored.policy.logps.detach(),
