@@ -8,7 +8,12 @@ import torch
 
 from .. import _validate as V
 from .._types import LogpOutput
-from ..ops import StreamInput, reference_stream, score_streams_full
+from ..ops import (
+    StreamInput,
+    reference_stream,
+    score_streams,  # noqa: F401  (the trainer calls losses._common.score_streams)
+    score_streams_full,
+)
 
 # Keyword arguments forwarded to the core op (``**logp_kwargs`` of every loss).
 SHARED_KWARGS = ("shift", "ignore_index", "logit_scale", "temperature", "logit_softcap", "backend")
