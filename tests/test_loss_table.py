@@ -81,6 +81,33 @@ def test_rows_say_what_they_need():
     assert not loss_spec("kto").mismatched_rows(_config(loss_type="apo_zero_unpaired"))
 
 
+@pytest.mark.parametrize(
+    "name,overrides,match",
+    [
+        (
+            "dpo",
+            dict(gamma=0.3),
+            r"--gamma does not apply to --loss dpo \(it is read by --loss simpo, cpo\)",
+        ),
+        ("ipo", dict(loss_type="hinge"), "--loss-type does not apply to --loss ipo"),
+        ("simpo", dict(use_weighting=True), "--use-weighting does not apply to --loss simpo"),
+        ("dpo", dict(loss_type="kto_pair"), "--loss-type must be one of 'sigmoid'"),
+        ("dpo", dict(loss_type="sigmoid,sft", loss_weights="1"), "--loss-weights has 1 entries"),
+        ("dpo", dict(ld_alpha=2.0), r"--ld-alpha must .*\[0, 1\], got 2.0"),
+        ("kto", dict(loss_type="sigmoid"), "--loss-type must be one of kto, apo_zero_unpaired"),
+        ("cpo", dict(loss_type="robust"), "--loss-type must be one of sigmoid, hinge"),
+    ],
+)
+def test_check_names_the_flag(name, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        loss_spec(name).check(_config(loss=name, **overrides))
+
+
+@pytest.mark.parametrize("name", list(LOSS_TABLE))
+def test_check_accepts_the_defaults(name):
+    loss_spec(name).check(_config(loss=name))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="unknown loss 'kto_pair'; choose one of dpo"):
         loss_spec("kto_pair")

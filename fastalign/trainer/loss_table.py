@@ -8,7 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import losses
+from ..losses.cpo import LOSS_TYPES as CPO_TYPES
+from ..losses.pair_config import pair_loss_config
 from ..losses.pair_losses import PAIR_LOSS_TYPES
+from ..losses.unpaired_losses import ROW_LOSS_TYPES
 
 
 def parse_list(value, name: str, kind: type = str) -> list | None:
@@ -61,6 +64,30 @@ def _dpo_needs_reference(cfg) -> bool:
     return any(PAIR_LOSS_TYPES[t].uses_reference for t in types if t in PAIR_LOSS_TYPES)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_dpo(cfg) -> None:
+    try:
+        pair_loss_config(**_dpo_options(cfg))
+    except (ValueError, TypeError) as err:  # name the flag, not the keyword
+        name, _, rest = str(err).partition(" ")
+        raise ValueError(f"{_flag(name)} {rest}" if hasattr(cfg, name) else str(err)) from None
+
+
+def _check_choice(choices: tuple) -> Callable[[object], None]:
+    def check(cfg) -> None:
+        value = getattr(cfg, "loss_type", None)
+        if value is not None and value not in choices:
+            raise ValueError(
+                f"--loss-type must be one of {', '.join(choices)} for --loss {cfg.loss}, "
+                f"got {value!r}"
+            )
+
+    return check
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """One ``--loss``: how the trainer feeds it."""
@@ -72,6 +99,20 @@ class LossSpec:
     options: Callable[[object], dict]  # config -> the loss's own keyword arguments
     mismatched_rows: Callable[[object], bool] = lambda cfg: False  # KTO's z0 rows
     samples: bool = False  # TYPO: responses sampled from the reference, scored by the policy
+    reads: tuple[str, ...] = ()  # the loss-specific config fields it reads (others: an error)
+    check_variant: Callable[[object], None] | None = None  # config -> named error or None
+
+    def check(self, cfg) -> None:
+        """Before any work: no option of another loss is set, and this loss's are valid."""
+        for name in LOSS_OPTIONS:
+            if name not in self.reads and getattr(cfg, name, None) not in (None, False):
+                users = [s.name for s in LOSS_TABLE.values() if name in s.reads]
+                raise ValueError(
+                    f"{_flag(name)} does not apply to --loss {self.name} (it is read by "
+                    f"--loss {', '.join(users)})"
+                )
+        if self.check_variant is not None:
+            self.check_variant(cfg)
 
 
 def _always(cfg) -> bool:
@@ -86,10 +127,31 @@ def _kto_type(cfg) -> str:
     return getattr(cfg, "loss_type", None) or "kto"
 
 
+DPO_OPTIONS = (
+    "loss_type",
+    "loss_weights",
+    "rpo_alpha",
+    "ld_alpha",
+    "use_weighting",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "discopop_tau",
+)
+# Every loss-specific field of the config (beta, label_smoothing, lam are shared/existing).
+LOSS_OPTIONS = (*DPO_OPTIONS, "gamma", "nll_weight", "cpo_alpha", "alphapo_alpha")
+
 LOSS_TABLE: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
-        LossSpec("dpo", losses.dpo_loss_fused, "paired", _dpo_needs_reference, _dpo_options),
+        LossSpec(
+            "dpo",
+            losses.dpo_loss_fused,
+            "paired",
+            _dpo_needs_reference,
+            _dpo_options,
+            reads=DPO_OPTIONS,
+            check_variant=_check_dpo,
+        ),
         LossSpec("ipo", losses.ipo_loss_fused, "paired", _always, lambda c: dict(beta=c.beta)),
         LossSpec(
             "typo",
@@ -106,6 +168,8 @@ LOSS_TABLE: dict[str, LossSpec] = {
             _always,
             lambda c: dict(beta=c.beta, loss_type=_kto_type(c)),
             mismatched_rows=lambda c: _kto_type(c) == "kto",
+            reads=("loss_type",),
+            check_variant=_check_choice(tuple(ROW_LOSS_TYPES)),
         ),
         LossSpec(
             "simpo",
@@ -117,6 +181,7 @@ LOSS_TABLE: dict[str, LossSpec] = {
                 label_smoothing=getattr(c, "label_smoothing", 0.0),
                 **_given(c, gamma="gamma", nll_weight="nll_weight"),
             ),
+            reads=("gamma", "nll_weight"),
         ),
         LossSpec("orpo", losses.orpo_loss_fused, "paired", _never, lambda c: dict(beta=c.beta)),
         LossSpec(
@@ -135,6 +200,8 @@ LOSS_TABLE: dict[str, LossSpec] = {
                     alphapo_alpha="alphapo_alpha",
                 ),
             ),
+            reads=("loss_type", "cpo_alpha", "gamma", "alphapo_alpha"),
+            check_variant=_check_choice(CPO_TYPES),
         ),
     )
 }
