@@ -130,8 +130,8 @@ def test_data_errors_name_the_fix(tmp_path):
         Trainer(
             TrainConfig(loss="dpo", max_completion_length=0, output_dir=str(tmp_path / "e"), **FAST)
         )
-    with pytest.raises(ValueError, match="unknown loss 'orpo'"):
-        Trainer(TrainConfig(loss="orpo", output_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="unknown loss 'rlhf'"):
+        Trainer(TrainConfig(loss="rlhf", output_dir=str(tmp_path / "o")))
 
 
 def test_model_without_lm_head_is_rejected():

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .. import losses
 from . import data as D
+from .loss_table import LOSSES, loss_spec  # what each --loss needs: one table
 from .model import (
     HiddenStates,
     adapters_disabled,
@@ -36,7 +37,6 @@ from .model import (
     prepare_packing,
 )
 
-LOSSES = ("dpo", "ipo", "kto", "typo")
 REFERENCES = ("copy", "peft", "precomputed")
 
 
@@ -52,8 +52,21 @@ class TrainConfig:
     ref_model: str | None = None  # a separate reference checkpoint (default: copy of policy)
     lora_rank: int = 0  # > 0: train a LoRA adapter (peft) instead of all weights
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    # The loss's variant(s) and options (fastalign/trainer/loss_table.py says which loss reads
+    # which); None: the loss's default. DPO: --loss-type sigmoid,sft --loss-weights 1,0.5.
+    loss_type: str | None = None
+    loss_weights: str | None = None  # DPO: comma-separated, one per --loss-type entry
     label_smoothing: float = 0.0
+    rpo_alpha: float | None = None  # DPO: weight of the chosen rows' NLL
+    ld_alpha: float | None = None  # DPO: LD-DPO's α
+    use_weighting: bool = False  # DPO: WPO weights
+    f_divergence_type: str | None = None  # DPO: f-DPO's divergence
+    f_alpha_divergence_coef: float | None = None
+    discopop_tau: float | None = None
+    gamma: float | None = None  # SimPO's margin γ; CPO's simpo_gamma
+    nll_weight: float | None = None  # SimPO: weight of the chosen rows' NLL
+    cpo_alpha: float | None = None  # CPO: weight of the chosen rows' NLL
+    alphapo_alpha: float | None = None  # CPO: AlphaPO's reward shape
     lam: float = 0.05  # TYPO
     sample_column: str = "sample"  # TYPO: reference samples
     desirable_weight: float | None = None  # KTO; None: kto_class_weights on the data
@@ -120,13 +133,15 @@ class Trainer:
             raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
         if config.reference not in REFERENCES:
             raise ValueError(f"unknown reference {config.reference!r}; choose {REFERENCES}")
-        if config.reference == "precomputed" and config.loss == "kto":
+        self.spec = loss_spec(config.loss)  # what this loss needs (data, reference, rows)
+        self.spec.check(config)
+        if config.reference == "precomputed" and self.spec.data == "unpaired":
             raise ValueError(
                 "KTO's mismatched pairs change with every microbatch: use --reference copy or "
                 "peft (precomputed reference log-probs are for dpo/ipo)"
             )
         self.config = config
-        self.kind = "unpaired" if config.loss == "kto" else "paired"
+        self.kind = self.spec.data
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if config.fsdp:  # FSDP needs a process group, even a one-process torchrun has one
             if "WORLD_SIZE" not in os.environ:
@@ -201,7 +216,7 @@ class Trainer:
         for split in dataset:
             D.check_columns(dataset[split], self.kind, name=f"dataset[{split!r}]")
         sample_column = None
-        if cfg.loss == "typo" and cfg.lam > 0:
+        if self.spec.samples and cfg.lam > 0:
             if cfg.sample_column not in dataset["train"].column_names:
                 if not self.is_default:
                     raise ValueError(
@@ -221,7 +236,7 @@ class Trainer:
         self.train_set = D.drop_empty(dataset["train"], self.collator, self.kind)
         self.train_set = self.train_set.add_column("index", list(range(len(self.train_set))))
         self.test_set = dataset["test"] if "test" in dataset else None
-        if cfg.loss == "kto":
+        if self.kind == "unpaired":  # KTO's class weights λ_D, λ_U from the data set
             labels = self.train_set["label"]
             n_d, n_u = sum(labels), len(labels) - sum(labels)
             if n_d == 0 or n_u == 0:
@@ -425,43 +440,42 @@ class Trainer:
         common = dict(bias=bias, shift=True, backend=cfg.backend, **self.transform)
         if "cu_seqlens" in policy:  # packed: hidden [N, H], labels [N]
             common["cu_seqlens"] = policy["cu_seqlens"]
-        ref = {}
-        if cfg.loss != "typo":
-            if self.ref_logps is not None:
-                rows = self.ref_logps["train" if train else "test"][batch["index"]]
-                ref["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]]).to(self.device)
-            else:
-                ref["ref_hidden"] = self._reference_hidden(policy).to(weight.dtype)
-                if self.ref_model is not None:  # the frozen copy's own lm_head
-                    ref["ref_weight"], ref["ref_bias"] = head_params(self.ref_model)
-        labels = policy["labels"]
-        if cfg.loss == "dpo":
-            return losses.dpo_loss_fused(
-                hidden,
-                weight,
-                labels,
-                beta=cfg.beta,
-                loss_type=cfg.loss_type,
-                label_smoothing=cfg.label_smoothing,
-                **ref,
-                **common,
-            )
-        if cfg.loss == "ipo":
-            return losses.ipo_loss_fused(hidden, weight, labels, beta=cfg.beta, **ref, **common)
-        if cfg.loss == "typo":
-            sample = {}
-            if "sample" in batch:
-                s = {k: v.to(self.device) for k, v in batch["sample"].items()}
-                sample = dict(
-                    sample_hidden=_hidden(body, s),
-                    sample_labels=s["labels"],
-                    sample_cu_seqlens=s.get("cu_seqlens"),
-                )
-            return losses.typo_loss_fused(
-                hidden, weight, labels, lam=cfg.lam if sample else 0.0, **sample, **common
-            )
+        spec = self.spec  # the loss table's row: what this loss reads
+        args = [hidden, weight, policy["labels"]]
+        kwargs = {**spec.options(cfg), **common}
+        if spec.reference(cfg):
+            kwargs.update(self._reference_args(batch, policy, weight, train))
+        if spec.samples and "sample" in batch:
+            kwargs.update(self._sample_args(batch, body))
+        elif spec.samples:  # no sampled responses in this run (--lam 0)
+            kwargs["lam"] = 0.0
+        if spec.data == "unpaired":
+            return self._kto(batch, args, kwargs, spec.mismatched_rows(cfg))
+        return spec.fused(*args, **kwargs)
+
+    def _reference_args(self, batch: dict, policy: dict, weight, train: bool) -> dict:
+        """The reference: precomputed rows of this batch, or hidden states (and lm_head)."""
+        if self.ref_logps is not None:
+            rows = self.ref_logps["train" if train else "test"][batch["index"]]
+            return {"ref_logps": torch.cat([rows[:, 0], rows[:, 1]]).to(self.device)}
+        ref = {"ref_hidden": self._reference_hidden(policy).to(weight.dtype)}
+        if self.ref_model is not None:  # the frozen copy's own lm_head
+            ref["ref_weight"], ref["ref_bias"] = head_params(self.ref_model)
+        return ref
+
+    def _sample_args(self, batch: dict, body) -> dict:
+        """TYPO: responses sampled from the reference, scored by the policy."""
+        s = {k: v.to(self.device) for k, v in batch["sample"].items()}
+        return dict(
+            sample_hidden=_hidden(body, s),
+            sample_labels=s["labels"],
+            sample_cu_seqlens=s.get("cu_seqlens"),
+        )
+
+    def _kto(self, batch, args: list, kwargs: dict, mismatched: bool):
+        """KTO on one microbatch: its mismatched pairs (``batch["kl"]``) give z0."""
         kl = {}
-        if "kl" in batch:
+        if mismatched and "kl" in batch:
             k = {n: v.to(self.device) for n, v in batch["kl"].items()}
             with torch.no_grad():
                 kl_hidden = _hidden(self.body, k)
@@ -471,23 +485,19 @@ class Trainer:
                 kl_ref_hidden=self._reference_hidden(k),
                 kl_cu_seqlens=k.get("cu_seqlens"),
             )
-        else:
+        elif mismatched:
             kl = dict(kl=0.0)
         with warnings.catch_warnings():
             # λ_D, λ_U were set on the whole data set (kto_class_weights, which warns there);
             # one microbatch's desirable/undesirable mix says nothing about that ratio.
             warnings.filterwarnings("ignore", message="λ_D·n_D/", category=UserWarning)
             return losses.kto_loss_fused(
-                hidden,
-                weight,
-                labels,
+                *args,
                 batch["desirable"].to(self.device),
-                beta=cfg.beta,
                 desirable_weight=self.desirable_weight,
                 undesirable_weight=self.undesirable_weight,
-                **ref,
+                **kwargs,
                 **kl,
-                **common,
             )
 
     # ------------------------------------------------------------------ data order
