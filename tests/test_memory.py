@@ -16,14 +16,10 @@ from fastalign.memory.loss import store_group_tokens
 from fastalign.memory.step import resolve_step
 from fastalign.profiling import cpu_probe_available
 
-TINY = dict(
-    vocab_size=101,
-    hidden_size=32,
-    intermediate_size=72,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+TINY = {
+    **dict(vocab_size=101, hidden_size=32, intermediate_size=72),
+    **dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+}
 
 
 def _configs():

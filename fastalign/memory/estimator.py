@@ -160,26 +160,22 @@ def breakdown(
     return PathBreakdown(parts=parts, phases=phases)
 
 
+# Step fields reported as they are in ``MemoryEstimate.setup``.
+_SETUP_FIELDS = (
+    *("loss", "world_size", "sharding", "lora", "activation_checkpointing", "dtype"),
+    *("master_weights", "optimizer_state_bytes", "device", "adamw"),
+)
+
+
 def _setup(step: Step) -> dict[str, Any]:
     """The setup as ``MemoryEstimate.setup`` reports it (``grad_mode``: the path counted)."""
-    return dict(
-        batch_size=step.batch_size,
-        seq_len=step.rows.seq_len,
-        loss=step.loss,
-        world_size=step.world_size,
-        sharding=step.sharding,
-        lora=step.lora,
-        activation_checkpointing=step.activation_checkpointing,
-        dtype=step.dtype,
-        master_weights=step.master_weights,
-        optimizer_state_bytes=step.optimizer_state_bytes,
-        device=step.device,
-        adamw=step.adamw,
-        grad_mode="store" if store_taken(step) else "recompute",
-        policy_tokens=step.rows.tokens,
-        reference_tokens=step.rows.ref_tokens,
-        nograd_policy_tokens=step.rows.nograd_tokens,
-    )
+    rows = step.rows
+    setup = dict(batch_size=step.batch_size, seq_len=rows.seq_len)
+    setup.update({name: getattr(step, name) for name in _SETUP_FIELDS})
+    setup["grad_mode"] = "store" if store_taken(step) else "recompute"
+    tokens = (rows.tokens, rows.ref_tokens, rows.nograd_tokens)
+    setup.update(zip(("policy_tokens", "reference_tokens", "nograd_policy_tokens"), tokens))
+    return setup
 
 
 def assumptions(step: Step) -> list[str]:
