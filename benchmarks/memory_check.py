@@ -143,12 +143,30 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
+def estimate_cell(setup: Setup, device: str):
+    """``fastalign.memory.estimate`` for the step ``run_cell`` measures."""
+    from fastalign.memory import estimate
+
+    return estimate(
+        dict(setup.config, model_type="llama"),
+        batch_size=setup.batch_size,
+        seq_len=setup.seq_len,
+        loss=setup.loss,
+        activation_checkpointing=setup.activation_checkpointing,
+        dtype="float32" if device == "cpu" else "bfloat16",
+        master_weights=False,
+        # torch's AdamW keeps exp_avg and exp_avg_sq in the parameter dtype
+        optimizer_state_bytes=2 * (4 if device == "cpu" else 2),
+        device=device,
+        adamw="fused" if device == "cuda" else "single",
+    )
+
+
 def run_cell(setup: Setup, path: str, device: str) -> dict:
     """Build, warm up, measure one step; return measured and estimated bytes."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastalign.memory import estimate
     from fastalign.profiling import PeakMemory
 
     torch.manual_seed(0)
@@ -185,20 +203,7 @@ def run_cell(setup: Setup, path: str, device: str) -> dict:
         alive = list(policy.parameters()) + list(ref.parameters()) + state
         measured = probe.peak_extra_bytes + _tensor_bytes(alive) + input_ids.nbytes + kl_ids.nbytes
 
-    est = estimate(
-        dict(setup.config, model_type="llama"),
-        batch_size=setup.batch_size,
-        seq_len=setup.seq_len,
-        loss=setup.loss,
-        activation_checkpointing=setup.activation_checkpointing,
-        dtype="float32" if device == "cpu" else "bfloat16",
-        master_weights=False,
-        # torch's AdamW keeps exp_avg and exp_avg_sq in the parameter dtype
-        optimizer_state_bytes=2 * (4 if device == "cpu" else 2),
-        device=device,
-        adamw="fused" if device == "cuda" else "single",
-    )
-    breakdown = est.path(path)
+    breakdown = estimate_cell(setup, device).path(path)
     return {
         "setup": setup.name,
         "path": path,
