@@ -113,7 +113,8 @@ def _fused_loss(setup, policy, ref, input_ids, kl_ids, desirable):
     weight = policy.lm_head.weight
     hidden = _hidden(policy, input_ids)
     if setup.loss == "typo":
-        return fastalign.typo_loss_fused(hidden, weight, input_ids, shift=True).loss
+        # the pairwise term alone, as the eager path computes it (no sampled rows)
+        return fastalign.typo_loss_fused(hidden, weight, input_ids, shift=True, lam=0.0).loss
     with torch.no_grad():
         ref_hidden = _hidden(ref, input_ids)
     common = dict(ref_hidden=ref_hidden, ref_weight=ref.lm_head.weight, shift=True)
