@@ -157,7 +157,7 @@ def test_cli_help_and_errors(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0 and "--loss" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--loss", "orpo"])
+        main(["train", "--loss", "rlhf"])
     assert exit_info.value.code == 2
     assert main(["plot", "/nonexistent-run"]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
