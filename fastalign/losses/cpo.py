@@ -4,11 +4,10 @@ chosen rows' NLL; TRL's variants (hinge, IPO, SimPO-flavoured, AlphaPO reward sh
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _validate as V
 from ._common import check_beta
-from .pair_losses import PairStats
+from .pair_losses import PairStats, smoothed_logistic
 from .reference_free import (
     PairResult,
     ReferenceFreeOutput,
@@ -53,7 +52,7 @@ def cpo_pair(
     margin = chosen_reward - rejected_reward
     if loss_type in ("sigmoid", "simpo"):
         x = beta * margin - (simpo_gamma if loss_type == "simpo" else 0.0)
-        losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+        losses = smoothed_logistic(x, label_smoothing)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * margin)
     else:

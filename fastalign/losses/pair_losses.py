@@ -117,9 +117,7 @@ def sigmoid(stats: PairStats, params: PairParams) -> torch.Tensor:
     cDPO (Mitchell 2023): ``−(1−ε)logσ(βΔ) − ε·logσ(−βΔ)``. NOTE: TRL 1.16 and Liger 0.8.5
     ignore ``label_smoothing`` for ``sigmoid``; fastalign applies it (a migrated TRL config
     with ``label_smoothing > 0`` and ``sigmoid`` changes meaning: set it to 0 to match)."""
-    x = _margin(stats, params)
-    eps = params.label_smoothing
-    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+    return smoothed_logistic(_margin(stats, params), params.label_smoothing)
 
 
 def hinge(stats: PairStats, params: PairParams) -> torch.Tensor:
@@ -172,7 +170,8 @@ def sppo_hard(stats: PairStats, params: PairParams) -> torch.Tensor:
     return (stats.chosen_logratios - half) ** 2 + (stats.rejected_logratios + half) ** 2
 
 
-def _smoothed_logistic(x: torch.Tensor, eps: float) -> torch.Tensor:
+def smoothed_logistic(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``ℓ_ε(x) = −(1−ε)logσ(x) − ε·logσ(−x)``: the logistic loss with label smoothing ε."""
     return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
 
 
@@ -182,7 +181,7 @@ def aot(stats: PairStats, params: PairParams) -> torch.Tensor:
     ε-smoothed logistic loss. Sorting couples the batch: a whole-batch unit."""
     logratios, _ = torch.sort(stats.chosen_logps - stats.rejected_logps, dim=0)
     ref_logratios, _ = torch.sort(stats.chosen_ref_logps - stats.rejected_ref_logps, dim=0)
-    return _smoothed_logistic(params.beta * (logratios - ref_logratios), params.label_smoothing)
+    return smoothed_logistic(params.beta * (logratios - ref_logratios), params.label_smoothing)
 
 
 def aot_unpaired(stats: PairStats, params: PairParams) -> torch.Tensor:
@@ -190,7 +189,7 @@ def aot_unpaired(stats: PairStats, params: PairParams) -> torch.Tensor:
     unit like ``aot``."""
     chosen, _ = torch.sort(stats.chosen_logratios, dim=0)
     rejected, _ = torch.sort(stats.rejected_logratios, dim=0)
-    return _smoothed_logistic(params.beta * (chosen - rejected), params.label_smoothing)
+    return smoothed_logistic(params.beta * (chosen - rejected), params.label_smoothing)
 
 
 def apo_zero(stats: PairStats, params: PairParams) -> torch.Tensor:

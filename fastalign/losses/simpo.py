@@ -4,10 +4,9 @@ Reward"): length-normalised, reference-free, with a target reward margin γ."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._common import check_beta
-from .pair_losses import PairStats
+from .pair_losses import PairStats, smoothed_logistic
 from .reference_free import (
     PairResult,
     ReferenceFreeOutput,
@@ -23,8 +22,7 @@ def simpo_pair(
     """SimPO eq. 6, per pair: ``−(1−ε)logσ(x) − ε·logσ(−x)``, ``x = β(s_w/n_w − s_l/n_l) − γ``
     (ε = 0 is the paper's loss; ε > 0 Liger's/TRL's label smoothing). Rewards ``β·s/n``."""
     chosen, rejected = average(stats)
-    x = beta * (chosen - rejected) - gamma
-    losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+    losses = smoothed_logistic(beta * (chosen - rejected) - gamma, label_smoothing)
     return PairResult(losses, beta * chosen, beta * rejected, chosen, rejected, {})
 
 

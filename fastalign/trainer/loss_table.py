@@ -37,6 +37,13 @@ def _given(cfg, **names) -> dict:
     return out
 
 
+def _smoothed(cfg, **names) -> dict:
+    """β, label smoothing and the set ``names`` (keyword -> field): SimPO's and CPO's options."""
+    return dict(beta=cfg.beta, label_smoothing=getattr(cfg, "label_smoothing", 0.0)) | _given(
+        cfg, **names
+    )
+
+
 def _dpo_options(cfg) -> dict:
     loss_type = parse_list(getattr(cfg, "loss_type", None), "loss_type")
     options = dict(beta=cfg.beta, label_smoothing=getattr(cfg, "label_smoothing", 0.0))
@@ -176,11 +183,7 @@ LOSS_TABLE: dict[str, LossSpec] = {
             losses.simpo_loss_fused,
             "paired",
             _never,
-            lambda c: dict(
-                beta=c.beta,
-                label_smoothing=getattr(c, "label_smoothing", 0.0),
-                **_given(c, gamma="gamma", nll_weight="nll_weight"),
-            ),
+            lambda c: _smoothed(c, gamma="gamma", nll_weight="nll_weight"),
             reads=("gamma", "nll_weight"),
         ),
         LossSpec("orpo", losses.orpo_loss_fused, "paired", _never, lambda c: dict(beta=c.beta)),
@@ -189,16 +192,12 @@ LOSS_TABLE: dict[str, LossSpec] = {
             losses.cpo_loss_fused,
             "paired",
             _never,
-            lambda c: dict(
-                beta=c.beta,
-                label_smoothing=getattr(c, "label_smoothing", 0.0),
-                **_given(
-                    c,
-                    loss_type="loss_type",
-                    cpo_alpha="cpo_alpha",
-                    simpo_gamma="gamma",
-                    alphapo_alpha="alphapo_alpha",
-                ),
+            lambda c: _smoothed(
+                c,
+                loss_type="loss_type",
+                cpo_alpha="cpo_alpha",
+                simpo_gamma="gamma",
+                alphapo_alpha="alphapo_alpha",
             ),
             reads=("loss_type", "cpo_alpha", "gamma", "alphapo_alpha"),
             check_variant=_check_choice(CPO_TYPES),
