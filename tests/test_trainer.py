@@ -94,7 +94,7 @@ def test_precomputed_reference_equals_streamed(tmp_path):
     assert held_out.keys() == held_out_streamed.keys() and held_out
     for name, value in held_out_streamed.items():
         assert held_out[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    assert (tmp_path / "p" / "reference" / "ref_logps_train.pt").exists()
+    assert (tmp_path / "p" / "reference" / "ref_logps.pt").exists()
     assert trainer.ref_model is None
 
 
@@ -126,10 +126,10 @@ def test_data_errors_name_the_fix(tmp_path):
     kto.write_text('{"prompt": "1+1=", "completion": "2", "label": 1}\n')
     with pytest.raises(ValueError, match="'label' must be booleans"):
         Trainer(TrainConfig(loss="kto", dataset=str(kto), output_dir=str(tmp_path / "k"), **FAST))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"prompt": "1+1=", "chosen": "", "rejected": ""}\n' * 4)
     with pytest.raises(ValueError, match="empty after truncation"):
-        Trainer(
-            TrainConfig(loss="dpo", max_completion_length=0, output_dir=str(tmp_path / "e"), **FAST)
-        )
+        Trainer(TrainConfig(loss="dpo", dataset=str(empty), output_dir=str(tmp_path / "e"), **FAST))
     with pytest.raises(ValueError, match="unknown loss 'orpo'"):
         Trainer(TrainConfig(loss="orpo", output_dir=str(tmp_path / "o")))
 
