@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fastalign.trainer import checkpoint as C
+from tests.trainer_helpers import one_thread  # noqa: F401
 
 
 def write_files(**files):

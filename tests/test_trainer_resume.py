@@ -3,7 +3,6 @@ KTO), what a checkpoint records about its reference, and refusing unsafe checkpo
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ pytest.importorskip("datasets")
 from fastalign.trainer import checkpoint as C  # noqa: E402
 from fastalign.trainer import reference as R  # noqa: E402
 from fastalign.trainer.loop import TrainConfig, Trainer  # noqa: E402
+from tests.trainer_helpers import malicious_checkpoint, one_thread, records  # noqa: E402, F401
 
 FAST = dict(sft_warmup_steps=5, batch_size=4, logging_steps=1, progress=False, max_steps=4)
 CASES = {
@@ -24,10 +24,6 @@ CASES = {
     "precomputed": dict(loss="dpo", reference="precomputed"),
     "kto": dict(loss="kto"),
 }
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def lora_b_norm(trainer: Trainer) -> float:
@@ -122,24 +118,6 @@ def test_precomputed_cache_is_keyed_by_the_data(tmp_path):
     longer = {"train": Dataset.from_dict({"prompt": ["a", "b", "c"], "chosen": ["x", "y", "z"]})}
     R.precomputed(score, longer, R.fingerprint(longer, config), tmp_path / "reference", tmp_path, 0)
     assert calls == [2, 3]
-
-
-class _Payload:
-    """Unpickling this runs ``exec``: what a crafted checkpoint would do."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.target)!r}, 'w').write('pwned')",))
-
-
-def malicious_checkpoint(directory: Path, target: Path) -> Path:
-    """A checkpoint directory whose ``trainer_state.pt`` runs code when unpickled freely."""
-    directory.mkdir(parents=True)
-    torch.save({"step": 1, "config": {}, "optimizer": _Payload(target)}, directory / C.STATE_FILE)
-    (directory / C.MARKER).write_text('{"step": 1}\n')
-    return directory
 
 
 def test_a_malicious_checkpoint_is_refused_and_never_runs(tmp_path):

@@ -4,8 +4,6 @@ during a save leaves the previous checkpoint usable and the half-written one ref
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,8 +17,8 @@ pytest.importorskip("datasets")
 
 from fastalign.trainer import checkpoint as C  # noqa: E402
 from fastalign.trainer.loop import TrainConfig, Trainer  # noqa: E402
+from tests.trainer_helpers import child_env, one_thread, records  # noqa: E402, F401
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(loss="dpo", max_steps=4, batch_size=4, logging_steps=1, sft_warmup_steps=5)
 FLAGS = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()] + ["--no-progress"]
 
@@ -61,10 +59,6 @@ sys.exit(cli.main(sys.argv[3:]))
 """
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> list[dict]:
     run = tmp_path_factory.mktemp("straight")
@@ -74,7 +68,7 @@ def uninterrupted(tmp_path_factory) -> list[dict]:
 
 def start_child(tmp_path: Path, mode: str, *flags: str) -> tuple[subprocess.Popen, Path]:
     ready = tmp_path / "ready"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1"}
+    env = child_env()
     argv = [sys.executable, "-c", CHILD, str(ready), mode, "train", *FLAGS, *flags]
     proc = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
