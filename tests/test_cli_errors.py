@@ -102,12 +102,12 @@ def test_more_batch_rows_than_data_fails_before_any_model_loads(tmp_path, monkey
 
     monkeypatch.setattr(default, "default_model", no_model)
     data = write_jsonl(tmp_path / "three.jsonl", ROWS)
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "run"  # its missing parent is not left behind either
     with pytest.raises(ValueError, match="--batch-size 4 needs at least 4 training rows; the"):
         Trainer(TrainConfig(dataset=str(data), batch_size=4, output_dir=str(run)))
     with pytest.raises(ValueError, match="lacks column"):
         Trainer(TrainConfig(loss="kto", dataset=str(data), batch_size=2, output_dir=str(run)))
-    assert not run.exists()
+    assert not run.parent.exists()
 
 
 def test_main_reports_errors_with_status_2(tmp_path, capsys):

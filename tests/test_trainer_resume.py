@@ -59,6 +59,10 @@ def test_resume_into_a_new_directory_equals_the_uninterrupted_run(tmp_path, case
             p.requires_grad for n, p in resumed.model.named_parameters() if "lora_" not in n
         )
     resumed.train()
+    after_straight, after_resumed = straight.model.state_dict(), resumed.model.state_dict()
+    assert after_straight.keys() == after_resumed.keys()
+    for name, value in after_straight.items():
+        torch.testing.assert_close(after_resumed[name], value, rtol=0, atol=0, msg=name)
     # The new directory starts with the first run's steps 1-2, then logs 3-4 itself.
     assert records(tmp_path / "second") == records(first)
     assert [r["step"] for r in records(first)] == [1, 2, 3, 4]

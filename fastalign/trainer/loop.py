@@ -66,13 +66,13 @@ class Trainer(BatchLoss):
         dataset = V.load_dataset(config.dataset, self.kind, config.seed, V.text_columns(config))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.output_dir = Path(config.output_dir or f"runs/{config.loss}-{stamp}")
-        created = not self.output_dir.exists()
+        missing = [p for p in (self.output_dir, *self.output_dir.parents) if not p.exists()]
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._setup(dataset)
         except BaseException:
-            if created and self.rank == 0:  # leave no empty or half-made run directory
-                shutil.rmtree(self.output_dir, ignore_errors=True)
+            if missing and self.rank == 0:  # leave no empty or half-made run directory
+                shutil.rmtree(missing[-1], ignore_errors=True)
             raise
 
     def _init_distributed(self) -> None:

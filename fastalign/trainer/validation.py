@@ -54,12 +54,24 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def flag(name: str) -> str:
-    """The CLI flag of a TrainConfig field: ``batch_size`` → ``--batch-size``."""
+    """The CLI flag of a TrainConfig field.
+
+    Example:
+        >>> flag("batch_size")
+        '--batch-size'
+    """
     return "--" + name.replace("_", "-")
 
 
 def check_config(config) -> None:
-    """Every flag on its own and in combination; raises ``ValueError`` naming the flag."""
+    """Every flag on its own and in combination; raises ``ValueError`` naming the flag.
+
+    Example:
+        >>> from fastalign.trainer.config import TrainConfig
+        >>> check_config(TrainConfig(grad_accum=0))
+        Traceback (most recent call last):
+        ValueError: --grad-accum must be an integer ≥ 1, got 0
+    """
     if config.loss not in LOSSES:
         raise ValueError(f"unknown loss {config.loss!r}; choose one of {', '.join(LOSSES)}")
     if config.reference not in REFERENCES:
@@ -97,7 +109,13 @@ def check_config(config) -> None:
 
 def check_model_path(name: str, flag_name: str) -> None:
     """A local-looking path must exist (no Hub request is made for it); a Hub id is left to
-    ``from_pretrained``."""
+    ``from_pretrained``.
+
+    Example:
+        >>> check_model_path("./no-such-model", "--model")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: --model ./no-such-model: no such directory ...
+    """
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -122,8 +140,11 @@ def text_columns(config) -> tuple[str, ...]:
 def load_dataset(source: str | None, kind: str, seed: int, text_columns: tuple[str, ...]):
     """``data.load`` after checking a local file row by row; raises ``ValueError`` naming
     ``--dataset``, the file and the line of the first bad row."""
-    if source is not None and _looks_like_file(source):
+    if source is not None and source.endswith((".json", ".jsonl")):
         check_file(Path(source), kind, text_columns)
+    elif source is not None and source.startswith((".", "/", "~")):
+        if not Path(source).expanduser().exists():  # a local path: no Hub lookup for it
+            raise ValueError(f"--dataset {source}: no such file or directory")
     try:
         dataset = D.load(source, kind, seed=seed)
     except ValueError:
@@ -137,10 +158,6 @@ def load_dataset(source: str | None, kind: str, seed: int, text_columns: tuple[s
         if len(dataset[split]) == 0:
             raise ValueError(f"{name}: split {split!r} has no rows")
     return dataset
-
-
-def _looks_like_file(source: str) -> bool:
-    return source.endswith((".json", ".jsonl")) or os.sep in source or Path(source).exists()
 
 
 def check_file(path: Path, kind: str, text_columns: tuple[str, ...]) -> None:
