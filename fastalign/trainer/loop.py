@@ -366,10 +366,10 @@ class Trainer(BatchLoss):
                         return self._stopped(signum)
                     if cfg.save_steps and self.step % cfg.save_steps == 0:
                         self._save_step()
+                self.save(self.output_dir / "final")  # a signal now lets it finish
         finally:
             if progress is not None:
                 progress.close()
-        self.save(self.output_dir / "final")
         after = self.evaluate()
         summary = {
             **{f"before/{k}": v for k, v in self.before.items()},
@@ -390,8 +390,9 @@ class Trainer(BatchLoss):
             out = self.compute(batch)
             if not torch.isfinite(out.loss):
                 raise DivergedError(
-                    f"non-finite loss {float(out.loss)} at step {self.step + 1}, microbatch "
-                    f"{micro} (rows {batch['index'].tolist()}); no checkpoint was written"
+                    f"non-finite loss {float(out.loss.detach())} at step {self.step + 1}, "
+                    f"microbatch {micro} (rows {batch['index'].tolist()}); no checkpoint was "
+                    "written"
                 )
             (out.loss / cfg.grad_accum).backward()
             step_metrics.append({"loss": float(out.loss.detach()), **out.metrics()})
