@@ -70,6 +70,13 @@ def write_atomic(path: Path, write: Callable[[Path], None], marker: dict) -> Pat
     An existing ``path`` (e.g. ``final`` when a resumed run trains on) is replaced only after
     the new one is complete. On any failure the temporary directory is removed and a
     :class:`CheckpointError` says what failed; ``path`` is left as it was.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> done = write_atomic(root / "final", lambda d: (d / "a").write_text("1"), {"step": 3})
+        >>> read_marker(done), sorted(p.name for p in root.iterdir())
+        ({'step': 3}, ['final'])
     """
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
