@@ -176,12 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad input: named, before any work
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
+    except (OSError, RuntimeError) as err:
         from .trainer.checkpoint import CheckpointError
 
-        if not isinstance(err, CheckpointError):
+        if isinstance(err, RuntimeError) and not isinstance(err, CheckpointError):
             raise
-        print(f"error: {err}", file=sys.stderr)  # e.g. disk full while saving
+        print(f"error: {err}", file=sys.stderr)  # e.g. disk full, no permission to write
         return 1
 
 
