@@ -79,6 +79,8 @@ def test_resume_from_final_trains_on_and_replaces_it_whole(tmp_path):
     assert C.read_marker(run / "final") == {"step": 5}
     assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 5]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporaries left
+    with pytest.raises(ValueError, match="already holds another run"):  # would mix metrics
+        Trainer(TrainConfig(loss="dpo", output_dir=str(run), **FAST))
 
 
 def test_a_resume_without_its_reference_or_with_other_settings_is_refused(tmp_path):

@@ -66,6 +66,7 @@ class Trainer(BatchLoss):
         dataset = V.load_dataset(config.dataset, self.kind, config.seed, V.text_columns(config))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.output_dir = Path(config.output_dir or f"runs/{config.loss}-{stamp}")
+        V.check_output_dir(self.output_dir, config.resume_from)
         missing = [p for p in (self.output_dir, *self.output_dir.parents) if not p.exists()]
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)

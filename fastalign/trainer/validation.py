@@ -249,6 +249,20 @@ def check_rows_for_batch(num_rows: int, config, world: int) -> None:
 
 
 # ------------------------------------------------------------------ resuming
+def check_output_dir(output_dir: Path, resume_from: str | None) -> None:
+    """A run's ``metrics.jsonl`` is only continued by resuming that run: a fresh run (or one
+    resumed from elsewhere) in a directory holding another run's metrics is refused."""
+    metrics = Path(output_dir) / "metrics.jsonl"
+    if not metrics.exists():
+        return
+    if resume_from and Path(resume_from).resolve().parent == Path(output_dir).resolve():
+        return
+    raise ValueError(
+        f"--output-dir {output_dir} already holds another run (metrics.jsonl): continue it "
+        f"with --resume-from {output_dir}/checkpoint-N (or final), or choose a new directory"
+    )
+
+
 def check_resume(config) -> dict:
     """The trainer state of ``--resume-from`` (read with ``weights_only=True``), refused when
     the checkpoint is missing, incomplete, unsafe, already at ``--max-steps`` or was trained
