@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke mode)")
-    parser.add_argument("--grid", default=None, help="quick | default | gpu")
+    parser.add_argument(
+        "--grid", default=None, help="quick | default | gpu | scale, each also as NAME-peaked"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("-k", default=None, help="pytest -k filter on cells")
