@@ -222,6 +222,24 @@ def fastalign_recompute(case, x):
     return run
 
 
+def fastalign_fused(case, x):
+    """fastalign with the fused-epilogue GEMMs (``FASTALIGN_CUDA_KERNEL=fused``); CUDA only."""
+    if not x["hidden"].is_cuda:
+        raise Unavailable("the fused-epilogue kernels are measured on CUDA only")
+    from fastalign.kernels import logprob
+
+    run_default = fastalign_impl(case, x)
+
+    def run():
+        previous, logprob.CUDA_KERNEL = logprob.CUDA_KERNEL, "fused"
+        try:
+            run_default()
+        finally:
+            logprob.CUDA_KERNEL = previous
+
+    return run
+
+
 # ----------------------------------------------------------------------------- peers
 def trl_kernel(case, x):
     """TRL's chunked log-prob autograd function (cuBLAS tiles + online LSE; torch on CPU)."""
@@ -311,4 +329,5 @@ IMPLEMENTATIONS = {
     "cce": cut_cross_entropy,
     "fastalign": fastalign_impl,
     "fastalign-recompute": fastalign_recompute,
+    "fastalign-fused": fastalign_fused,
 }
