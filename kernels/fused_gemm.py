@@ -109,6 +109,48 @@ def _logits2(
 
 
 @triton.jit
+def _tile_z2(
+    tile_id,
+    num_pid_m,
+    num_pid_n,
+    rows,
+    weight,
+    stride_rows,
+    stride_weight,
+    b_ptr,
+    has_bias,
+    num_rows,
+    chunk_width,
+    hidden_size,
+    scale2,
+    cap2,
+    cap_k,
+    HAS_SOFTCAP: tl.constexpr,
+    TMA: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """The mainloop and transform of one tile, shared by both kernels:
+    ``(pid_n, off_m, off_n, o_m, m_m, o_n, m_n, z₂ [BLOCK_M, BLOCK_N])``."""
+    pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    b_acc = _mainloop(
+        rows, weight, stride_rows, stride_weight, num_rows, chunk_width, hidden_size,
+        off_m, off_n, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    o_m = off_m + tl.arange(0, BLOCK_M)
+    m_m = o_m < num_rows
+    o_n = off_n + tl.arange(0, BLOCK_N)
+    m_n = o_n < chunk_width
+    b_z2 = _logits2(b_acc, b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
+    return pid_n, off_m, off_n, o_m, m_m, o_n, m_n, b_z2
+
+
+@triton.jit
 def _lse_partials_kernel(
     rows,  # [R, H] descriptor or pointer (see _mainloop)
     weight,  # [C, H] descriptor or pointer
@@ -141,18 +183,11 @@ def _lse_partials_kernel(
     num_pid_m = tl.cdiv(num_rows, BLOCK_M)
     num_pid_n = tl.cdiv(chunk_width, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        b_acc = _mainloop(
-            rows, weight, stride_rows, stride_weight, num_rows, chunk_width, hidden_size,
-            off_m, off_n, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        pid_n, off_m, off_n, o_m, m_m, o_n, m_n, b_z2 = _tile_z2(
+            tile_id, num_pid_m, num_pid_n, rows, weight, stride_rows, stride_weight, b_ptr,
+            has_bias, num_rows, chunk_width, hidden_size, scale2, cap2, cap_k, HAS_SOFTCAP, TMA,
+            DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
-        o_m = off_m + tl.arange(0, BLOCK_M)
-        m_m = o_m < num_rows
-        o_n = off_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < chunk_width
-        b_z2 = _logits2(b_acc, b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
         b_max = tl.max(b_z2, axis=1)
         b_sum = tl.sum(tl.exp2(b_z2 - b_max[:, None]), axis=1)
         o_part = pid_n.to(tl.int64) * num_rows + o_m
@@ -225,18 +260,11 @@ def _dz_kernel(
     num_pid_m = tl.cdiv(num_rows, BLOCK_M)
     num_pid_n = tl.cdiv(chunk_width, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        b_acc = _mainloop(
-            rows, weight, stride_rows, stride_weight, num_rows, chunk_width, hidden_size,
-            off_m, off_n, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        pid_n, off_m, off_n, o_m, m_m, o_n, m_n, b_z2 = _tile_z2(
+            tile_id, num_pid_m, num_pid_n, rows, weight, stride_rows, stride_weight, b_ptr,
+            has_bias, num_rows, chunk_width, hidden_size, scale2, cap2, cap_k, HAS_SOFTCAP, TMA,
+            DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
-        o_m = off_m + tl.arange(0, BLOCK_M)
-        m_m = o_m < num_rows
-        o_n = off_n + tl.arange(0, BLOCK_N)
-        m_n = o_n < chunk_width
-        b_z2 = _logits2(b_acc, b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
         b_lse2 = tl.load(lse_ptr + o_m, mask=m_m, other=0.0) * 1.4426950408889634
         b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
         b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start

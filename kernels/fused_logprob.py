@@ -129,9 +129,20 @@ def _transform2(transform: LogitTransform) -> _Transform2:
     )
 
 
-def _gemm_operands(rows: torch.Tensor, weight: torch.Tensor, cfg: TileConfig, tma: bool) -> dict:
-    """Keyword arguments shared by both kernels: the two GEMM operands and the launch."""
+def _launch_args(
+    rows: torch.Tensor,  # [R, H]
+    weight: torch.Tensor,  # [C, H]
+    tma: bool,
+    transform: LogitTransform,
+) -> dict:
+    """Keyword arguments shared by both kernels: GEMM operands, transform, tiles, grid size."""
+    cfg, t2 = tile_config(), _transform2(transform)
     return dict(
+        scale2=t2.scale2,
+        cap2=t2.cap2,
+        cap_k=t2.cap_k,
+        HAS_SOFTCAP=t2.has_softcap,
+        NUM_PROGRAMS=_num_programs(rows.device),
         rows=_operand(rows, tma, [cfg.block_m, cfg.block_k]),
         weight=_operand(weight, tma, [cfg.block_n, cfg.block_k]),
         stride_rows=rows.stride(0),
@@ -170,7 +181,7 @@ def forward_group(
     target2 = torch.empty(num_rows, dtype=torch.float32, device=device)
     if num_rows == 0:
         return running_sum, running_sum, None
-    cfg, t2 = tile_config(), _transform2(transform)
+    cfg = tile_config()
     tiles_per_chunk = max(1, PARTIAL_ELEMENTS // num_rows)
     width = tiles_per_chunk * cfg.block_n
     part_max = torch.empty(tiles_per_chunk, num_rows, dtype=torch.float32, device=device)
@@ -180,7 +191,7 @@ def forward_group(
         stop = min(start + width, weight.shape[0])
         chunk = weight[start:stop]  # [C, H]
         K._lse_partials_kernel[(_grid(num_rows, stop - start, cfg, device),)](
-            **_gemm_operands(rows, chunk, cfg, _use_tma(rows, chunk)),
+            **_launch_args(rows, chunk, _use_tma(rows, chunk), transform),
             b_ptr=weight if bias is None else bias[start:stop],
             has_bias=int(bias is not None),
             targets_ptr=targets,
@@ -188,11 +199,6 @@ def forward_group(
             part_sum_ptr=part_sum,
             tgt_ptr=target2,
             chunk_start=start,
-            scale2=t2.scale2,
-            cap2=t2.cap2,
-            cap_k=t2.cap_k,
-            HAS_SOFTCAP=t2.has_softcap,
-            NUM_PROGRAMS=_num_programs(device),
         )
         K._merge_partials_kernel[(triton.cdiv(num_rows, block_r),)](
             part_max_ptr=part_max,
@@ -235,11 +241,11 @@ def dz_chunk(
         dz = dz_chunk(rows, weight[:4096], None, targets, 0, lse, g, LogitTransform(), buf)
     """
     num_rows, width = rows.shape[0], weight_chunk.shape[0]
-    cfg, t2 = tile_config(), _transform2(transform)
+    cfg = tile_config()
     dz = buffer[:, :width]
     tma = _use_tma(rows, weight_chunk, dz)
     K._dz_kernel[(_grid(num_rows, width, cfg, rows.device),)](
-        **_gemm_operands(rows, weight_chunk, cfg, tma),
+        **_launch_args(rows, weight_chunk, tma, transform),
         b_ptr=weight_chunk if bias_chunk is None else bias_chunk,
         has_bias=int(bias_chunk is not None),
         targets_ptr=targets,
@@ -248,12 +254,7 @@ def dz_chunk(
         dz=_operand(dz, tma, [cfg.block_m, cfg.block_n]),
         stride_dz=dz.stride(0),
         chunk_start=chunk_start,
-        scale2=t2.scale2,
-        cap2=t2.cap2,
-        cap_k=t2.cap_k,
         multiplier=transform.multiplier,
-        HAS_SOFTCAP=t2.has_softcap,
-        NUM_PROGRAMS=_num_programs(rows.device),
     )
     return dz
 
