@@ -11,10 +11,10 @@ import torch
 from benchmarks import fused_bench
 
 
-def test_overhead_and_sweep_run_and_check_the_fused_kernels(monkeypatch, tmp_path):
-    """The GPU parts on tiny CPU shapes (timing replaced by one call): every configuration
-    computes what the GEMM+fold backend computes, and the table lists each row."""
-    monkeypatch.setattr(fused_bench, "DEVICE", "cpu")
+def test_overhead_and_sweep_run_and_check_the_fused_kernels(device, monkeypatch, tmp_path):
+    """The GPU parts on tiny shapes (interpreted on CPU; timing replaced by one call): every
+    configuration computes what the GEMM+fold backend computes, and the table lists each row."""
+    monkeypatch.setattr(fused_bench, "DEVICE", device)
     monkeypatch.setattr(fused_bench, "_ms", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(fused_bench, "SWEEP", fused_bench.SWEEP[:1])
     argv = ["--shapes", "24,32,150", "--inputs", "peaked", "--out", str(tmp_path)]
