@@ -5,9 +5,12 @@ Story in order:
    weight tile is reused from L2 (the ordering of Triton's persistent-matmul tutorial).
 2. ``_mainloop``: ``acc = rows[m-tile] · W[n-tile]ᵀ`` over H in fp32. Tiles come through TMA
    tensor descriptors (``TMA``; Hopper's bulk tensor copy, ``wgmma`` on the GPU) or plain
-   masked pointer loads of the same tile (unaligned H, GPUs without TMA). Interpreted, the
-   operands are cast to fp32 first (``DOT_FP32``): the interpreter's bf16 dot is wrong
-   (triton-lang/triton#11584); bf16 products are exact in fp32, so this is the GPU's math.
+   masked pointer loads of the same tile (unaligned H, GPUs without TMA: a correctness
+   fall-back, not pipelined in the persistent loop and spilling in the dz epilogue, see
+   tests/test_triton_compile.py). Interpreted, the operands are cast to fp32 first
+   (``DOT_FP32``): the interpreter's bf16 dot is wrong (triton-lang/triton#11584); bf16
+   products are exact in fp32, so this is the GPU's math. The interpreter (triton 3.9) runs
+   the TMA descriptors too, so both loaders are tested on CPU.
 3. ``_logits2``: the logit transform in base-2 units, ``z₂ = log2(e)·softcap(mult·(acc + b))``
    with ``log2(e)`` folded into the multiplier and the softcap's tanh written with ``exp2``.
 4. ``_lse_partials_kernel`` (forward epilogue): per (row, vocab tile) the max and the sum of
