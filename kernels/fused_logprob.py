@@ -44,6 +44,22 @@ PARTIAL_ELEMENTS = 1 << 8 if INTERPRET else 1 << 22
 LOG2E = 1.4426950408889634
 
 
+class FusedForward(NamedTuple):
+    """Forward over stacked rows; fp32. (Field names as the backend contract's result.)"""
+
+    logp: torch.Tensor  # [R] log-prob of each scored token
+    lse: torch.Tensor  # [R] logsumexp of each token's transformed logits
+    expected: None  # the fused kernels never take a frozen lm_head
+
+
+class FusedGrads(NamedTuple):
+    """Gradients of ``Σ_t g_t · logp_t``; ``None`` where not asked for."""
+
+    rows: torch.Tensor | None  # [M, H] fp32
+    weight: torch.Tensor | None  # [V, H] the weight's dtype
+    bias: torch.Tensor | None  # [V] fp32
+
+
 class TileConfig(NamedTuple):
     """Tile shape and launch options of both fused kernels."""
 
@@ -166,9 +182,7 @@ def _grid(num_rows: int, width: int, cfg: TileConfig, device: torch.device) -> i
     return min(_num_programs(device), tiles)
 
 
-def forward_group(
-    parts: list[TokenBatch], transform: LogitTransform
-) -> tuple[torch.Tensor, torch.Tensor, None]:
+def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedForward:
     """``(logp [R], lse [R], None)`` fp32 over the stacked rows of streams sharing an lm_head."""
     weight, bias = parts[0].weight, parts[0].bias
     gathered = [p.rows(0, p.num_rows) for p in parts]
@@ -180,7 +194,7 @@ def forward_group(
     running_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
     target2 = torch.empty(num_rows, dtype=torch.float32, device=device)
     if num_rows == 0:
-        return running_sum, running_sum, None
+        return FusedForward(running_sum, running_sum, None)
     cfg = tile_config()
     tiles_per_chunk = max(1, PARTIAL_ELEMENTS // num_rows)
     width = tiles_per_chunk * cfg.block_n
@@ -210,7 +224,7 @@ def forward_group(
             BLOCK_R=block_r,
         )
     lse2 = running_max + torch.log2(running_sum)
-    return (target2 - lse2) * math.log(2.0), lse2 * math.log(2.0), None
+    return FusedForward((target2 - lse2) * math.log(2.0), lse2 * math.log(2.0), None)
 
 
 def dz_buffer(num_rows: int, width: int, weight: torch.Tensor) -> torch.Tensor:
@@ -267,7 +281,7 @@ def backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> FusedGrads:
     """``(grad_rows [M, H] fp32, grad_weight [V, H], grad_bias [V] fp32)``, as
     ``logprob.backward`` but with each chunk's ``dz`` from ``dz_chunk`` (no logits in HBM)."""
     weight, bias = tokens.weight, tokens.bias
@@ -295,4 +309,4 @@ def backward(
             torch.mm(dz.T, rows, out=grad_weight[start:stop])
         if grad_bias is not None:
             grad_bias[start:stop] = dz.float().sum(0)
-    return grad_rows, grad_weight, grad_bias
+    return FusedGrads(grad_rows, grad_weight, grad_bias)
