@@ -196,7 +196,9 @@ def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedFo
     if num_rows == 0:
         return FusedForward(running_sum, running_sum, None)
     cfg = tile_config()
-    tiles_per_chunk = max(1, PARTIAL_ELEMENTS // num_rows)
+    tiles_per_chunk = min(
+        max(1, PARTIAL_ELEMENTS // num_rows), triton.cdiv(weight.shape[0], cfg.block_n)
+    )
     width = tiles_per_chunk * cfg.block_n
     part_max = torch.empty(tiles_per_chunk, num_rows, dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
