@@ -26,16 +26,18 @@ from pathlib import Path
 
 import torch
 
-# Tile configurations the sweep tries: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages).
+# Tile configurations the sweep tries: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages,
+# epilogue in two halves); the first is the default (fused_logprob.GPU_CONFIG).
 SWEEP = [
-    (128, 128, 64, 8, 8, 4),
-    (128, 128, 64, 8, 8, 3),
-    (128, 128, 64, 16, 8, 4),
-    (128, 256, 64, 8, 8, 3),
-    (128, 128, 128, 8, 8, 3),
-    (256, 128, 64, 8, 8, 3),
-    (64, 256, 64, 8, 4, 4),
-    (128, 64, 64, 8, 4, 4),
+    (128, 256, 64, 8, 8, 3, True),
+    (128, 256, 64, 8, 8, 3, False),
+    (128, 256, 64, 8, 8, 4, True),
+    (128, 256, 64, 16, 8, 3, True),
+    (128, 128, 64, 8, 8, 4, True),
+    (128, 128, 64, 8, 8, 4, False),
+    (128, 128, 128, 8, 8, 3, True),
+    (256, 128, 64, 8, 8, 3, True),
+    (64, 256, 64, 8, 4, 4, True),
 ]
 # (stacked rows, hidden, vocab): DPO policy+reference at N=4096 (the target), a wide H.
 SHAPES = [(8192, 1024, 128256), (8192, 4096, 128256)]

@@ -112,7 +112,7 @@ def _logits2(
 
 
 @triton.jit
-def _tile_z2(
+def _tile_acc(
     tile_id,
     num_pid_m,
     num_pid_n,
@@ -120,15 +120,9 @@ def _tile_z2(
     weight,
     stride_rows,
     stride_weight,
-    b_ptr,
-    has_bias,
     num_rows,
     chunk_width,
     hidden_size,
-    scale2,
-    cap2,
-    cap_k,
-    HAS_SOFTCAP: tl.constexpr,
     TMA: tl.constexpr,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -136,8 +130,8 @@ def _tile_z2(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """The mainloop and transform of one tile, shared by both kernels:
-    ``(pid_n, off_m, off_n, o_m, m_m, o_n, m_n, z₂ [BLOCK_M, BLOCK_N])``."""
+    """Where a tile sits and its product, shared by both kernels:
+    ``(pid_n, off_m, off_n, acc [BLOCK_M, BLOCK_N] fp32)``."""
     pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
@@ -145,12 +139,39 @@ def _tile_z2(
         rows, weight, stride_rows, stride_weight, num_rows, chunk_width, hidden_size,
         off_m, off_n, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
     )  # fmt: skip
-    o_m = off_m + tl.arange(0, BLOCK_M)
-    m_m = o_m < num_rows
+    return pid_n, off_m, off_n, b_acc
+
+
+@triton.jit
+def _halves(b_acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right ``[BLOCK_M, BLOCK_N // 2]`` halves of a tile (epilogue subtiling,
+    as the persistent-matmul tutorial: fewer live registers per step)."""
+    return tl.split(tl.permute(tl.reshape(b_acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _lse_epilogue(
+    b_acc,  # fp32 [BLOCK_M, BLOCK_N] rows·Wᵀ of the columns [off_n, off_n + BLOCK_N)
+    off_n,
+    b_target,  # [BLOCK_M] target columns relative to the chunk
+    b_ptr,
+    has_bias,
+    chunk_width,
+    scale2,
+    cap2,
+    cap_k,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``(max, Σ exp2(z₂ − max), z₂ of the target or 0)`` per row of the columns. The max is
+    floored at a finite −1e30 so that a block of padding columns adds exactly 0."""
     o_n = off_n + tl.arange(0, BLOCK_N)
     m_n = o_n < chunk_width
     b_z2 = _logits2(b_acc, b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
-    return pid_n, off_m, off_n, o_m, m_m, o_n, m_n, b_z2
+    b_max = tl.maximum(tl.max(b_z2, axis=1), -1.0e30)
+    b_sum = tl.sum(tl.exp2(b_z2 - b_max[:, None]), axis=1)
+    b_tgt = tl.sum(tl.where(o_n[None, :] == b_target[:, None], b_z2, 0.0), axis=1)
+    return b_max, b_sum, b_tgt
 
 
 @triton.jit
@@ -179,6 +200,7 @@ def _lse_partials_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):
     """Persistent GEMM over (row tile, vocab tile) whose epilogue keeps only logsumexp
@@ -186,20 +208,37 @@ def _lse_partials_kernel(
     num_pid_m = tl.cdiv(num_rows, BLOCK_M)
     num_pid_n = tl.cdiv(chunk_width, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_n, off_m, off_n, o_m, m_m, o_n, m_n, b_z2 = _tile_z2(
-            tile_id, num_pid_m, num_pid_n, rows, weight, stride_rows, stride_weight, b_ptr,
-            has_bias, num_rows, chunk_width, hidden_size, scale2, cap2, cap_k, HAS_SOFTCAP, TMA,
-            DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        pid_n, off_m, off_n, b_acc = _tile_acc(
+            tile_id, num_pid_m, num_pid_n, rows, weight, stride_rows, stride_weight, num_rows,
+            chunk_width, hidden_size, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
-        b_max = tl.max(b_z2, axis=1)
-        b_sum = tl.sum(tl.exp2(b_z2 - b_max[:, None]), axis=1)
+        o_m = off_m + tl.arange(0, BLOCK_M)
+        m_m = o_m < num_rows
+        b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
+        if EPILOGUE_SPLIT:
+            b_left, b_right = _halves(b_acc, BLOCK_M, BLOCK_N)
+            b_max, b_sum, b_tgt = _lse_epilogue(
+                b_left, off_n, b_target, b_ptr, has_bias, chunk_width, scale2, cap2, cap_k,
+                HAS_SOFTCAP, BLOCK_N // 2,
+            )  # fmt: skip
+            b_max_r, b_sum_r, b_tgt_r = _lse_epilogue(
+                b_right, off_n + BLOCK_N // 2, b_target, b_ptr, has_bias, chunk_width, scale2,
+                cap2, cap_k, HAS_SOFTCAP, BLOCK_N // 2,
+            )  # fmt: skip
+            b_new = tl.maximum(b_max, b_max_r)
+            b_sum = b_sum * tl.exp2(b_max - b_new) + b_sum_r * tl.exp2(b_max_r - b_new)
+            b_max = b_new
+            b_tgt += b_tgt_r
+        else:
+            b_max, b_sum, b_tgt = _lse_epilogue(
+                b_acc, off_n, b_target, b_ptr, has_bias, chunk_width, scale2, cap2, cap_k,
+                HAS_SOFTCAP, BLOCK_N,
+            )  # fmt: skip
         o_part = pid_n.to(tl.int64) * num_rows + o_m
         tl.store(part_max_ptr + o_part, b_max, mask=m_m)
         tl.store(part_sum_ptr + o_part, b_sum, mask=m_m)
-        b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
-        b_tgt = tl.sum(tl.where(o_n[None, :] == b_target[:, None], b_z2, 0.0), axis=1)
-        m_here = m_m & (b_target >= off_n) & (b_target < off_n + BLOCK_N) & (b_target < chunk_width)
-        tl.store(tgt_ptr + o_m, b_tgt, mask=m_here)
+        m_here = (b_target >= off_n) & (b_target < tl.minimum(off_n + BLOCK_N, chunk_width))
+        tl.store(tgt_ptr + o_m, b_tgt, mask=m_m & m_here)
 
 
 @triton.jit
@@ -229,6 +268,47 @@ def _merge_partials_kernel(
 
 
 @triton.jit
+def _dz_epilogue(
+    b_acc,  # fp32 [BLOCK_M, BLOCK_N] rows·Wᵀ of the columns [off_n, off_n + BLOCK_N)
+    off_m,
+    off_n,
+    m_m,  # [BLOCK_M] valid rows
+    b_target,  # [BLOCK_M] target columns relative to the chunk
+    b_lse2,  # [BLOCK_M] base-2 logsumexp
+    b_g,  # [BLOCK_M] upstream gradient
+    b_ptr,
+    has_bias,
+    dz,
+    stride_dz,
+    chunk_width,
+    scale2,
+    cap2,
+    cap_k,
+    multiplier,
+    HAS_SOFTCAP: tl.constexpr,
+    TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Store ``dz = g·(onehot − exp2(z₂ − lse₂))·s·mult`` for the columns, in dz's dtype."""
+    o_n = off_n + tl.arange(0, BLOCK_N)
+    m_n = o_n < chunk_width
+    b_z2 = _logits2(b_acc, b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
+    b_onehot = (o_n[None, :] == b_target[:, None]).to(tl.float32)
+    b_dz = b_g[:, None] * (b_onehot - tl.exp2(b_z2 - b_lse2[:, None]))
+    if HAS_SOFTCAP:
+        b_ratio = tl.where(m_n[None, :], b_z2, 0.0) / cap2
+        b_dz = b_dz * (1.0 - b_ratio * b_ratio)
+    b_dz = b_dz * multiplier
+    if TMA:
+        dz.store([off_m, off_n], b_dz.to(dz.dtype))
+    else:
+        o_m = off_m + tl.arange(0, BLOCK_M)
+        p_dz = dz + o_m.to(tl.int64)[:, None] * stride_dz + o_n[None, :]
+        tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
 def _dz_kernel(
     rows,  # [R, H] descriptor or pointer (see _mainloop)
     weight,  # [C, H] descriptor or pointer
@@ -239,7 +319,7 @@ def _dz_kernel(
     targets_ptr,  # int64 [R] vocab ids
     lse_ptr,  # fp32 [R] natural-log logsumexp of each row
     grad_ptr,  # fp32 [R] g, the upstream gradient of each row's logp
-    dz,  # [R, C] out, the weight's dtype: descriptor (block [BLOCK_M, BLOCK_N]) or pointer
+    dz,  # [R, C] out, the weight's dtype: descriptor (block [BLOCK_M, BLOCK_N / split]) or pointer
     stride_dz,
     num_rows,
     chunk_start,
@@ -256,6 +336,7 @@ def _dz_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):
     """``dz = g·(onehot − softmax(z))·s·mult`` for a vocab chunk, ``s`` the softcap slope
@@ -263,22 +344,30 @@ def _dz_kernel(
     num_pid_m = tl.cdiv(num_rows, BLOCK_M)
     num_pid_n = tl.cdiv(chunk_width, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_n, off_m, off_n, o_m, m_m, o_n, m_n, b_z2 = _tile_z2(
-            tile_id, num_pid_m, num_pid_n, rows, weight, stride_rows, stride_weight, b_ptr,
-            has_bias, num_rows, chunk_width, hidden_size, scale2, cap2, cap_k, HAS_SOFTCAP, TMA,
-            DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        pid_n, off_m, off_n, b_acc = _tile_acc(
+            tile_id, num_pid_m, num_pid_n, rows, weight, stride_rows, stride_weight, num_rows,
+            chunk_width, hidden_size, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
         )  # fmt: skip
+        o_m = off_m + tl.arange(0, BLOCK_M)
+        m_m = o_m < num_rows
         b_lse2 = tl.load(lse_ptr + o_m, mask=m_m, other=0.0) * 1.4426950408889634
         b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
         b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
-        b_onehot = (o_n[None, :] == b_target[:, None]).to(tl.float32)
-        b_dz = b_g[:, None] * (b_onehot - tl.exp2(b_z2 - b_lse2[:, None]))
-        if HAS_SOFTCAP:
-            b_ratio = tl.where(m_n[None, :], b_z2, 0.0) / cap2
-            b_dz = b_dz * (1.0 - b_ratio * b_ratio)
-        b_dz = b_dz * multiplier
-        if TMA:
-            dz.store([off_m, off_n], b_dz.to(dz.dtype))
+        if EPILOGUE_SPLIT:
+            b_left, b_right = _halves(b_acc, BLOCK_M, BLOCK_N)
+            _dz_epilogue(
+                b_left, off_m, off_n, m_m, b_target, b_lse2, b_g, b_ptr, has_bias, dz,
+                stride_dz, chunk_width, scale2, cap2, cap_k, multiplier, HAS_SOFTCAP, TMA,
+                BLOCK_M, BLOCK_N // 2,
+            )  # fmt: skip
+            _dz_epilogue(
+                b_right, off_m, off_n + BLOCK_N // 2, m_m, b_target, b_lse2, b_g, b_ptr,
+                has_bias, dz, stride_dz, chunk_width, scale2, cap2, cap_k, multiplier,
+                HAS_SOFTCAP, TMA, BLOCK_M, BLOCK_N // 2,
+            )  # fmt: skip
         else:
-            p_dz = dz + o_m.to(tl.int64)[:, None] * stride_dz + o_n[None, :]
-            tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+            _dz_epilogue(
+                b_acc, off_m, off_n, m_m, b_target, b_lse2, b_g, b_ptr, has_bias, dz, stride_dz,
+                chunk_width, scale2, cap2, cap_k, multiplier, HAS_SOFTCAP, TMA, BLOCK_M,
+                BLOCK_N,
+            )  # fmt: skip

@@ -69,17 +69,24 @@ class TileConfig(NamedTuple):
     group_m: int
     num_warps: int
     num_stages: int
+    epilogue_split: bool = False  # the epilogue in two column halves (fewer live registers)
 
 
-# 128×128×64 tiles, 8 warps, 4 stages: no register spills in either epilogue (ptxas for
-# sm_90a, checked by tests/test_triton_compile.py). The tutorial's 128×256 tiles spill there
-# (4 B forward, 696 B in the dz kernel at 3 stages). benchmarks/fused_bench.py sweeps others.
-GPU_CONFIG = TileConfig(128, 128, 64, 8, 8, 4)
+# 128×256×64 tiles, GROUP_M 8, 8 warps, 3 stages (the persistent-matmul tutorial's Hopper
+# choice) with the epilogue in two column halves: no register spills in either kernel (ptxas
+# for sm_90a, checked by tests/test_triton_compile.py); without the split the dz epilogue
+# spills ~700 B at these tiles. benchmarks/fused_bench.py sweeps others; unmeasured so far.
+GPU_CONFIG = TileConfig(128, 256, 64, 8, 8, 3, True)
+# The pointer-load fall-back (unaligned rows, no TMA): 128×128×32, 2 stages, no spills.
+POINTER_CONFIG = TileConfig(128, 128, 32, 8, 8, 2, True)
 INTERPRET_CONFIG = TileConfig(16, 32, 16, 2, 1, 1)
 
 
-def tile_config() -> TileConfig:
-    return INTERPRET_CONFIG if INTERPRET else GPU_CONFIG
+def tile_config(tma: bool = True) -> TileConfig:
+    """The tiles the kernels launch with (interpreted: small, to exercise several tiles)."""
+    if INTERPRET:
+        return INTERPRET_CONFIG
+    return GPU_CONFIG if tma else POINTER_CONFIG
 
 
 def applies(kernel: str, tokens: TokenBatch, with_expectation: bool) -> bool:
@@ -152,7 +159,7 @@ def _launch_args(
     transform: LogitTransform,
 ) -> dict:
     """Keyword arguments shared by both kernels: GEMM operands, transform, tiles, grid size."""
-    cfg, t2 = tile_config(), _transform2(transform)
+    cfg, t2 = tile_config(tma), _transform2(transform)
     return dict(
         scale2=t2.scale2,
         cap2=t2.cap2,
@@ -172,6 +179,7 @@ def _launch_args(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
+        EPILOGUE_SPLIT=cfg.epilogue_split,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -195,7 +203,8 @@ def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedFo
     target2 = torch.empty(num_rows, dtype=torch.float32, device=device)
     if num_rows == 0:
         return FusedForward(running_sum, running_sum, None)
-    cfg = tile_config()
+    tma = _use_tma(rows, weight)  # chunks start on whole tiles: each as aligned as the head
+    cfg = tile_config(tma)
     tiles_per_chunk = min(
         max(1, PARTIAL_ELEMENTS // num_rows), triton.cdiv(weight.shape[0], cfg.block_n)
     )
@@ -207,7 +216,7 @@ def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedFo
         stop = min(start + width, weight.shape[0])
         chunk = weight[start:stop]  # [C, H]
         K._lse_partials_kernel[(_grid(num_rows, stop - start, cfg, device),)](
-            **_launch_args(rows, chunk, _use_tma(rows, chunk), transform),
+            **_launch_args(rows, chunk, tma, transform),
             b_ptr=weight if bias is None else bias[start:stop],
             has_bias=int(bias is not None),
             targets_ptr=targets,
@@ -257,9 +266,9 @@ def dz_chunk(
         dz = dz_chunk(rows, weight[:4096], None, targets, 0, lse, g, LogitTransform(), buf)
     """
     num_rows, width = rows.shape[0], weight_chunk.shape[0]
-    cfg = tile_config()
     dz = buffer[:, :width]
     tma = _use_tma(rows, weight_chunk, dz)
+    cfg = tile_config(tma)
     K._dz_kernel[(_grid(num_rows, width, cfg, rows.device),)](
         **_launch_args(rows, weight_chunk, tma, transform),
         b_ptr=weight_chunk if bias_chunk is None else bias_chunk,
@@ -267,7 +276,7 @@ def dz_chunk(
         targets_ptr=targets,
         lse_ptr=lse,
         grad_ptr=grad_logp,
-        dz=_operand(dz, tma, [cfg.block_m, cfg.block_n]),
+        dz=_operand(dz, tma, [cfg.block_m, cfg.block_n // (2 if cfg.epilogue_split else 1)]),
         stride_dz=dz.stride(0),
         chunk_start=chunk_start,
         multiplier=transform.multiplier,

@@ -79,20 +79,28 @@ def _inputs(device, rows, vocab, hidden_size, dtype, with_bias):
     return hidden, weight, bias, _edge_targets(rows, vocab).to(device)
 
 
-CASES = [  # (rows, V, H, transform, bias, loads)
-    (37, 333, 32, "identity", False, "tma"),
-    (37, 333, 32, "softcap", True, "pointer"),
-    (21, 96, 48, "scaled", True, "tma"),  # V a multiple of the tile
-    (19, 257, 21, "softcap", False, "pointer"),  # unaligned H: pointer loads only
+CASES = [  # (rows, V, H, transform, bias, loads, epilogue in two halves)
+    (37, 333, 32, "identity", False, "tma", False),
+    (37, 333, 32, "softcap", True, "pointer", True),  # the last tile's right half: padding
+    (21, 96, 48, "scaled", True, "tma", True),  # V a multiple of the tile
+    (19, 257, 21, "softcap", False, "pointer", False),  # unaligned H: pointer loads only
 ]
 
 
-@pytest.mark.parametrize("rows,vocab,hidden_size,name,with_bias,loads", CASES)
+def _select(monkeypatch, loads: str, split: bool) -> None:
+    """Force the tile loader and the epilogue split of the configuration in use."""
+    monkeypatch.setattr(fused_logprob, "LOADS", loads)
+    for name in ("GPU_CONFIG", "INTERPRET_CONFIG"):
+        config = getattr(fused_logprob, name)._replace(epilogue_split=split)
+        monkeypatch.setattr(fused_logprob, name, config)
+
+
+@pytest.mark.parametrize("rows,vocab,hidden_size,name,with_bias,loads,split", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forward_matches_float64(
-    device, monkeypatch, rows, vocab, hidden_size, name, with_bias, loads, dtype
+    device, monkeypatch, rows, vocab, hidden_size, name, with_bias, loads, split, dtype
 ):
-    monkeypatch.setattr(fused_logprob, "LOADS", loads)
+    _select(monkeypatch, loads, split)
     hidden, weight, bias, targets = _inputs(device, rows, vocab, hidden_size, dtype, with_bias)
     logp, lse, expected = fused_logprob.forward_group(
         [_tokens(hidden, weight, targets, bias)], TRANSFORMS[name]
@@ -106,14 +114,14 @@ def test_forward_matches_float64(
     torch.testing.assert_close(logp.cpu().double(), logp64, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("rows,vocab,hidden_size,name,with_bias,loads", CASES)
+@pytest.mark.parametrize("rows,vocab,hidden_size,name,with_bias,loads,split", CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dz_matches_float64(
-    device, monkeypatch, rows, vocab, hidden_size, name, with_bias, loads, dtype
+    device, monkeypatch, rows, vocab, hidden_size, name, with_bias, loads, split, dtype
 ):
     """One vocab chunk of dz into a NaN-poisoned buffer, within one ulp of the weight's dtype;
     rows with g = 0 give exact zeros."""
-    monkeypatch.setattr(fused_logprob, "LOADS", loads)
+    _select(monkeypatch, loads, split)
     transform = TRANSFORMS[name]
     hidden, weight, bias, targets = _inputs(device, rows, vocab, hidden_size, dtype, with_bias)
     z = _z64(hidden.cpu(), weight.cpu(), None if bias is None else bias.cpu(), transform)
