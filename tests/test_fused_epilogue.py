@@ -208,6 +208,15 @@ def test_poisoned_buffers_and_bit_identical_reruns(device, fused, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+def test_nan_row_stays_in_its_sequence(device, fused):
+    hidden = torch.randn(3, 5, 16).to(device, torch.bfloat16)
+    hidden[1, 2, 0] = float("nan")
+    weight = torch.randn(70, 16).to(device, torch.bfloat16)
+    labels = torch.randint(0, 70, (3, 5)).to(device)
+    out = fastalign.sequence_logps(hidden, weight, labels, backend="triton")
+    assert fused and torch.isnan(out.logps[1]) and torch.isfinite(out.logps[[0, 2]]).all()
+
+
 def test_groups_the_fused_kernels_do_not_take_keep_gemm_fold(device, fused):
     """fp32 weights and a frozen lm_head (the E_t path) stay on the GEMM+fold kernels."""
     hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
