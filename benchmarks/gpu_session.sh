@@ -12,6 +12,8 @@
 #                                                   # GRID gpu | scale, or gpu-peaked | scale-peaked
 #   bash benchmarks/gpu_session.sh memory           # memory model vs measured allocator peaks
 #   bash benchmarks/gpu_session.sh packing          # packed vs padded training steps
+#   bash benchmarks/gpu_session.sh pack NAME        # everything in $OUT into $OUT/NAME.tgz, alone
+#                                                   # (the device tool brings back <= 8 files)
 #
 # Results and logs go to $OUT (default benchmarks/results/gpu-session-DATE; commit what is
 # worth keeping). Every grid includes "fastalign-fused" (FASTALIGN_CUDA_KERNEL=fused) beside
@@ -25,7 +27,7 @@
 # bench gpu ~3 min, bench scale ~1 min, memory ~2.5 min, packing ~1 min (before the fused
 # kernels and the peaked grids were added; those are not measured yet). On the lent device
 # machine (10 min per command) run the steps of "all" as separate calls: setup+tests+fused,
-# then bench gpu, bench gpu-peaked, bench scale + scale-peaked.
+# then bench gpu, bench gpu-peaked, bench scale + scale-peaked, each ending with "pack NAME".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-session-$(date +%F)}
@@ -86,5 +88,13 @@ case "${1:-}" in
         fused --parts overhead --inputs peaked --out "$OUT/fused-peaked"
         for grid in gpu gpu-peaked scale scale-peaked; do bench "$grid"; done
         ;;
-    *) echo "usage: $0 all|setup|tests|fused [ARGS]|bench GRID [K]|memory|packing" >&2; exit 2 ;;
+    pack)
+        name=${2:-gpu-session}
+        tar -czf "/tmp/$name.tgz" -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
+            && mv "/tmp/$name.tgz" "$OUT/$name.tgz" && ls -l "$OUT"
+        ;;
+    *)
+        echo "usage: $0 all|setup|tests|fused [ARGS]|bench GRID [K]|memory|packing|pack NAME" >&2
+        exit 2
+        ;;
 esac
