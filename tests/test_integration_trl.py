@@ -1,0 +1,197 @@
+"""fastalign's TRL integration equals TRL 1.16's stock trainers: loss, metrics, gradients.
+
+Each case builds a stock TRL trainer and fastalign's subclass on identical tiny Llama copies
+(fp32, CPU) and compares one ``compute_loss`` + backward; two cases run ``train()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+
+from fastalign.integrations import trl as fa  # noqa: E402
+from tests.trl_harness import (  # noqa: E402
+    assert_same_step,
+    make_trainers,
+    one_step,
+)
+
+DPO_LOSS_TYPES = [
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _routing():
+    fa.ROUTING.clear()
+    yield
+    assert not fa.is_patched()
+
+
+def assert_all_routed():
+    """TRL's fused head went to fastalign, and never fell back to TRL's kernel."""
+    assert fa.ROUTING["fastalign"] > 0 and fa.ROUTING["trl"] == 0, dict(fa.ROUTING)
+
+
+def compare(kind, config, **kwargs):
+    stock, fast = make_trainers(kind, config, **kwargs)
+    fa.ROUTING.clear()  # a precomputed reference was already scored by fastalign
+    stock_step = one_step(stock)
+    assert fa.ROUTING["fastalign"] == 0
+    assert_same_step(stock_step, one_step(fast))
+    assert_all_routed()
+    return stock, fast
+
+
+def test_the_loss_type_list_is_trls():
+    help_text = trl.DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    assert sorted(DPO_LOSS_TYPES) == sorted(t for t in DPO_LOSS_TYPES if f"'{t}'" in help_text)
+    assert help_text.count("`'") == len(DPO_LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_every_dpo_loss_type(loss_type):
+    smoothing = 0.1 if loss_type in ("exo_pair", "robust", "aot", "aot_unpaired") else 0.0
+    compare("dpo", dict(loss_type=[loss_type], label_smoothing=smoothing))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(loss_type=["sigmoid", "sft", "ipo"], loss_weights=[1.0, 0.5, 0.3]),
+        dict(loss_type=["hinge", "bco_pair"], loss_weights=[0.2, 1.0], ld_alpha=0.5),
+        dict(loss_type=["sigmoid", "ipo"], use_weighting=True),
+        dict(f_divergence_type="js_divergence"),
+        dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
+    ],
+    ids=["weighted-mix", "ld_alpha", "wpo", "js", "alpha"],
+)
+def test_dpo_options(config):
+    compare("dpo", config)
+
+
+@pytest.mark.parametrize(
+    "heads",
+    [dict(tied=True), dict(bias=True), dict(softcap=2.0, logit_scale=0.7)],
+    ids=["tied", "bias", "softcap-scale"],
+)
+def test_dpo_heads(heads):
+    compare("dpo", dict(loss_type=["sigmoid", "sft"]), model_kwargs=heads)
+
+
+def test_dpo_precomputed_reference():
+    stock, fast = compare("dpo", dict(precompute_ref_log_probs=True))
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        want = torch.tensor(stock.train_dataset[column])
+        torch.testing.assert_close(
+            torch.tensor(fast.train_dataset[column]), want, rtol=1e-6, atol=0
+        )
+
+
+def test_dpo_peft_reference_is_the_disabled_adapter():
+    """LoRA: frozen lm_head (fastalign's no-recompute path); reference = adapter disabled."""
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    stock, fast = compare("dpo", dict(loss_type=["sigmoid", "sft"]), ref=False, peft=lora)
+    assert fast.ref_model is None and not fast.model.get_output_embeddings().weight.requires_grad
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"], ids=["with-KL", "no-KL"])
+def test_kto(loss_type):
+    stock, fast = compare("kto", dict(loss_type=loss_type, desirable_weight=1.3))
+    assert fast.calculate_KL == (loss_type == "kto")
+
+
+def test_kto_precomputed_reference_with_kl():
+    compare("kto", dict(precompute_ref_log_probs=True), model_kwargs=dict(bias=True))
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_two_training_steps_log_the_same(kind):
+    """``train()`` end to end (optimizer steps, eval, logging) gives TRL's log history."""
+    config = dict(max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=3)
+    stock, fast = make_trainers(kind, config, with_eval=True)
+    for trainer in (stock, fast):
+        trainer.train()
+    assert len(fast.state.log_history) == len(stock.state.log_history) >= 3
+    for got, want in zip(fast.state.log_history, stock.state.log_history):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            if "runtime" in key or "per_second" in key:
+                continue
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for (name, got), want in zip(fast.model.named_parameters(), stock.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+    assert_all_routed()
+
+
+def test_patch_trl_routes_stock_trainers_and_unpatch_restores():
+    stock, _ = make_trainers("dpo", {})
+    fa.patch_trl()
+    try:
+        assert fa.is_patched()
+        patched = one_step(stock)
+    finally:
+        fa.unpatch_trl()
+    routed = fa.ROUTING["fastalign"]
+    assert routed == 2  # policy and reference
+    assert_same_step(one_step(stock), patched)
+    assert fa.ROUTING["fastalign"] == routed  # unpatched: TRL's kernel again
+    with fa.use_fastalign():
+        one_step(stock)
+    assert fa.ROUTING["fastalign"] == routed + 2
+    assert_all_routed()
+
+
+def test_requests_fastalign_cannot_serve_go_to_trl():
+    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(11, 8)
+    labels = torch.tensor([1, 2, 3, 4])
+    args = (hidden, weight, None, labels, 1.0, 32768, None, 1.0)
+    served = fa.FastalignLogProbFunction.apply(*args, ("log_probs", "entropy"))
+    fallback = fa.FastalignLogProbFunction.apply(*args, ("log_probs", "future_stat"))
+    assert fa.ROUTING["trl: outputs ['future_stat']"] == 1 and fa.ROUTING["fastalign"] == 1
+    torch.testing.assert_close(fallback[0], served[0])
+
+
+def test_backward_regathers_a_zero3_sharded_head(monkeypatch):
+    """ZeRO-3 leaves a parameter unusable outside its gather context: fastalign's forward and
+    backward must read the lm_head only inside TRL's ``maybe_gather_lm_head_ctx``. Here the
+    head holds NaNs outside that context, so any read elsewhere poisons the gradients."""
+    stock, fast = make_trainers("dpo", {})
+    head = fast.model.get_output_embeddings().weight
+    full, poison = head.data, torch.full_like(head.data, float("nan"))
+    entered = []
+
+    @contextlib.contextmanager
+    def gathered(*params):
+        entered.append(torch.is_grad_enabled())
+        head.data = full
+        try:
+            yield
+        finally:
+            head.data = poison
+
+    monkeypatch.setattr(fa._utils, "maybe_gather_lm_head_ctx", gathered)
+    head.data = poison
+    try:
+        step = one_step(fast)
+    finally:
+        head.data = full
+    # TRL's forward context and fastalign's own, for the policy and the reference, and the
+    # policy's backward (autograd runs backward with grad mode off)
+    assert entered.count(False) >= 1 and len(entered) >= 5
+    assert_all_routed()
+    assert_same_step(one_step(stock), step)
+
+
+def test_unsupported_trl_is_named():
+    class OldUtils:
+        add_fused_lm_head = None
+
+    with pytest.raises(ImportError, match=r"supports TRL 1\.16\.x.*lacks _ChunkedLogProbFunction"):
+        fa.check_trl(OldUtils)
