@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh bench GRID [K]   # python -m benchmarks.run --grid GRID -k K
 #   bash benchmarks/gpu_session.sh memory           # memory model vs measured allocator peaks
 #   bash benchmarks/gpu_session.sh packing          # packed vs padded training steps
+#   bash benchmarks/gpu_session.sh trl              # token_logps compiled + TRL DPO step, stock vs fastalign
 #
 # Logs and results go to $OUT (default /tmp/fastalign-gpu). Peers missing from the machine
 # (Liger, TRL, CCE; TRL needs datasets, dill, multiprocess) travel as wheels in .whl/, e.g.
@@ -51,5 +52,9 @@ case "${1:-}" in
             python3 -m benchmarks.packing --device cuda --steps 40 --loss $loss --repeats 2
         done 2>&1 | tee "$OUT/packing.log"
         ;;
-    *) echo "usage: $0 setup|tests|bench GRID [K]|memory|packing" >&2; exit 2 ;;
+    trl)
+        { python3 -m pytest -q -p no:cacheprovider tests/test_token_logps.py
+          python3 -m benchmarks.trl_step --preset gpu --out "$OUT"; } 2>&1 | tee "$OUT/trl.log"
+        ;;
+    *) echo "usage: $0 setup|tests|bench GRID [K]|memory|packing|trl" >&2; exit 2 ;;
 esac

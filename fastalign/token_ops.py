@@ -8,6 +8,7 @@ the autocast dtype), computed with one GEMM per vocab chunk and one online fold 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -319,9 +320,10 @@ class _TokenHead(torch.autograd.Function):
         return None, grad_hidden, grad_weight, grad_bias, None
 
 
-def _check_inputs(hidden, weight, labels, bias, temperature, logit_softcap, logit_scale, outputs,
-                  backend) -> None:  # fmt: skip
-    """Named errors for bad arguments, before any work starts."""
+def check_inputs(
+    hidden, weight, labels, *, bias, temperature, logit_softcap, logit_scale, outputs, backend
+) -> None:
+    """``token_logps``'s named errors for bad arguments, raised before any work starts."""
     V.check_float(hidden, "hidden")
     V.check_float(weight, "weight")
     V.check_int(labels, "labels")
@@ -356,7 +358,8 @@ def _check_inputs(hidden, weight, labels, bias, temperature, logit_softcap, logi
 def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """``"auto"``: Triton on CUDA, chunked torch elsewhere; ``"triton"`` checked usable."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        usable = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        return "triton" if usable else "torch"
     if backend == "triton":
         if dtype == torch.float64:
             raise TypeError("backend='triton' takes bfloat16, float16 or float32, not float64")
@@ -413,8 +416,10 @@ def token_logps(
         >>> out.log_probs.shape, out.entropy.shape
         (torch.Size([5]), torch.Size([5]))
     """
-    _check_inputs(hidden, weight, labels, bias, temperature, logit_softcap, logit_scale, outputs,
-                  backend)  # fmt: skip
+    check_inputs(
+        hidden, weight, labels, bias=bias, temperature=temperature, logit_softcap=logit_softcap,
+        logit_scale=logit_scale, outputs=outputs, backend=backend,
+    )  # fmt: skip
     device_type = hidden.device.type
     autocast = torch.is_autocast_enabled(device_type)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden.dtype

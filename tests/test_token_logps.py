@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastalign import TOKEN_OUTPUTS, token_logps, token_ops
+from fastalign import TOKEN_OUTPUTS, TokenLogpsOutput, token_logps, token_ops
 
 ALL = TOKEN_OUTPUTS
 TRANSFORMS = [
@@ -48,6 +48,11 @@ def make(num_rows, vocab, hidden_size, dtype=torch.float32, bias=True):
     return hidden, weight, labels, b
 
 
+def place(backend, device, *tensors):
+    """The Triton backend's tensors go to ``device`` (CUDA when the kernels are compiled)."""
+    return [t.to(device) if backend == "triton" else t for t in tensors]
+
+
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Chunked torch backend with tiny vocab chunks, so every test spans several of them."""
@@ -63,13 +68,17 @@ def check_close(got, want, tol):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("vocab", [97, 130])
-def test_values_and_grads_match_float64(small_tiles, backend, transform, vocab):
+def test_values_and_grads_match_float64(small_tiles, device, backend, transform, vocab):
     hidden, weight, labels, bias = make(37, vocab, 24)
     # Make a few labels the argmax so is_top1 is exercised both ways
     labels[:5] = (hidden[:5] @ weight.T + bias).argmax(-1)  # the transform keeps the argmax
-    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
-    out = token_logps(hidden, weight, labels, bias=bias, outputs=ALL, backend=backend, **transform)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    leaves = [t.requires_grad_() for t in place(backend, device, hidden, weight, bias)]
+    out = token_logps(
+        leaves[0], leaves[1], *place(backend, device, labels), bias=leaves[2], outputs=ALL,
+        backend=backend, **transform,
+    )  # fmt: skip
+    out = TokenLogpsOutput(*(None if x is None else x.cpu() for x in out))
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
     truth = reference(*leaves64[:2], labels, leaves64[2], **transform)
     for name in ALL:
         got = getattr(out, name)
@@ -83,6 +92,7 @@ def test_values_and_grads_match_float64(small_tiles, backend, transform, vocab):
     grads = torch.autograd.grad(
         (out.log_probs * g_logp).sum() + (out.entropy * g_ent).sum(), leaves
     )
+    grads = [g.cpu() for g in grads]
     loss64 = (truth["log_probs"] * g_logp.double()).sum() + (
         truth["entropy"] * g_ent.double()
     ).sum()
@@ -93,26 +103,33 @@ def test_values_and_grads_match_float64(small_tiles, backend, transform, vocab):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("softcap", [None, 2.5])
-def test_frozen_head_uses_the_forward_expectation(small_tiles, backend, softcap):
+def test_frozen_head_uses_the_forward_expectation(
+    small_tiles, monkeypatch, device, backend, softcap
+):
     hidden, weight, labels, bias = make(29, 97, 16)
-    hidden.requires_grad_()
+    placed = place(backend, device, hidden, weight, labels, bias)
+    placed[0].requires_grad_()
     transform = dict(logit_softcap=softcap, temperature=0.8, logit_scale=1.7)
-    out = token_logps(hidden, weight, labels, bias=bias, backend=backend, **transform)
-    assert out.log_probs.grad_fn is not None
+    out = token_logps(*placed[:3], bias=placed[3], backend=backend, **transform)
+
+    def no_recompute(*args):
+        raise AssertionError("a frozen head must not recompute the logits in backward")
+
+    monkeypatch.setattr(token_ops, "_backward_recompute", no_recompute)
     g = torch.randn(29)
-    (grad,) = torch.autograd.grad(out.log_probs, hidden, g)
+    (grad,) = torch.autograd.grad(out.log_probs, placed[0], g.to(placed[0].device))
+    grad = grad.cpu()
     h64 = hidden.detach().double().requires_grad_()
     truth = reference(h64, weight, labels, bias, **transform)["log_probs"]
     check_close(grad, torch.autograd.grad(truth, h64, g.double())[0], 2e-6)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_empty_rows_give_differentiable_zeros(backend):
-    hidden = torch.randn(0, 8, requires_grad=True)
-    weight = torch.randn(13, 8, requires_grad=True)
-    out = token_logps(
-        hidden, weight, torch.zeros(0, dtype=torch.long), outputs=ALL, backend=backend
-    )
+def test_empty_rows_give_differentiable_zeros(device, backend):
+    hidden, weight, labels = place(backend, device, torch.randn(0, 8), torch.randn(13, 8),
+                                   torch.zeros(0, dtype=torch.long))  # fmt: skip
+    hidden.requires_grad_(), weight.requires_grad_()
+    out = token_logps(hidden, weight, labels, outputs=ALL, backend=backend)
     assert out.log_probs.shape == (0,) and out.is_top1.shape == (0,)
     (out.log_probs.sum() + out.entropy.sum()).backward()
     assert torch.equal(weight.grad, torch.zeros_like(weight))
@@ -129,17 +146,17 @@ def test_unrequested_outputs_are_none_and_stats_are_not_differentiable():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_autocast_computes_chunks_in_the_autocast_dtype(backend):
+def test_autocast_computes_chunks_in_the_autocast_dtype(device, backend):
     """fp32 weights under bf16 autocast (TRL's default): same as bf16 inputs without autocast."""
-    hidden, weight, labels, bias = make(21, 67, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden, weight, labels, bias = place(backend, device, *make(21, 67, 16))
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16):
         under = token_logps(hidden, weight, labels, bias=bias, outputs=ALL, backend=backend)
     plain = token_logps(hidden.bfloat16(), weight.bfloat16(), labels, bias=bias.bfloat16(),
                         outputs=ALL, backend=backend)  # fmt: skip
     for name in ALL:
         assert torch.equal(getattr(under, name), getattr(plain, name)), name
     truth = reference(hidden, weight, labels, bias)["log_probs"]
-    check_close(under.log_probs, truth, 5e-2)
+    check_close(under.log_probs.cpu(), truth.cpu(), 5e-2)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..token_ops import TOKEN_OUTPUTS, token_logps
+from ..token_ops import TOKEN_OUTPUTS, check_inputs, token_logps
 
 SUPPORTED_TRL = "TRL 1.16.x"
 # TRL's `ChunkedLogProbFunction.forward` arguments after `ctx`: the seam's contract
@@ -100,17 +100,17 @@ class FastalignLogProbFunction:
         outputs=TOKEN_OUTPUTS[1:],
     ):
         reason = _unservable(hidden, weight, bias, outputs)
+        kwargs = dict(bias=bias, temperature=temperature, logit_softcap=final_logit_softcapping,
+                      logit_scale=logit_scale, outputs=tuple(outputs))  # fmt: skip
         if reason is None:
-            try:
-                result = token_logps(
-                    hidden, weight, targets, bias=bias, temperature=temperature,
-                    logit_softcap=final_logit_softcapping, logit_scale=logit_scale,
-                    outputs=tuple(outputs), gather_weight=_utils.maybe_gather_lm_head_ctx,
-                )  # fmt: skip
-                ROUTING["fastalign"] += 1
-                return tuple(result)
-            except (TypeError, ValueError) as error:  # raised by validation, before any work
+            try:  # the same checks token_logps runs first; nothing has been computed yet
+                check_inputs(hidden, weight, targets, backend="auto", **kwargs)
+            except (TypeError, ValueError) as error:
                 reason = str(error)
+        if reason is None:
+            ROUTING["fastalign"] += 1
+            gather = _utils.maybe_gather_lm_head_ctx
+            return tuple(token_logps(hidden, weight, targets, gather_weight=gather, **kwargs))
         ROUTING["trl"] += 1
         ROUTING[f"trl: {reason}"] += 1
         return _TRL_FUNCTION.apply(hidden, weight, bias, targets, temperature, chunk_size,
