@@ -195,3 +195,19 @@ def test_unsupported_trl_is_named():
 
     with pytest.raises(ImportError, match=r"supports TRL 1\.16\.x.*lacks _ChunkedLogProbFunction"):
         fa.check_trl(OldUtils)
+
+
+def test_trl_step_benchmark_runs_at_tiny_scale():
+    """``benchmarks/trl_step.py`` end to end on a tiny preset (one interleaved step each)."""
+    from benchmarks import trl_step
+
+    shape = dict(vocab=97, hidden=32, layers=1, intermediate=64, prompt=6, completion=4,
+                 pairs=2, bf16=False)  # fmt: skip
+    cell = trl_step.measure(shape, "cpu", lora=True, repeats=1)
+    assert cell["scored_tokens"] < cell["positions"]
+    for result in cell["results"].values():
+        assert len(result["seconds"]) == 1 and result["median_seconds"] > 0
+    record = dict(device="cpu", device_type="cpu", date="today", preset="tiny", shape=shape,
+                  repeats=1, versions={}, cells=[cell])  # fmt: skip
+    assert "| lora (frozen head) | 4 x 9" in trl_step.markdown(record)
+    assert_all_routed()
