@@ -19,6 +19,7 @@ from tests.trl_harness import (  # noqa: E402
     assert_same_step,
     make_trainers,
     one_step,
+    tiny_llama,
 )
 
 DPO_LOSS_TYPES = [
@@ -211,3 +212,38 @@ def test_trl_step_benchmark_runs_at_tiny_scale():
                   repeats=1, versions={}, cells=[cell])  # fmt: skip
     assert "| lora (frozen head) | 4 x 9" in trl_step.markdown(record)
     assert_all_routed()
+
+
+def _fused_head_grads(model, labels, route: bool):
+    """TRL's fused-head forward (as GRPO calls it, entropy bonus included) and its grads."""
+    model.zero_grad()
+    context = fa.use_fastalign() if route else contextlib.nullcontext()
+    input_ids = labels.clamp(min=0)
+    with context:
+        out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    (out.log_probs.sum() + 0.3 * out.entropy.sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.log_probs.detach(), out.entropy.detach(), grads
+
+
+@pytest.mark.parametrize("all_masked", [False, True], ids=["entropy-grad", "all-masked"])
+def test_fused_head_entropy_gradient_and_all_masked_rows(all_masked):
+    """GRPO differentiates the entropy: served by fastalign with TRL's gradients. An
+    all-masked microbatch scores no row (M = 0) and still backpropagates zeros."""
+    model = tiny_llama(0, softcap=3.0)
+    trl.trainer.utils.add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    labels = torch.randint(0, 97, (2, 7))
+    labels[:, :3] = -100
+    if all_masked:
+        labels[:] = -100
+    stock = _fused_head_grads(model, labels, route=False)
+    fast = _fused_head_grads(model, labels, route=True)
+    assert_all_routed()
+    for got, want in zip(fast[:2], stock[:2]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert fast[2].keys() == stock[2].keys()
+    for name, want in stock[2].items():
+        error = float((fast[2][name] - want).norm())
+        assert error <= 1e-6 * float(want.norm()) + 1e-12, name
+    if all_masked:
+        assert all(float(g.abs().max()) == 0 for g in fast[2].values())
