@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh packing          # packed vs padded training steps
 #   bash benchmarks/gpu_session.sh pack NAME        # everything in $OUT into $OUT/NAME.tgz, alone
 #                                                   # (the device tool brings back <= 8 files)
+#   bash benchmarks/gpu_session.sh trl              # token_logps compiled + TRL DPO step, stock vs fastalign
 #
 # Results and logs go to $OUT (default benchmarks/results/gpu-session-DATE; commit what is
 # worth keeping). Every grid includes "fastalign-fused" (FASTALIGN_CUDA_KERNEL=fused) beside
@@ -93,8 +94,12 @@ case "${1:-}" in
         tar -czf "/tmp/$name.tgz" -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
             && mv "/tmp/$name.tgz" "$OUT/$name.tgz" && ls -l "$OUT"
         ;;
+    trl)
+        { python3 -m pytest -q -p no:cacheprovider tests/test_token_logps.py
+          python3 -m benchmarks.trl_step --preset gpu --out "$OUT"; } 2>&1 | tee "$OUT/trl.log"
+        ;;
     *)
-        echo "usage: $0 all|setup|tests|fused [ARGS]|bench GRID [K]|memory|packing|pack NAME" >&2
+        echo "usage: $0 all|setup|tests|fused [ARGS]|bench GRID [K]|memory|packing|trl|pack NAME" >&2
         exit 2
         ;;
 esac

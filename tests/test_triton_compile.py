@@ -168,6 +168,48 @@ FUSED_SCRIPT = textwrap.dedent(
 )
 
 
+TOKEN_STATS_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastalign.kernels import token_stats as K
+
+    report = {}
+    cfg = K.blocks()
+    options = {"num_warps": cfg.pop("num_warps")}
+    flags = dict(HAS_SOFTCAP=True, **cfg)
+    fold_flags = dict(HAS_ENTROPY=True, HAS_SQ=True, HAS_MEAN=True, HAS_TOP1=True, **flags)
+    kernels = {
+        "fold": (K._fold_kernel, dict(WRITE_PROBS=False, **fold_flags)),
+        "fold+probs": (K._fold_kernel, dict(WRITE_PROBS=True, **fold_flags)),
+        "grad": (K._grad_kernel, dict(HAS_LOGP_GRAD=True, HAS_ENTROPY_GRAD=True, **flags)),
+    }
+    for dtype in ("bf16", "fp32"):
+        for name, (fn, constexprs) in kernels.items():
+            signature = {}
+            for arg in fn.arg_names:
+                if arg in constexprs:
+                    signature[arg] = "constexpr"
+                elif arg == "tile_ptr":
+                    signature[arg] = "*" + dtype
+                elif arg == "targets_ptr":
+                    signature[arg] = "*i64"
+                elif arg.endswith("_ptr"):
+                    signature[arg] = "*fp32"
+                elif arg in ("logit_scale", "softcap", "inv_temp"):
+                    signature[arg] = "fp32"
+                else:
+                    signature[arg] = "i64"
+            src = ASTSource(fn, signature, constexprs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+            report[f"{name}/{dtype}"] = compiled.metadata.shared
+    print(json.dumps(report))
+    """
+)
+
+
 def test_fused_kernels_use_wgmma_and_tma_without_spills():
     """The fused-epilogue GEMMs on sm_90a: ``wgmma`` (no ``mma.sync`` fall-back), TMA tile loads
     (``cp.async.bulk.tensor``) on the descriptor path, and no register spills in ptxas's
@@ -191,3 +233,24 @@ def test_fused_kernels_use_wgmma_and_tma_without_spills():
             continue
         assert info["arch"] == "sm_90a" and info["wgmma"] and not info["mma_sync"], name
         assert info["tma"] == ("/tma/" in name), f"{name}: TMA loads {info['tma']}"
+
+
+def test_token_stats_kernels_compile_for_sm90():
+    """kernels/token_stats.py (``token_logps``'s fold and gradient kernels), every flag on."""
+    if not _ptxas_available():
+        pytest.skip("triton's bundled ptxas is not available on this machine")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run(
+        [sys.executable, "-c", TOKEN_STATS_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report) == {
+        f"{k}/{d}" for k in ("fold", "fold+probs", "grad") for d in ("bf16", "fp32")
+    }
+    for name, shared in report.items():
+        assert 0 <= shared <= SM90_SHARED_LIMIT, f"{name} needs {shared} B of shared memory"
