@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._types import LogitTransform, TokenBatch
+from ._types import BackendGrads, BackendResult, GroupLogits, LogitTransform, TokenBatch
 
 # One logits tile holds about this many fp32 elements (16 MiB). Large enough that the
 # [chunk, H] x [H, V] matmul runs near peak on a CPU, small enough to stay a rounding error
@@ -26,11 +26,23 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _matmul_out_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with a result at least fp32 wide.
+
+    fp16 operands are widened first: an fp16 GEMM output overflows to inf above 65504,
+    where CUDA's fp32-output GEMM (the Triton backend's) stays finite. bf16 has fp32's
+    range and keeps its (faster) native GEMM; its output is widened after.
+    """
+    acc = accumulate_dtype(a.dtype)
+    if a.dtype == torch.float16:
+        return a.to(acc) @ b.to(acc)
+    return (a @ b).to(acc)
+
+
 def _logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> torch.Tensor:
     """fp32 logits ``[C, V]`` of the gathered hidden rows, transform applied in place."""
     acc = accumulate_dtype(rows.dtype)
-    # [C, H] @ [H, V] in the input dtype (as the GPU path does), then fp32.
-    logits = (rows @ tokens.weight.T).to(acc)
+    logits = _matmul_out_fp32(rows, tokens.weight.T)  # [C, H] @ [H, V]
     if tokens.bias is not None:
         logits += tokens.bias.to(acc)
     if transform.multiplier != 1.0:
@@ -44,8 +56,9 @@ def forward(
     batches: list[TokenBatch],
     transform: LogitTransform,
     expectation: list[bool] | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Per batch, ``(logp [M], lse [M], expected [M, H] or None)``, fp32 (fp64 for fp64).
+) -> list[BackendResult]:
+    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None)``, fp32 (fp64
+    for fp64).
 
     ``expectation[i]`` asks for batch i's ``E_t = Σ_v softmax(z_t)_v · s_tv · W_v`` (``s``
     the softcap slope, 1 without softcap): with a frozen lm_head it turns the backward into
@@ -79,7 +92,7 @@ def forward(
                     del cap_slope
                 expected[start:stop] = probs.to(weight.dtype) @ weight
             del logits
-        results.append((logp, lse, expected))
+        results.append(BackendResult(logp, lse, expected))
     return results
 
 
@@ -116,7 +129,7 @@ def backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> BackendGrads:
     """Gradients of ``Σ_t grad_logp[t] · logp[t]``: ``(rows [M, H], weight [V, H], bias [V])``.
 
     All fp32 (fp64 for fp64 inputs; ``None`` where not asked for). Logits are recomputed
@@ -139,26 +152,78 @@ def backward(
     for start in range(0, num_rows, step):
         stop = min(start + step, num_rows)
         rows = tokens.rows(start, stop)
-        logits = _logits(rows, tokens, transform)  # z, [C, V]
-        g = grad_logp[start:stop, None]  # [C, 1]
-        targets = tokens.targets[start:stop, None]
-        # dz = g·(onehot(y) − softmax(z)), formed in place of the logits tile.
-        if transform.softcap is not None:
-            # dz/du of the softcap is 1 − (z/c)²; keep it before z is overwritten.
-            cap_slope = 1.0 - (logits / transform.softcap).square_()
-        dz = logits.sub_(lse[start:stop, None]).exp_().mul_(-g)
-        dz.scatter_add_(1, targets, g.expand(-1, 1).contiguous())
-        if transform.softcap is not None:
-            dz.mul_(cap_slope)
-            del cap_slope
-        if transform.multiplier != 1.0:
-            dz.mul_(transform.multiplier)
-        # dz is now ∂L/∂(h·Wᵀ + b) for this chunk.
+        dz = _logits(rows, tokens, transform)  # z, [C, V]; dz formed in its place
+        _dz_in_place(
+            dz, tokens.targets[start:stop], lse[start:stop], grad_logp[start:stop], transform
+        )
         if grad_rows is not None:
-            grad_rows[start:stop] = dz.to(weight.dtype) @ weight
+            grad_rows[start:stop] = _matmul_out_fp32(dz.to(weight.dtype), weight)
         if grad_weight is not None:
             grad_weight.addmm_(dz.T, rows.to(acc))
         if grad_bias is not None:
             grad_bias += dz.sum(0)
-        del dz, logits
-    return grad_rows, grad_weight, grad_bias
+        del dz
+    return BackendGrads(grad_rows, grad_weight, grad_bias)
+
+
+def _dz_in_place(
+    logits: torch.Tensor,  # [C, V] z, overwritten with dz
+    targets: torch.Tensor,  # [C] int64
+    lse: torch.Tensor,  # [C]
+    grad_logp: torch.Tensor,  # [C]
+    transform: LogitTransform,
+) -> None:
+    """``dz = g·(onehot(y) − softmax(z))·s·mult`` (``s`` the softcap slope) in place of z:
+    ∂L/∂(h·Wᵀ + b) for these rows."""
+    g = grad_logp[:, None].to(logits.dtype)  # [C, 1]
+    cap_slope = None
+    if transform.softcap is not None:
+        # dz/du of the softcap is 1 − (z/c)²; kept before z is overwritten.
+        cap_slope = 1.0 - (logits / transform.softcap).square_()
+    dz = logits.sub_(lse[:, None]).exp_().mul_(-g)
+    dz.scatter_add_(1, targets[:, None], g.contiguous())
+    if cap_slope is not None:
+        dz.mul_(cap_slope)
+    if transform.multiplier != 1.0:
+        dz.mul_(transform.multiplier)
+
+
+def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> GroupLogits:
+    """Store path: the logits of one group's ``[R, H]`` rows (one GEMM), kept; per row its
+    logp and logsumexp (folded chunk by chunk, so temporaries stay one chunk wide)."""
+    logits = _logits(rows, tokens, transform)  # [R, V]
+    targets = tokens.targets
+    lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    step = chunk_rows(logits.shape[1])
+    for start in range(0, logits.shape[0], step):
+        lse[start : start + step] = torch.logsumexp(logits[start : start + step], dim=-1)
+    target = logits.gather(1, targets[:, None]).squeeze(1)
+    return GroupLogits(logits, target - lse, lse)
+
+
+def group_grads(
+    group: GroupLogits,
+    rows: torch.Tensor,  # [R, H] the group's hidden rows
+    tokens: TokenBatch,  # the group's tokens (targets [R]) and lm_head
+    transform: LogitTransform,
+    grad_logp: torch.Tensor,  # [R] fp32
+    grads: BackendGrads,
+) -> torch.Tensor | None:
+    """Store path: ``dz`` in place of the group's logits, chunk by chunk; ``grads.weight`` /
+    ``grads.bias`` accumulate (fp32); returns the rows' gradient ``[R, H]`` if asked for."""
+    dz = group.logits
+    step = chunk_rows(dz.shape[1])
+    for start in range(0, dz.shape[0], step):
+        stop = start + step
+        _dz_in_place(
+            dz[start:stop], tokens.targets[start:stop], group.lse[start:stop],
+            grad_logp[start:stop], transform,
+        )  # fmt: skip
+    weight = tokens.weight
+    if grads.weight is not None:
+        grads.weight.addmm_(dz.T, rows.to(dz.dtype))
+    if grads.bias is not None:
+        grads.bias.add_(dz.sum(0))
+    if grads.rows is None:
+        return None
+    return _matmul_out_fp32(dz.to(weight.dtype), weight)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._types import LogitTransform, TokenBatch
+from .._types import BackendGrads, BackendResult, GroupLogits, LogitTransform, TokenBatch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Sentinel for "no logit seen yet": finite, so exp(sentinel − m) is 0 and never NaN. A
@@ -180,16 +180,24 @@ def _grad_logits_kernel(
     b_ptr,
     has_bias,
     dz_ptr,  # [R, C] out, the weight's dtype: ∂L/∂(h·Wᵀ + b) (may alias logits)
+    dz_row_stride,  # elements between dz rows: C, or 2C for a half dz inside fp32 logits
     num_rows,
     chunk_start,
     chunk_width,
     multiplier,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
+    HALF_IN_PLACE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """``dz = g·(onehot − exp(z − lse))·s·mult`` for one vocab chunk of rows."""
+    """``dz = g·(onehot − exp(z − lse))·s·mult`` for one vocab chunk of rows.
+
+    In place: for fp32, each tile is read before the same tile is written. ``HALF_IN_PLACE``
+    writes a half-precision ``dz`` into the first half of each fp32 logits row (row stride
+    ``2C``): tile ``v0`` writes the bytes of fp32 columns ``[v0/2, (v0+BLOCK_V)/2)``, already
+    read by this program; a barrier keeps the first tile's reads ahead of its writes.
+    """
     o_m, m_m, o_row, b_target = _row_block(targets_ptr, num_rows, chunk_start, chunk_width, BLOCK_M)
     b_lse = tl.load(lse_ptr + o_m, mask=m_m, other=0.0)
     b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
@@ -203,7 +211,10 @@ def _grad_logits_kernel(
         if HAS_SOFTCAP:
             b_dz = b_dz * _softcap_slope(b_z, m_v, softcap)
         b_dz = b_dz * multiplier
-        tl.store(dz_ptr + o_row + o_v[None, :], b_dz.to(dz_ptr.dtype.element_ty), mask=m_tile)
+        if HALF_IN_PLACE:
+            tl.debug_barrier()
+        p_dz = dz_ptr + o_m.to(tl.int64)[:, None] * dz_row_stride + o_v[None, :]
+        tl.store(p_dz, b_dz.to(dz_ptr.dtype.element_ty), mask=m_tile)
 
 
 def _fold_blocks() -> dict:
@@ -278,8 +289,8 @@ def forward(
     batches: list[TokenBatch],
     transform: LogitTransform,
     expectation: list[bool] | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Per batch, ``(logp [M], lse [M], expected [M, H] or None)``, fp32.
+) -> list[BackendResult]:
+    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None)``, fp32.
 
     Batches that share an lm_head are scored together, one GEMM and one fold launch per
     vocab chunk; ``expectation[i]`` (a frozen lm_head) also accumulates batch i's ``E_t``.
@@ -296,7 +307,7 @@ def forward(
         for i, tokens in zip(members, parts):
             stop = start + tokens.num_rows
             rows_expected = None if expected is None else expected[start:stop]
-            results[i] = (logp[start:stop], lse[start:stop], rows_expected)
+            results[i] = BackendResult(logp[start:stop], lse[start:stop], rows_expected)
             start = stop
     return results
 
@@ -361,7 +372,7 @@ def backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> BackendGrads:
     """``(grad_rows [M, H] fp32, grad_weight [V, H] weight's dtype, grad_bias [V] fp32)``.
 
     Vocab chunk by chunk: recompute the logits, form ``dz`` in the weight's dtype (tensor
@@ -391,12 +402,14 @@ def backward(
             b_ptr=chunk.bias,
             has_bias=chunk.has_bias,
             dz_ptr=chunk.out,
+            dz_row_stride=chunk.stop - chunk.start,
             num_rows=num_rows,
             chunk_start=chunk.start,
             chunk_width=chunk.stop - chunk.start,
             multiplier=transform.multiplier,
             softcap=transform.softcap or 1.0,
             HAS_SOFTCAP=transform.softcap is not None,
+            HALF_IN_PLACE=False,
             **blocks,
         )
         dz = chunk.out  # [M, C], the weight's dtype
@@ -407,4 +420,90 @@ def backward(
         if grad_bias is not None:
             grad_bias[chunk.start : chunk.stop] = dz.float().sum(0)
         del chunk, dz
-    return grad_rows, grad_weight, grad_bias
+    return BackendGrads(grad_rows, grad_weight, grad_bias)
+
+
+# ----------------------------------------------------------------------------- store path
+def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> GroupLogits:
+    """Store path: one cuBLAS GEMM gives the group's raw fp32 logits ``[R, V]`` (kept, raw:
+    the kernels apply bias and transform on the fly), the fold their logp and logsumexp."""
+    weight, bias = tokens.weight, tokens.bias
+    num_rows, vocab_size = rows.shape[0], weight.shape[0]
+    device = weight.device
+    logits = _mm_fp32(rows, weight.T)  # [R, V] fp32
+    running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
+    running_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    target_logit = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    if num_rows:
+        blocks = _fold_blocks()
+        _fold_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
+            logits_ptr=logits,
+            targets_ptr=tokens.targets.long().contiguous(),
+            b_ptr=weight if bias is None else bias,
+            has_bias=int(bias is not None),
+            max_ptr=running_max,
+            sum_ptr=running_sum,
+            tgt_ptr=target_logit,
+            probs_ptr=logits,
+            rescale_ptr=running_sum,
+            num_rows=num_rows,
+            chunk_start=0,
+            chunk_width=vocab_size,
+            multiplier=transform.multiplier,
+            softcap=transform.softcap or 1.0,
+            HAS_SOFTCAP=transform.softcap is not None,
+            WRITE_PROBS=False,
+            **blocks,
+        )
+    lse = running_max + torch.log(running_sum)
+    return GroupLogits(logits, target_logit - lse, lse)
+
+
+def group_grads(
+    group: GroupLogits,
+    rows: torch.Tensor,  # [R, H] the group's hidden rows
+    tokens: TokenBatch,  # the group's tokens (targets [R]) and lm_head
+    transform: LogitTransform,
+    grad_logp: torch.Tensor,  # [R] fp32
+    grads: BackendGrads,
+) -> torch.Tensor | None:
+    """Store path: ``dz`` in place of the group's logits (in the weight's dtype, inside the
+    fp32 buffer for half weights), then the rows' gradient ``[R, H]`` fp32 (one GEMM) and
+    the lm_head's fp32 accumulator (vocab chunks, fixed order: deterministic)."""
+    logits = group.logits  # [R, V] fp32, raw
+    weight, bias = tokens.weight, tokens.bias
+    num_rows, vocab_size = logits.shape
+    half = weight.dtype != torch.float32
+    # A half dz lives in the first half of each fp32 row: [R, V] with row stride 2V.
+    dz = logits.view(weight.dtype)[:, :vocab_size] if half else logits
+    if num_rows:
+        blocks = _fold_blocks()
+        _grad_logits_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
+            logits_ptr=logits,
+            targets_ptr=tokens.targets.long().contiguous(),
+            lse_ptr=group.lse.float().contiguous(),
+            grad_ptr=grad_logp.float().contiguous(),
+            b_ptr=weight if bias is None else bias,
+            has_bias=int(bias is not None),
+            dz_ptr=dz,
+            dz_row_stride=dz.stride(0),
+            num_rows=num_rows,
+            chunk_start=0,
+            chunk_width=vocab_size,
+            multiplier=transform.multiplier,
+            softcap=transform.softcap or 1.0,
+            HAS_SOFTCAP=transform.softcap is not None,
+            HALF_IN_PLACE=half,
+            **blocks,
+        )
+    if grads.bias is not None:
+        grads.bias.add_(dz.float().sum(0))
+    if grads.weight is not None:
+        if half:
+            width = _chunk_width(weight.shape[1], vocab_size)
+            for start in range(0, vocab_size, width):
+                part = _mm_fp32(dz[:, start : start + width].T, rows.to(dz.dtype))
+                grads.weight[start : start + width].add_(part)
+        else:
+            grads.weight.addmm_(dz.T, rows.float())
+    return None if grads.rows is None else _mm_fp32(dz, weight)
