@@ -145,9 +145,12 @@ def compiled(case, x):
 
 
 # ----------------------------------------------------------------------------- fastalign
-def fastalign_impl(case, x):
+def fastalign_impl(case, x, grad_mode="auto"):
+    """fastalign's default: the fused losses take the store path where one gradient unit
+    fits the budget (``grad_mode="auto"``)."""
     backend = "auto"
     common = dict(backend=backend)
+    loss_options = dict(common, grad_mode=grad_mode)
 
     def run():
         if case in ("logps", FROZEN):
@@ -167,7 +170,7 @@ def fastalign_impl(case, x):
                 x["labels"],
                 ref_hidden=x["ref_hidden"],
                 beta=BETA,
-                **common,
+                **loss_options,
             ).loss
         elif case == "typo":
             loss = fastalign.typo_loss_fused(
@@ -177,7 +180,7 @@ def fastalign_impl(case, x):
                 sample_hidden=x["kl_hidden"],
                 sample_labels=x["labels"],
                 lam=0.05,
-                **common,
+                **loss_options,
             ).loss
         elif case == "kto":
             loss = fastalign.kto_loss_fused(
@@ -190,7 +193,7 @@ def fastalign_impl(case, x):
                 kl_labels=x["labels"],
                 kl_ref_hidden=x["kl_ref_hidden"],
                 beta=BETA,
-                **common,
+                **loss_options,
             ).loss
         loss.backward()
 
@@ -198,10 +201,13 @@ def fastalign_impl(case, x):
 
 
 def fastalign_recompute(case, x):
-    """fastalign with the frozen-head fast path switched off: the general recompute backward
-    on a frozen lm_head, the baseline the fast path is measured against."""
+    """fastalign's recompute path, the baseline of its fast paths: the losses with
+    ``grad_mode="recompute"`` (store path off), the frozen-head case with the frozen-head
+    fast path switched off."""
+    if case in ("logps", "policy_ref"):
+        raise Unavailable("the log-prob cases have one path (their upstream gradient is unknown)")
     if case != FROZEN:
-        raise Unavailable("only the frozen-head case compares the two fastalign paths")
+        return fastalign_impl(case, x, grad_mode="recompute")
     run_fast = fastalign_impl(case, x)
 
     def run():

@@ -102,8 +102,10 @@ class Backend(Protocol):
         batches: list[TokenBatch],
         transform: LogitTransform,
         expectation: list[bool] | None = None,
+        chunk_elements: int | None = None,
     ) -> list[BackendResult]:
-        """Per batch, token log-probs and logsumexps (and ``E_t`` where ``expectation``)."""
+        """Per batch, token log-probs and logsumexps (and ``E_t`` where ``expectation``);
+        ``chunk_elements``: a size hint for the logits tiles (None: the backend's own)."""
 
     def backward(
         self,

@@ -38,6 +38,7 @@ class _Plan:
     streams: list[Prepared]
     transform: LogitTransform
     backend: Backend
+    chunk_elements: int | None = None  # logits tile hint for the backend's forward
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class _FusedLogps(torch.autograd.Function):
             for i in range(len(plan.streams))
         ]
         results = plan.backend.forward(
-            [p.tokens for p in plan.streams], plan.transform, expectation
+            [p.tokens for p in plan.streams], plan.transform, expectation, plan.chunk_elements
         )
         outputs = tuple(_sums(r.logp, p) for p, r in zip(plan.streams, results))
         ctx.plan, ctx.slots = plan, slots
@@ -192,9 +193,10 @@ def score_prepared(
     prepared: list[Prepared],
     transform: LogitTransform,
     backend: Backend,
+    chunk_elements: int | None = None,
 ) -> list[LogpOutput]:
     """Score prepared streams in one backend launch (the recompute path's autograd)."""
-    plan = _Plan(streams=prepared, transform=transform, backend=backend)
+    plan = _Plan(prepared, transform, backend, chunk_elements)
     sums = _FusedLogps.apply(plan, *InputSlots.tensors(streams))
     return [
         LogpOutput(logps if p.differentiable else logps.detach(), p.num_tokens)

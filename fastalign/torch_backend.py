@@ -52,13 +52,27 @@ def _logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -
     return logits
 
 
+def _softmax_in_place(logits: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Row logsumexp ``[C]`` of a ``[C, V]`` tile, which is overwritten with
+    ``exp(z − max)`` (``softmax(z)`` when ``normalize``): one exp per element, where
+    ``torch.logsumexp`` would take a second one and two temporaries."""
+    row_max = logits.amax(dim=1, keepdim=True)  # [C, 1]
+    exp = logits.sub_(row_max).exp_()
+    total = exp.sum(dim=1, keepdim=True)
+    if normalize:
+        exp.div_(total)
+    return (row_max + total.log_()).squeeze(1)
+
+
 def forward(
     batches: list[TokenBatch],
     transform: LogitTransform,
     expectation: list[bool] | None = None,
+    chunk_elements: int | None = None,
 ) -> list[BackendResult]:
     """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None)``, fp32 (fp64
-    for fp64).
+    for fp64), in token chunks of ``chunk_elements`` logits (default ``CHUNK_ELEMENTS``;
+    the store path scores its no-grad streams in chunks as large as its group budget).
 
     ``expectation[i]`` asks for batch i's ``E_t = Σ_v softmax(z_t)_v · s_tv · W_v`` (``s``
     the softcap slope, 1 without softcap): with a frozen lm_head it turns the backward into
@@ -75,23 +89,20 @@ def forward(
         expected = None
         if expectation is not None and expectation[i]:
             expected = torch.empty(num_rows, weight.shape[1], dtype=acc, device=device)
-        step = chunk_rows(weight.shape[0])
+        step = chunk_rows(weight.shape[0], chunk_elements or CHUNK_ELEMENTS)
         for start in range(0, num_rows, step):
             stop = min(start + step, num_rows)
             logits = _logits(tokens.rows(start, stop), tokens, transform)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, tokens.targets[start:stop, None]).squeeze(1)
-            lse[start:stop] = chunk_lse
-            logp[start:stop] = target - chunk_lse
+            cap_slope = None
+            if expected is not None and transform.softcap is not None:
+                cap_slope = 1.0 - (logits / transform.softcap).square_()
+            lse[start:stop] = _softmax_in_place(logits, normalize=expected is not None)
+            logp[start:stop] = target - lse[start:stop]
             if expected is not None:
-                if transform.softcap is not None:
-                    cap_slope = 1.0 - (logits / transform.softcap).square_()
-                probs = logits.sub_(chunk_lse[:, None]).exp_()
-                if transform.softcap is not None:
-                    probs.mul_(cap_slope)
-                    del cap_slope
+                probs = logits if cap_slope is None else logits.mul_(cap_slope)
                 expected[start:stop] = probs.to(weight.dtype) @ weight
-            del logits
+            del logits, cap_slope
         results.append(BackendResult(logp, lse, expected))
     return results
 
@@ -190,14 +201,18 @@ def _dz_in_place(
 
 def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> GroupLogits:
     """Store path: the logits of one group's ``[R, H]`` rows (one GEMM), kept; per row its
-    logp and logsumexp (folded chunk by chunk, so temporaries stay one chunk wide)."""
+    logp and logsumexp, chunk by chunk. The kept buffer holds ``softmax(z)`` (``z`` itself
+    with a softcap, whose slope ``group_grads`` needs)."""
     logits = _logits(rows, tokens, transform)  # [R, V]
-    targets = tokens.targets
+    target = logits.gather(1, tokens.targets[:, None]).squeeze(1)
     lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
     step = chunk_rows(logits.shape[1])
     for start in range(0, logits.shape[0], step):
-        lse[start : start + step] = torch.logsumexp(logits[start : start + step], dim=-1)
-    target = logits.gather(1, targets[:, None]).squeeze(1)
+        chunk = logits[start : start + step]
+        if transform.softcap is None:
+            lse[start : start + step] = _softmax_in_place(chunk, normalize=True)
+        else:
+            lse[start : start + step] = torch.logsumexp(chunk, dim=-1)
     return GroupLogits(logits, target - lse, lse)
 
 
@@ -209,16 +224,20 @@ def group_grads(
     grad_logp: torch.Tensor,  # [R] fp32
     grads: BackendGrads,
 ) -> torch.Tensor | None:
-    """Store path: ``dz`` in place of the group's logits, chunk by chunk; ``grads.weight`` /
+    """Store path: ``dz`` in place of the group's kept buffer; ``grads.weight`` /
     ``grads.bias`` accumulate (fp32); returns the rows' gradient ``[R, H]`` if asked for."""
     dz = group.logits
-    step = chunk_rows(dz.shape[1])
-    for start in range(0, dz.shape[0], step):
-        stop = start + step
-        _dz_in_place(
-            dz[start:stop], tokens.targets[start:stop], group.lse[start:stop],
-            grad_logp[start:stop], transform,
-        )  # fmt: skip
+    if transform.softcap is None:  # dz = g·mult·(onehot − p), p already in place
+        g = (grad_logp * transform.multiplier).to(dz.dtype)[:, None]  # [R, 1]
+        dz.mul_(-g).scatter_add_(1, tokens.targets[:, None], g)
+    else:
+        step = chunk_rows(dz.shape[1])
+        for start in range(0, dz.shape[0], step):
+            stop = start + step
+            _dz_in_place(
+                dz[start:stop], tokens.targets[start:stop], group.lse[start:stop],
+                grad_logp[start:stop], transform,
+            )  # fmt: skip
     weight = tokens.weight
     if grads.weight is not None:
         grads.weight.addmm_(dz.T, rows.to(dz.dtype))

@@ -289,8 +289,11 @@ def forward(
     batches: list[TokenBatch],
     transform: LogitTransform,
     expectation: list[bool] | None = None,
+    chunk_elements: int | None = None,
 ) -> list[BackendResult]:
     """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None)``, fp32.
+    (``chunk_elements`` is the torch backend's knob; vocab chunks here follow
+    ``CHUNK_ELEMENTS``.)
 
     Batches that share an lm_head are scored together, one GEMM and one fold launch per
     vocab chunk; ``expectation[i]`` (a frozen lm_head) also accumulates batch i's ``E_t``.

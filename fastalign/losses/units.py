@@ -149,7 +149,9 @@ def fused_loss(
         return FusedLoss(loss, outputs[: len(terms)], outputs[len(terms) :])
     nograd_out = []
     if nograd:
-        nograd_out = score_prepared(list(nograd), prepared[len(terms) :], transform, backend)
+        # No autograd state here: tiles as large as the groups' budget (larger GEMMs).
+        chunk = _budget(options, policy[0]) // 4
+        nograd_out = score_prepared(list(nograd), prepared[len(terms) :], transform, backend, chunk)
     losses = build(nograd_out)
     store_terms = [
         StoreTerm(
@@ -202,15 +204,20 @@ def _wants_store(terms: list[PolicyTerm], options: LogpOptions) -> bool:
     return options.grad_mode == "store" or terms[0].stream.weight.requires_grad
 
 
+def _budget(options: LogpOptions, policy: Prepared) -> int:
+    """The store path's group budget in bytes: the option, or the device's default."""
+    if options.store_budget_bytes is not None:
+        return options.store_budget_bytes
+    return tiles.store_group_budget(policy.tokens.hidden.device.type)
+
+
 def _store_groups(
     terms: list[PolicyTerm], policy: list[Prepared], options: LogpOptions
 ) -> list[list[torch.Tensor]] | None:
     """Per term, its groups of whole units (sequence ids in unit layout) under the budget;
     None when one unit alone exceeds it (then the whole call takes the recompute path)."""
     device = policy[0].tokens.hidden.device
-    budget = options.store_budget_bytes
-    if budget is None:
-        budget = tiles.store_group_budget(device.type)
+    budget = _budget(options, policy[0])
     out = []
     for term, p in zip(terms, policy):
         vocab, dtype = p.tokens.weight.shape[0], p.tokens.hidden.dtype
