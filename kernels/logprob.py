@@ -4,28 +4,25 @@ Story in order:
 1. ``_transform`` / ``_online_update``: the logit transform ``z = softcap(mult·(h·Wᵀ + b))``
    and the online logsumexp step (running max, sum of exponentials, target logit), in fp32.
 2. ``_fold_kernel``: folds one ``[R, C]`` vocab chunk of raw logits (an fp32 GEMM output)
-   into each row's running statistics; for a frozen lm_head it also writes
-   ``exp(z − m)·s`` (``s`` the softcap slope) and the rescale factor of the old statistics,
-   so that ``E_t = softmax(z_t)·s·W`` accumulates online, as flash attention's output does.
-3. ``forward``: the scored rows of every stream that shares an lm_head are stacked, and per
-   vocab chunk ONE GEMM and ONE fold launch serve them all (policy, reference, KTO's
-   mismatched rows, TYPO's samples).
-4. ``_grad_logits_kernel`` + ``backward``: per vocab chunk, recompute the chunk's logits
-   (GEMM), turn them into ``dz = g·(onehot − softmax(z))·s·mult`` in the weight's dtype, then
-   ``grad_rows += dz·W_c`` and ``grad_W[c] = dzᵀ·h``: every vocab chunk is finished in one
-   go, so no ``[V, H]`` fp32 accumulator exists (the ``[M, H]`` one is ``V/M`` times smaller).
+   into each row's running statistics; for a frozen lm_head it also writes ``exp(z − m)·s``
+   (``s`` the softcap slope) and the rescale of the old statistics, so that
+   ``E_t = softmax(z_t)·s·W`` accumulates online, as flash attention's output does.
+3. ``forward``: the scored rows of every stream sharing an lm_head are stacked; per vocab
+   chunk ONE GEMM and ONE fold launch serve them all (policy, reference, KL rows, samples).
+4. ``_grad_logits_kernel`` + ``backward`` (recompute path): per vocab chunk, recompute the
+   logits (GEMM), form ``dz = g·(onehot − softmax(z))·s·mult`` in the weight's dtype, then
+   ``grad_rows += dz·W_c`` and ``grad_W[c] = dzᵀ·h``: no ``[V, H]`` fp32 accumulator.
+5. ``group_logits`` + ``group_grads`` (store path, ``fastalign.store``): one GEMM for a
+   group's full-vocabulary logits, the fold, then ``dz`` in place and the two GEMMs.
 
-Why GEMMs and not one fused kernel: on an H100 the previous single-launch design (a
-``tl.dot`` K-loop per logits tile, pointers from a per-stream table) ran at 45-72 TFLOP/s,
-5-7 % of the bf16 peak (``benchmarks/results/h100-fused-kernel-4813b96``), while cuBLAS
-GEMMs with a memory-bound fold reached 450-550 TFLOP/s on the same shapes. Everything is
-deterministic: no atomics, fixed chunk order.
-
-FLOPs per scored token: forward 2HV; backward 2HV (recompute) + 4HV (two GEMMs), 2HV of them
-skipped when the lm_head is frozen. Frozen-head fast path: 4HV in forward, none in backward.
-Extra memory: one ``[R, C]`` fp32 logits chunk (+ its half-precision ``dz``/``p``), bounded by
-``CHUNK_ELEMENTS``, plus O(M) statistics, the gathered rows ``[M, H]`` and, in backward or
-for a frozen head, an fp32 ``[M, H]`` accumulator.
+Why GEMMs and not one fused kernel: on an H100 a single-launch design (a ``tl.dot`` K-loop
+per logits tile) ran at 45-72 TFLOP/s (``benchmarks/results/h100-fused-kernel-4813b96``),
+cuBLAS GEMMs with a memory-bound fold at 450-550 TFLOP/s. Deterministic: no atomics, fixed
+chunk order. FLOPs per scored token: forward 2HV; recompute backward 2HV + 4HV (2HV fewer
+for a frozen head); frozen-head fast path 4HV in forward, none in backward; store path 6HV
+in forward, none in backward. Extra memory: one ``[R, C]`` fp32 logits chunk (bounded by
+``CHUNK_ELEMENTS``; the store path: one group, bounded by its budget), O(M) statistics,
+the gathered rows ``[M, H]`` and an fp32 ``[M, H]`` accumulator.
 """
 
 from __future__ import annotations
@@ -37,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._types import BackendGrads, BackendResult, GroupLogits, LogitTransform, TokenBatch
+from .._types import BackendGrads, BackendResult, LogitTransform, TokenBatch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Sentinel for "no logit seen yet": finite, so exp(sentinel − m) is 0 and never NaN. A
@@ -224,12 +221,34 @@ def _fold_blocks() -> dict:
     return dict(BLOCK_M=1, BLOCK_V=1024, num_warps=4)
 
 
+def _transform_args(transform: LogitTransform) -> dict:
+    """The logit transform as the kernels take it."""
+    softcap = transform.softcap
+    return dict(
+        multiplier=transform.multiplier, softcap=softcap or 1.0, HAS_SOFTCAP=softcap is not None
+    )
+
+
+def _bias_args(weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    """The bias as the kernels take it (any pointer and a 0 flag without bias)."""
+    return dict(b_ptr=weight if bias is None else bias, has_bias=int(bias is not None))
+
+
+def _running_stats(num_rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh fp32 ``[R]`` running max (at the "nothing seen" sentinel), sum and target logit."""
+    running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
+    zeros = torch.zeros(2, num_rows, dtype=torch.float32, device=device)
+    return running_max, zeros[0], zeros[1]
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with an fp32 result (fp32 accumulate on CUDA for half inputs)."""
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
+    if a.dtype == torch.float16:  # the interpreter on CPU: an fp16 output would overflow
+        return a.float() @ b.float()
     return (a @ b).float()
 
 
@@ -327,9 +346,7 @@ def _forward_group(
     del gathered
     targets = torch.cat([p.targets for p in parts]).long().contiguous()  # [R]
     num_rows = rows.shape[0]
-    running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
-    running_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    target_logit = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    running_max, running_sum, target_logit = _running_stats(num_rows, device)
     expected = rescale = None
     if with_expectation:
         expected = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=device)
@@ -351,9 +368,7 @@ def _forward_group(
             num_rows=num_rows,
             chunk_start=chunk.start,
             chunk_width=chunk.stop - chunk.start,
-            multiplier=transform.multiplier,
-            softcap=transform.softcap or 1.0,
-            HAS_SOFTCAP=transform.softcap is not None,
+            **_transform_args(transform),
             WRITE_PROBS=with_expectation,
             **blocks,
         )
@@ -409,9 +424,7 @@ def backward(
             num_rows=num_rows,
             chunk_start=chunk.start,
             chunk_width=chunk.stop - chunk.start,
-            multiplier=transform.multiplier,
-            softcap=transform.softcap or 1.0,
-            HAS_SOFTCAP=transform.softcap is not None,
+            **_transform_args(transform),
             HALF_IN_PLACE=False,
             **blocks,
         )
@@ -426,87 +439,5 @@ def backward(
     return BackendGrads(grad_rows, grad_weight, grad_bias)
 
 
-# ----------------------------------------------------------------------------- store path
-def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> GroupLogits:
-    """Store path: one cuBLAS GEMM gives the group's raw fp32 logits ``[R, V]`` (kept, raw:
-    the kernels apply bias and transform on the fly), the fold their logp and logsumexp."""
-    weight, bias = tokens.weight, tokens.bias
-    num_rows, vocab_size = rows.shape[0], weight.shape[0]
-    device = weight.device
-    logits = _mm_fp32(rows, weight.T)  # [R, V] fp32
-    running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
-    running_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    target_logit = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    if num_rows:
-        blocks = _fold_blocks()
-        _fold_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
-            logits_ptr=logits,
-            targets_ptr=tokens.targets.long().contiguous(),
-            b_ptr=weight if bias is None else bias,
-            has_bias=int(bias is not None),
-            max_ptr=running_max,
-            sum_ptr=running_sum,
-            tgt_ptr=target_logit,
-            probs_ptr=logits,
-            rescale_ptr=running_sum,
-            num_rows=num_rows,
-            chunk_start=0,
-            chunk_width=vocab_size,
-            multiplier=transform.multiplier,
-            softcap=transform.softcap or 1.0,
-            HAS_SOFTCAP=transform.softcap is not None,
-            WRITE_PROBS=False,
-            **blocks,
-        )
-    lse = running_max + torch.log(running_sum)
-    return GroupLogits(logits, target_logit - lse, lse)
-
-
-def group_grads(
-    group: GroupLogits,
-    rows: torch.Tensor,  # [R, H] the group's hidden rows
-    tokens: TokenBatch,  # the group's tokens (targets [R]) and lm_head
-    transform: LogitTransform,
-    grad_logp: torch.Tensor,  # [R] fp32
-    grads: BackendGrads,
-) -> torch.Tensor | None:
-    """Store path: ``dz`` in place of the group's logits (in the weight's dtype, inside the
-    fp32 buffer for half weights), then the rows' gradient ``[R, H]`` fp32 (one GEMM) and
-    the lm_head's fp32 accumulator (vocab chunks, fixed order: deterministic)."""
-    logits = group.logits  # [R, V] fp32, raw
-    weight, bias = tokens.weight, tokens.bias
-    num_rows, vocab_size = logits.shape
-    half = weight.dtype != torch.float32
-    # A half dz lives in the first half of each fp32 row: [R, V] with row stride 2V.
-    dz = logits.view(weight.dtype)[:, :vocab_size] if half else logits
-    if num_rows:
-        blocks = _fold_blocks()
-        _grad_logits_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
-            logits_ptr=logits,
-            targets_ptr=tokens.targets.long().contiguous(),
-            lse_ptr=group.lse.float().contiguous(),
-            grad_ptr=grad_logp.float().contiguous(),
-            b_ptr=weight if bias is None else bias,
-            has_bias=int(bias is not None),
-            dz_ptr=dz,
-            dz_row_stride=dz.stride(0),
-            num_rows=num_rows,
-            chunk_start=0,
-            chunk_width=vocab_size,
-            multiplier=transform.multiplier,
-            softcap=transform.softcap or 1.0,
-            HAS_SOFTCAP=transform.softcap is not None,
-            HALF_IN_PLACE=half,
-            **blocks,
-        )
-    if grads.bias is not None:
-        grads.bias.add_(dz.float().sum(0))
-    if grads.weight is not None:
-        if half:
-            width = _chunk_width(weight.shape[1], vocab_size)
-            for start in range(0, vocab_size, width):
-                part = _mm_fp32(dz[:, start : start + width].T, rows.to(dz.dtype))
-                grads.weight[start : start + width].add_(part)
-        else:
-            grads.weight.addmm_(dz.T, rows.float())
-    return None if grads.rows is None else _mm_fp32(dz, weight)
+# The store path's two steps live beside the recompute path's, in their own module.
+from .logprob_store import group_grads, group_logits  # noqa: E402, F401

@@ -10,6 +10,7 @@ guarantee of the reference and mismatched-pair streams.
 from __future__ import annotations
 
 import doctest
+import warnings
 import importlib
 
 import pytest
@@ -376,3 +377,29 @@ def test_docstring_examples_run(module):
     """The examples in the public docstrings run and print what they claim."""
     result = doctest.testmod(importlib.import_module(f"fastalign.losses.{module}"))
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "typo"])
+def test_pairs_with_an_unscored_row_warn(name):
+    """A pair whose rejected row has no scored token: a UserWarning naming the loss; a batch
+    with every row scored stays silent."""
+    x = make_inputs(3, 7, 17, 97, torch.float32)  # row 1 (chosen of pair 1) unscored
+    with pytest.warns(UserWarning, match=f"{name}_loss_fused: 1 of 3 pairs have a chosen"):
+        fused(name, x, "torch", False)
+    x["labels"][1] = x["labels"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(name, x, "torch", False)
+
+
+def test_kto_on_an_empty_batch_raises():
+    x = make_inputs(3, 7, 17, 97, torch.float32)
+    with pytest.raises(ValueError, match="kto_loss_fused needs at least one row"):
+        fastalign.kto_loss_fused(
+            x["hidden"][:0],
+            x["weight"],
+            x["labels"][:0],
+            x["desirable"][:0],
+            ref_logps=torch.zeros(0),
+            kl=0.0,
+        )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastalign
+from fastalign import torch_backend
 from tests import loss_reference as R
 from tests.reference import naive_sequence_logps
 
@@ -187,8 +188,19 @@ def close(got, want, rtol, name):
 LEAVES = ("hidden", "weight", "bias", "sample_hidden")
 
 
-@pytest.mark.parametrize("backend", R.BACKENDS)
-@pytest.mark.parametrize("case", list(CASES))
+# The Triton interpreter is slow: it runs the cases that reach each of its code paths (bias,
+# softcap and transform, shift, packed, two terms on one lm_head, length-normalised sums).
+TRITON_CASES = [
+    "dpo-transform-bias",
+    "dpo-packed-shift",
+    "ipo-sums",
+    "kto-transform-bias-shift",
+    "typo-transform-bias",
+]
+MATRIX = [(c, "torch") for c in CASES] + [(c, "triton") for c in TRITON_CASES]
+
+
+@pytest.mark.parametrize("case,backend", MATRIX)
 def test_store_matches_formula_and_recompute(case, backend, device):
     loss, opts, x = case_inputs(case, device)
     leaves = [x[k] for k in LEAVES]
@@ -209,3 +221,131 @@ def test_store_matches_formula_and_recompute(case, backend, device):
     for name, g, r, w in zip(LEAVES, got, again, want):
         close(g, w, 1e-4, f"grad {name}")
         close(g, r, 1e-5, f"grad {name} store vs recompute")
+
+
+def _dpo(x, **kw):
+    return fastalign.dpo_loss_fused(
+        x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], bias=x["bias"], **kw
+    )
+
+
+def test_grad_output_scales_exactly_and_adds_to_other_terms():
+    """``loss * c + other``: the store path's gradients are exactly c times its own."""
+    _, _, x = case_inputs("dpo-stream", "cpu")
+    leaves = [x["hidden"], x["weight"], x["bias"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = torch.autograd.grad(_dpo(x, backend="torch").loss, leaves)
+        other = (x["hidden"] ** 2).sum()
+        scaled = torch.autograd.grad(_dpo(x, backend="torch").loss * 0.375 + other, leaves)
+    torch.testing.assert_close(scaled[0], 0.375 * base[0] + 2 * x["hidden"].detach())
+    torch.testing.assert_close(scaled[1], 0.375 * base[1], rtol=0, atol=0)  # the same product
+    torch.testing.assert_close(scaled[2], 0.375 * base[2], rtol=0, atol=0)
+
+
+def test_second_backward_raises_and_reruns_are_bit_identical():
+    _, _, x = case_inputs("dpo-stream", "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = _dpo(x, backend="torch")
+        out.loss.backward(retain_graph=True)
+        first = [t.grad.clone() for t in (x["hidden"], x["weight"], x["bias"])]
+        with pytest.raises(RuntimeError, match="second backward"):
+            out.loss.backward()
+        for t in (x["hidden"], x["weight"], x["bias"]):
+            t.grad = None
+        _dpo(x, backend="torch").loss.backward()
+    for a, t in zip(first, (x["hidden"], x["weight"], x["bias"])):
+        assert torch.equal(a, t.grad)
+
+
+def _groups_seen(monkeypatch) -> list[int]:
+    seen = []
+    group_logits = torch_backend.group_logits
+    monkeypatch.setattr(
+        torch_backend,
+        "group_logits",
+        lambda rows, *a: seen.append(rows.shape[0]) or group_logits(rows, *a),
+    )
+    return seen
+
+
+def test_groups_hold_whole_units_within_the_budget(monkeypatch):
+    """A budget of about one pair's logits: one group per pair, the same loss and grads."""
+    _, _, x = case_inputs("dpo-stream", "cpu")
+    leaves = [x["hidden"], x["weight"], x["bias"]]
+    seen = _groups_seen(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = _dpo(x, backend="torch")
+        assert len(seen) == 1
+        pair_tokens = [int(x["labels"][[p, p + PAIRS]].ne(-100).sum()) for p in range(PAIRS)]
+        budget = max(pair_tokens) * VOCAB * 4
+        split = _dpo(x, backend="torch", store_budget_bytes=budget)
+    assert seen[1:] == pair_tokens  # pair p: rows p and p + B, whole
+    torch.testing.assert_close(split.loss, one.loss)
+    for a, b in zip(torch.autograd.grad(split.loss, leaves), torch.autograd.grad(one.loss, leaves)):
+        torch.testing.assert_close(a, b)
+
+
+def test_budget_below_one_unit_falls_back_to_recompute(monkeypatch):
+    _, _, x = case_inputs("dpo-stream", "cpu")
+    seen = _groups_seen(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = _dpo(x, backend="torch", store_budget_bytes=VOCAB * 4)  # one token's logits
+        stored = _dpo(x, backend="torch")
+    assert type(auto.loss.grad_fn).__name__ != "StoreResultBackward" and len(seen) == 1
+    torch.testing.assert_close(auto.loss, stored.loss)
+    with pytest.warns(UserWarning, match="grad_mode='store'.*recompute"):
+        forced = _dpo(x, backend="torch", grad_mode="store", store_budget_bytes=VOCAB * 4)
+    assert type(forced.loss.grad_fn).__name__ != "StoreResultBackward"
+
+
+def test_auto_takes_the_frozen_head_path_and_no_grad_takes_no_store(monkeypatch):
+    _, _, x = case_inputs("dpo-stream", "cpu")
+    seen = _groups_seen(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frozen = fastalign.dpo_loss_fused(
+            x["hidden"], x["weight"].detach(), x["labels"], ref_hidden=x["ref_hidden"]
+        )
+        with torch.no_grad():
+            _dpo(x)
+    assert seen == [] and type(frozen.loss.grad_fn).__name__ != "StoreResultBackward"
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(grad_mode="fast"), ValueError, "grad_mode must be one of"),
+        (dict(store_budget_bytes=-1), ValueError, "store_budget_bytes must be an int >= 0"),
+        (dict(store_budget_bytes=1.5), TypeError, "store_budget_bytes must be an int"),
+    ],
+)
+def test_grad_mode_errors(kwargs, error, match):
+    _, _, x = case_inputs("dpo-stream", "cpu")
+    with pytest.raises(error, match=match):
+        _dpo(x, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["dpo-stream", "ipo-sums", "kto-unclamped", "typo-samples"])
+def test_closed_form_unit_grads_equal_autograd(case):
+    """Each loss's hand-written ∂(unit loss)/∂logps against autograd on its unit loss."""
+    from fastalign.losses import dpo, ipo, kto, typo
+    from fastalign.losses.units import UnitStats
+
+    n = 2 * PAIRS
+    stats = UnitStats(torch.randn(n) * 5, torch.tensor([3, 0, 5, 2, 4, 1]), torch.arange(n))
+    ref, desirable = torch.randn(n) * 5, torch.tensor([True, False, True, False, False, True])
+    unit = {
+        "dpo-stream": lambda: dpo.dpo_unit_loss(ref, 0.3, "robust", 0.1),
+        "ipo-sums": lambda: ipo.ipo_unit_loss(ref, 0.3, True),
+        "kto-unclamped": lambda: kto.kto_unit_loss(
+            ref, torch.tensor(0.7), desirable, 0.4, (1.3, 0.8)
+        ),
+        "typo-samples": lambda: typo.typo_unit_losses(0.3)[0],
+    }[case]()
+    logps = stats.logps.clone().requires_grad_()
+    (want,) = torch.autograd.grad(unit.unit_loss(stats._replace(logps=logps)).sum(), logps)
+    torch.testing.assert_close(unit.unit_grad(stats), want)

@@ -43,21 +43,36 @@ def check_reference(
             raise ValueError(f"{name} was given without ref_hidden")
 
 
-def policy_streams(
+def policy_and_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
+    rows: int,
     bias: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     ref_hidden: torch.Tensor | None,
     ref_weight: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
-) -> tuple[StreamInput, list[StreamInput]]:
-    """The policy stream and, when ``ref_hidden`` is given, the reference stream (no grad)."""
+    ref_logps: torch.Tensor | None,
+    reference: str,
+    ref_head_used: bool = False,
+) -> tuple[StreamInput, list[StreamInput], torch.Tensor | None]:
+    """Check the reference arguments; ``(policy stream, [reference stream] or [],
+    precomputed ref_logps [rows] fp32 or None)``. See ``check_reference``."""
+    check_reference(
+        ref_hidden=ref_hidden,
+        ref_logps=ref_logps,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        reference=reference,
+        ref_head_used=ref_head_used,
+    )
+    if ref_logps is not None:
+        ref_logps = check_logps(ref_logps, "ref_logps", rows, labels.device)
     policy = StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
     if ref_hidden is None:
-        return policy, []
+        return policy, [], ref_logps
     ref = reference_stream(
         ref_hidden,
         ref_weight,
@@ -67,7 +82,7 @@ def policy_streams(
         labels=labels,
         cu_seqlens=cu_seqlens,
     )
-    return policy, [ref]
+    return policy, [ref], ref_logps
 
 
 def warn_unscored_pairs(
@@ -202,25 +217,11 @@ def paired_loss(
     ``make_unit_loss(ref_logps [2B] or None)`` gives the loss's ``UnitLoss``.
     """
     num_pairs = check_paired_rows(labels, cu_seqlens)
-    check_reference(
-        ref_hidden=ref_hidden,
-        ref_logps=ref_logps,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
+    policy, nograd, ref_logps = policy_and_reference(
+        hidden, weight, labels, rows=2 * num_pairs, bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
         reference=reference,
-    )
-    if ref_logps is not None:
-        ref_logps = check_logps(ref_logps, "ref_logps", 2 * num_pairs, labels.device)
-    policy, nograd = policy_streams(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        cu_seqlens=cu_seqlens,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
-    )
+    )  # fmt: skip
     ref = [ref_logps]
 
     def build(scored: list[LogpOutput]) -> list[UnitLoss]:

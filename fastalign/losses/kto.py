@@ -18,14 +18,7 @@ import torch.distributed as dist
 from .. import checks
 from .._types import LogpOutput
 from ..streams import StreamInput, reference_stream
-from ._common import (
-    check_beta,
-    check_logps,
-    check_reference,
-    masked_mean,
-    num_sequences,
-    policy_streams,
-)
+from ._common import check_beta, check_logps, masked_mean, num_sequences, policy_and_reference
 from .units import LogpOptions, PolicyTerm, UnitLoss, UnitStats, fused_loss
 
 KL_NAMES = {
@@ -375,19 +368,10 @@ def kto_loss_fused(
         kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps, kl_cu_seqlens,
         weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias, device=labels.device,
     )  # fmt: skip
-    check_reference(
-        ref_hidden=ref_hidden,
-        ref_logps=ref_logps,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
-        reference="required",
-        ref_head_used=kl is None and kl_ref_hidden is not None,
-    )
-    if ref_logps is not None:
-        ref_logps = check_logps(ref_logps, "ref_logps", desirable.numel(), labels.device)
-    policy, ref_stream = policy_streams(
-        hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens,
-        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+    policy, ref_stream, ref_logps = policy_and_reference(
+        hidden, weight, labels, rows=desirable.numel(), bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
+        reference="required", ref_head_used=kl is None and kl_ref_hidden is not None,
     )  # fmt: skip
     _warn_ratio(desirable, *weights)
     desirable = desirable.to(labels.device)
