@@ -10,8 +10,8 @@ guarantee of the reference and mismatched-pair streams.
 from __future__ import annotations
 
 import doctest
-import warnings
 import importlib
+import warnings
 
 import pytest
 import torch

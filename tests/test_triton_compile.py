@@ -61,7 +61,10 @@ SCRIPT = textwrap.dedent(
             report[name] = compile_kernel(K._fold_kernel, dtype, constexprs, options)
         report[f"grad_logits/{dtype}"] = compile_kernel(
             # bf16: the store path's in-place half dz (a barrier per tile) is the variant built
-            K._grad_logits_kernel, dtype, dict(HAS_SOFTCAP=True, HALF_IN_PLACE=dtype == "bf16", **fold), options
+            K._grad_logits_kernel,
+            dtype,
+            dict(HAS_SOFTCAP=True, HALF_IN_PLACE=dtype == "bf16", **fold),
+            options,
         )
     print(json.dumps(report))
     """
