@@ -10,6 +10,7 @@ import torch
 
 from .. import checks
 from .._types import LogpOutput
+from ..ops import score_streams  # noqa: F401  (the trainer scores plain NLL through it)
 from ..streams import StreamInput, reference_stream
 from .units import FusedLoss, LogpOptions, PolicyTerm, UnitLoss, fused_loss
 
