@@ -102,22 +102,13 @@ def dpo_loss_fused(
         >>> out.loss.backward(); sorted(out.metrics())[0]
         'logps/chosen'
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
     checks.check_choice(loss_type, "loss_type", LOSS_TYPES)
     eps = float(
         checks.check_number(label_smoothing, "label_smoothing", low=0, high=0.5, high_open=True)
     )
     checks.check_bool(reference_free, "reference_free")
-    options = LogpOptions(
-        shift=shift,
-        ignore_index=ignore_index,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        backend=backend,
-        grad_mode=grad_mode,
-        store_budget_bytes=store_budget_bytes,
-    )
     result, ref = paired_loss(
         hidden,
         weight,

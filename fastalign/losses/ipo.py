@@ -64,18 +64,9 @@ def ipo_loss_fused(
         >>> y = torch.randint(0, 30, (2, 5))
         >>> ipo_loss_fused(h, W, y, ref_logps=torch.zeros(2), beta=0.5).loss.backward()
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
     checks.check_bool(length_normalize, "length_normalize")
-    options = LogpOptions(
-        shift=shift,
-        ignore_index=ignore_index,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        backend=backend,
-        grad_mode=grad_mode,
-        store_budget_bytes=store_budget_bytes,
-    )
     result, ref = paired_loss(
         hidden,
         weight,

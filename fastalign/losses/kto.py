@@ -345,6 +345,7 @@ def kto_loss_fused(
         >>> out.loss.backward(); out.metrics()["kl"] >= 0
         True
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
     weights = tuple(
         float(checks.check_number(w, name, low=0, low_open=True))
@@ -354,16 +355,6 @@ def kto_loss_fused(
         )
     )
     _check_rows(labels, desirable, cu_seqlens)
-    options = LogpOptions(
-        shift=shift,
-        ignore_index=ignore_index,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        backend=backend,
-        grad_mode=grad_mode,
-        store_budget_bytes=store_budget_bytes,
-    )
     kl_rows = _kl_rows(
         kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps, kl_cu_seqlens,
         weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias, device=labels.device,

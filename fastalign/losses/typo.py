@@ -96,6 +96,7 @@ def typo_loss_fused(
         ...                       sample_labels=torch.randint(0, 30, (3, 4)), lam=0.1)
         >>> out.loss.backward()
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     lam = float(checks.check_number(lam, "lam", low=0))
     if (sample_hidden is None) != (sample_labels is None):
         missing = "sample_labels" if sample_labels is None else "sample_hidden"
@@ -106,16 +107,6 @@ def typo_loss_fused(
             "are required when lam > 0; pass lam=0 to train on the pairwise term alone"
         )
     num_pairs = check_paired_rows(labels, cu_seqlens)
-    options = LogpOptions(
-        shift=shift,
-        ignore_index=ignore_index,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        backend=backend,
-        grad_mode=grad_mode,
-        store_budget_bytes=store_budget_bytes,
-    )
     terms = [
         PolicyTerm(StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens), "pair")
     ]

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -101,6 +101,12 @@ class LogpOptions:
     backend: str = "auto"
     grad_mode: str = "auto"
     store_budget_bytes: int | None = None
+
+    @classmethod
+    def pick(cls, arguments: dict) -> LogpOptions:
+        """The options from a loss's own keyword arguments (``locals()`` at its top): every
+        loss lists them explicitly in its signature, under these field names."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
 
     def transform(self) -> LogitTransform:
         """Validate every option (named errors) and return the logit transform."""
