@@ -381,7 +381,7 @@ def test_docstring_examples_run(module):
 
 @pytest.mark.parametrize("name", ["dpo", "ipo", "typo"])
 def test_pairs_with_an_unscored_row_warn(name):
-    """A pair whose rejected row has no scored token: a UserWarning naming the loss; a batch
+    """A pair with an unscored chosen or rejected row: a UserWarning naming the loss; a batch
     with every row scored stays silent."""
     x = make_inputs(3, 7, 17, 97, torch.float32)  # row 1 (chosen of pair 1) unscored
     with pytest.warns(UserWarning, match=f"{name}_loss_fused: 1 of 3 pairs have a chosen"):
