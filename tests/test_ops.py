@@ -308,3 +308,20 @@ def test_fp16_logits_above_fp16_max_stay_finite(backend):
     torch.testing.assert_close(out.logps.double(), truth, rtol=1e-3, atol=1e-2)
     out.logps.sum().backward()
     assert torch.isfinite(weight.grad).all()
+
+
+def test_both_backends_satisfy_the_backend_protocol():
+    """Every method of ``fastalign._types.Backend`` exists in both backend modules with the
+    same parameters, so ``ops`` and the store path can take either."""
+    import inspect
+
+    from fastalign._types import Backend
+    from fastalign.kernels import logprob
+
+    for name in ("forward", "backward", "group_logits", "group_grads"):
+        want = list(inspect.signature(getattr(Backend, name)).parameters)[1:]  # minus self
+        for module in (torch_backend, logprob):
+            assert list(inspect.signature(getattr(module, name)).parameters) == want, (
+                module.__name__,
+                name,
+            )
