@@ -1,7 +1,9 @@
-"""Chunked pure-torch backend: token chunks, fp32 logsumexp, recompute in backward.
+"""Chunked pure-torch backend: token chunks, fp32 logsumexp, recompute in backward; and the
+store path's two steps (``group_logits``, ``group_grads``) for ``fastalign.store``.
 
 Peak extra memory is O(M) scalars plus one ``[chunk, V]`` fp32 logits tile and its softmax
-gradient, whatever the number of tokens. Used on CPU and on any device without Triton.
+gradient, whatever the number of tokens (the store path: one group's logits, bounded by its
+budget, plus the gradient accumulators). Used on CPU and on any device without Triton.
 """
 
 from __future__ import annotations
