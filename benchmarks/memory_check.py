@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 # memory leaves the resident set and the RSS high-water mark tracks live tensors.
 CELL_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRANSFORMERS_VERBOSITY="error")
 TOLERANCE = 0.15
+# The fused losses' path measured: the estimator models the recompute path; the store path
+# (issue 13, the losses' default) holds one group's logits instead (see fastalign/store.py).
+GRAD_MODE = "recompute"
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,13 @@ def _loss_fn(path, setup, policy, ref, input_ids, kl_ids):
         weight = policy.lm_head.weight
         hidden = _hidden(policy, input_ids)
         if setup.loss == "typo":
-            return fastalign.typo_loss_fused(hidden, weight, input_ids, shift=True).loss
+            return fastalign.typo_loss_fused(
+                hidden, weight, input_ids, shift=True, grad_mode=GRAD_MODE
+            ).loss
         with torch.no_grad():
             ref_hidden = _hidden(ref, input_ids)
         common = dict(ref_hidden=ref_hidden, ref_weight=ref.lm_head.weight, shift=True)
+        common["grad_mode"] = GRAD_MODE
         if setup.loss == "kto":
             with torch.no_grad():
                 kl_hidden, kl_ref_hidden = _hidden(policy, kl_ids), _hidden(ref, kl_ids)
