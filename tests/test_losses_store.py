@@ -180,7 +180,7 @@ def close(got, want, rtol, name):
     assert (got is None) == (want is None), f"{name}: {got is None} vs {want is None}"
     if got is None:
         return
-    scale = want.double().abs().max().clamp_min(1e-6)
+    scale = want.detach().double().abs().max().clamp_min(1e-6)
     err = float((got.detach().double() - want.detach().double()).abs().max() / scale)
     assert err < rtol, f"{name}: relative error {err:.2e} >= {rtol:.0e}"
 
