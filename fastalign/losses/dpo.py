@@ -10,10 +10,41 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _validate as V
-from ._common import PreferenceOutput, check_beta, check_paired_rows, paired_output, score
+from .. import checks
+from ._common import PreferenceOutput, check_beta, paired_loss, paired_output
+from .units import LogpOptions, UnitLoss, UnitStats
 
 LOSS_TYPES = ("sigmoid", "robust")
+
+
+def dpo_unit_loss(
+    ref_logps: torch.Tensor | None, beta: float, loss_type: str, eps: float
+) -> UnitLoss:
+    """Per-pair DPO loss and its closed-form gradient over a group of pairs."""
+
+    def margin(s: UnitStats) -> torch.Tensor:  # [k], Δ of each pair
+        r = s.logps if ref_logps is None else s.logps - ref_logps[s.rows]
+        k = r.numel() // 2
+        return r[:k] - r[k:]
+
+    def unit_loss(s: UnitStats) -> torch.Tensor:
+        delta = margin(s)
+        clean, flipped = -F.logsigmoid(beta * delta), -F.logsigmoid(-beta * delta)
+        if loss_type == "sigmoid":
+            return (1 - eps) * clean + eps * flipped
+        return ((1 - eps) * clean - eps * flipped) / (1 - 2 * eps)
+
+    def unit_grad(s: UnitStats) -> torch.Tensor:
+        delta = margin(s)
+        # d(−logσ(βΔ))/dΔ = −β·σ(−βΔ); d(−logσ(−βΔ))/dΔ = β·σ(βΔ)
+        clean, flipped = -beta * torch.sigmoid(-beta * delta), beta * torch.sigmoid(beta * delta)
+        if loss_type == "sigmoid":
+            d = (1 - eps) * clean + eps * flipped
+        else:
+            d = ((1 - eps) * clean - eps * flipped) / (1 - 2 * eps)
+        return torch.cat([d, -d])  # Δ = r_w − r_l
+
+    return UnitLoss(unit_loss, unit_grad)
 
 
 def dpo_loss_fused(
@@ -28,7 +59,17 @@ def dpo_loss_fused(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
-    **logp_kwargs,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str = "auto",
+    grad_mode: str = "auto",
+    store_budget_bytes: int | None = None,
 ) -> PreferenceOutput:
     """DPO loss from final hidden states and the lm_head, without full logits.
 
@@ -36,18 +77,23 @@ def dpo_loss_fused(
         hidden: ``[2B, T, H]`` (or packed ``[N, H]`` with ``cu_seqlens`` of 2B sequences),
             rows ``[0, B)`` chosen and ``[B, 2B)`` rejected — TRL's concatenated layout.
         weight: lm_head ``[V, H]``. labels: ``[2B, T]`` with ``ignore_index`` on prompt/pad.
-        ref_hidden / ref_weight: the reference model's hidden states (and lm_head, default
-            ``weight``), scored in the same launch with no autograd state; or
+        ref_hidden / ref_weight / ref_bias: the reference model's hidden states (and lm_head,
+            default ``weight``/``bias``), scored with no autograd state; or
         ref_logps: precomputed reference sums ``[2B]``. Exactly one unless ``reference_free``.
         beta: β > 0. loss_type: ``"sigmoid"`` or ``"robust"``.
         label_smoothing: ε in [0, 0.5) (cDPO for sigmoid, the robust loss's noise rate).
-        **logp_kwargs: ``bias`` (and ``ref_bias`` for ``ref_weight``), ``cu_seqlens``, ``shift``,
-            ``ignore_index``, ``logit_scale``,
-            ``temperature``, ``logit_softcap``, ``backend`` (see ``sequence_logps``).
+        bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
+            backend: as in ``sequence_logps``.
+        grad_mode: ``"auto"`` (the store path when the lm_head is trainable and one pair's
+            fp32 logits fit ``store_budget_bytes``; the frozen-head path for a frozen head;
+            else recompute), ``"store"`` or ``"recompute"``; see ``fastalign.losses.units``.
+        store_budget_bytes: the store path's group budget (default
+            ``fastalign.tiles.STORE_GROUP_BUDGET_BYTES`` for the device).
 
     Returns:
         ``PreferenceOutput`` with the mean loss, per-pair logps and rewards ``β·(s − s_ref)``,
-        and ``.metrics()`` under TRL's names.
+        and ``.metrics()`` under TRL's names. A pair with a chosen or rejected row without
+        any scored token adds ``log 2``-like constants and no gradient; a UserWarning says so.
 
     Example:
         >>> h = torch.randn(4, 6, 16, requires_grad=True); W = torch.randn(50, 16)
@@ -56,35 +102,30 @@ def dpo_loss_fused(
         >>> out.loss.backward(); sorted(out.metrics())[0]
         'logps/chosen'
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
-    V.check_choice(loss_type, "loss_type", LOSS_TYPES)
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a number, got {type(label_smoothing).__name__}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    num_pairs = check_paired_rows(labels, logp_kwargs.get("cu_seqlens"))
-    scored = score(
+    checks.check_choice(loss_type, "loss_type", LOSS_TYPES)
+    eps = float(
+        checks.check_number(label_smoothing, "label_smoothing", low=0, high=0.5, high_open=True)
+    )
+    checks.check_bool(reference_free, "reference_free")
+    result, ref = paired_loss(
         hidden,
         weight,
         labels,
+        reference="none" if reference_free else "required",
         ref_hidden=ref_hidden,
         ref_weight=ref_weight,
         ref_logps=ref_logps,
-        reference="none" if reference_free else "required",
-        logp_kwargs=logp_kwargs,
+        ref_bias=ref_bias,
+        bias=bias,
+        cu_seqlens=cu_seqlens,
+        options=options,
+        make_unit_loss=lambda ref: dpo_unit_loss(ref, beta, loss_type, eps),
+        name="dpo_loss_fused",
     )
-    logratios = scored.policy.logps  # [2B] fp32, r = s − s_ref (or s when reference-free)
-    if scored.ref_logps is not None:
-        logratios = logratios - scored.ref_logps
-    delta = logratios[:num_pairs] - logratios[num_pairs:]  # [B]
-    eps = float(label_smoothing)
-    clean = -F.logsigmoid(beta * delta)
-    flipped = -F.logsigmoid(-beta * delta)
-    if loss_type == "sigmoid":
-        losses = (1 - eps) * clean + eps * flipped
-    else:
-        losses = ((1 - eps) * clean - eps * flipped) / (1 - 2 * eps)
-    rewards = beta * logratios.detach()
-    return paired_output(
-        losses.mean(), scored.policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs
-    )
+    policy = result.policy[0]
+    logratios = policy.logps.detach() if ref is None else policy.logps.detach() - ref
+    rewards = beta * logratios
+    num_pairs = rewards.numel() // 2
+    return paired_output(result.loss, policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)
