@@ -19,26 +19,34 @@ from . import memory
 
 
 def _train_parser(sub) -> None:
+    from .trainer.flags import HELP
     from .trainer.loop import LOSSES, REFERENCES, TrainConfig
+    from .trainer.report import REPORT_TO
 
     p = sub.add_parser("train", help="preference-train a causal LM with a fused loss")
-    p.add_argument("--loss", required=True, choices=LOSSES)
-    p.add_argument(
-        "--reference",
-        choices=REFERENCES,
-        default="copy",
-        help="copy: frozen copy of the policy (or --ref-model); peft: the policy "
-        "with its LoRA adapter disabled; precomputed: one pass, cached",
-    )
+    p.add_argument("--loss", required=True, choices=LOSSES, help=HELP["loss"])
+    p.add_argument("--reference", choices=REFERENCES, default="copy", help=_help("reference"))
+    choices = {"kto_kl_offset": (1, -1), "report_to": REPORT_TO}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("loss", "reference", "extra"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=_help(f.name)
+            )
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            p.add_argument(flag, type=kind, default=f.default)
+            p.add_argument(
+                flag, type=kind, default=f.default, choices=choices.get(f.name), help=_help(f.name)
+            )
+
+
+def _help(name: str) -> str:
+    """A flag's help with its default (argparse fills %(default)s; None reads as in HELP)."""
+    from .trainer.flags import HELP
+
+    return HELP[name] if "(default" in HELP[name] else HELP[name] + " (default: %(default)s)"
 
 
 def _train(args) -> int:
@@ -47,10 +55,11 @@ def _train(args) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     trainer = Trainer(config)
+    if trainer.rank == 0:
+        print(f"run directory: {trainer.output_dir}", flush=True)
     summary = trainer.train()
     if trainer.rank != 0:  # under torchrun, one report
         return 0
-    print(f"run directory: {trainer.output_dir}")
     for stage in ("before", "after"):
         acc = summary.get(f"{stage}/eval/rewards/accuracies")
         margin = summary.get(f"{stage}/eval/rewards/margins")

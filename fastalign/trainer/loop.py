@@ -27,13 +27,17 @@ import torch.distributed as dist
 
 from .. import losses
 from . import data as D
+from . import report
 from .model import (
     HiddenStates,
     adapters_disabled,
+    add_router_loss,
     head_params,
     lm_head,
     logit_transform,
+    lora_config,
     prepare_packing,
+    router_aux_loss,
 )
 
 LOSSES = ("dpo", "ipo", "kto", "typo")
@@ -78,6 +82,16 @@ class TrainConfig:
     backend: str = "auto"
     packing: bool = False  # each microbatch one row, no padding, attention kept per sequence
     progress: bool = True
+    # issue 14: evaluation, KTO pairing, MoE router loss, LoRA targets, reporting
+    eval_dataset: str | None = None  # file or load_dataset name: its test (else train) split
+    eval_steps: int = 0  # > 0: evaluate every eval_steps steps (metrics under eval/...)
+    kto_kl_offset: int = 1  # KTO mismatched pairs (x_i, y_(i+offset)): +1 paper, -1 TRL
+    router_aux_loss: bool = True  # MoE: add router_aux_loss_coef x load-balancing loss
+    router_aux_loss_coef: float | None = None  # None: the model config's own coefficient
+    lora_alpha: float | None = None  # None: 2 x lora_rank
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"  # or comma-separated module names
+    report_to: str = "none"  # none | tensorboard | wandb
     extra: dict = field(default_factory=dict)
 
 
@@ -125,6 +139,10 @@ class Trainer:
                 "KTO's mismatched pairs change with every microbatch: use --reference copy or "
                 "peft (precomputed reference log-probs are for dpo/ipo)"
             )
+        if config.kto_kl_offset not in (1, -1):
+            raise ValueError(f"kto_kl_offset must be 1 or -1, got {config.kto_kl_offset!r}")
+        report.check_report_to(config.report_to)
+        report.silence_third_party_progress()
         self.config = config
         self.kind = "unpaired" if config.loss == "kto" else "paired"
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -217,10 +235,16 @@ class Trainer:
             cfg.max_completion_length,
             sample_column,
             packing=cfg.packing,
+            kl_offset=cfg.kto_kl_offset,
         )
         self.train_set = D.drop_empty(dataset["train"], self.collator, self.kind)
         self.train_set = self.train_set.add_column("index", list(range(len(self.train_set))))
         self.test_set = dataset["test"] if "test" in dataset else None
+        if cfg.eval_dataset:
+            evaluation = D.load(cfg.eval_dataset, self.kind, seed=cfg.seed)
+            split = "test" if "test" in evaluation else "train"
+            D.check_columns(evaluation[split], self.kind, name=f"eval_dataset[{split!r}]")
+            self.test_set = evaluation[split]
         if cfg.loss == "kto":
             labels = self.train_set["label"]
             n_d, n_u = sum(labels), len(labels) - sum(labels)
@@ -251,16 +275,12 @@ class Trainer:
         self.ref_model = None
         self.ref_logps = None
         if cfg.lora_rank > 0:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
-            targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
             self.model = get_peft_model(
                 self.model,
-                LoraConfig(
-                    r=cfg.lora_rank,
-                    lora_alpha=2 * cfg.lora_rank,
-                    target_modules=targets,
-                    lora_dropout=0.0,
+                lora_config(
+                    cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules
                 ),
             )
         ref_dir = self.output_dir / "reference"
@@ -291,7 +311,10 @@ class Trainer:
                 for name, split in (("train", self.train_set), ("test", self.test_set))
                 if split is not None
             }
-        self.body = HiddenStates(self.model, self.packed_attention)
+        coef = cfg.router_aux_loss_coef if cfg.router_aux_loss else 0.0
+        self.body = HiddenStates(
+            self.model, self.packed_attention, router_loss=router_aux_loss(self.model, coef)
+        )
         self.ref_body = None
         if self.ref_model is not None:
             self.ref_body = HiddenStates(self.ref_model, self.ref_packed_attention)
@@ -412,6 +435,12 @@ class Trainer:
         return out
 
     def _compute(self, batch: dict, train: bool = True):
+        # The policy forward, the body's first, records the MoE router loss (TRL adds it to
+        # the loss of the policy's forward only, never the reference's or the KL pairs').
+        self.body.aux_loss = None
+        return add_router_loss(self._loss(batch, train), self.body)
+
+    def _loss(self, batch: dict, train: bool = True):
         cfg = self.config
         policy = {k: v.to(self.device) for k, v in batch["policy"].items()}
         body = self.train_body if train else self.body
@@ -531,7 +560,7 @@ class Trainer:
             batch = self.collator(chunk)
             batch["index"] = torch.arange(start, start + len(chunk))
             out = self.compute(batch, train=False)
-            for name, value in out.metrics().items():
+            for name, value in {"loss": float(out.loss), **out.metrics()}.items():
                 totals[name] = totals.get(name, 0.0) + value * len(chunk)
             count += len(chunk)
         self.model.train()
@@ -573,6 +602,13 @@ class Trainer:
         self.step = state["step"]
 
     # ------------------------------------------------------------------ the loop
+    def _record(self, path: Path, record: dict, reporter) -> None:
+        """One line of ``metrics.jsonl`` (rank 0), also sent to ``--report-to``."""
+        if self.rank == 0:
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            reporter.log(record, step=record["step"])
+
     def train(self) -> dict[str, float]:
         cfg = self.config
         before = self.evaluate() if self.step == 0 else {}
@@ -585,6 +621,10 @@ class Trainer:
             progress = tqdm(
                 total=cfg.max_steps, initial=self.step, desc=f"{cfg.loss}", dynamic_ncols=True
             )
+        reporter = report.Reporter(
+            cfg.report_to if self.rank == 0 else "none", self.output_dir, asdict(cfg)
+        )
+        throughput = report.Throughput()
         window = []
         while self.step < cfg.max_steps:
             self.optimizer.zero_grad(set_to_none=True)
@@ -598,6 +638,7 @@ class Trainer:
                         f"{micro} (rows {batch['index'].tolist()}); no checkpoint was written"
                     )
                 (out.loss / cfg.grad_accum).backward()
+                throughput.add(*report.batch_token_counts(batch))
                 step_metrics.append({"loss": float(out.loss.detach()), **out.metrics()})
             # On FSDP's DTensor gradients this is the global norm of the sharded gradients.
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -621,23 +662,22 @@ class Trainer:
             window.append(merged)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(
-                    loss=f"{merged['loss']:.4f}",
-                    acc=f"{merged.get('rewards/accuracies', float('nan')):.2f}",
-                )
+                progress.set_postfix(report.bar_figures(merged), tok_s=throughput.overall_rate())
             if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
                 record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-                record["step"] = self.step
+                record.update(throughput.rates(), step=self.step)
                 window = []
-                if self.rank == 0:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                self._record(metrics_path, record, reporter)
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.test_set is not None:
+                self._record(metrics_path, {**self.evaluate(), "step": self.step}, reporter)
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save(self.output_dir / f"checkpoint-{self.step}")
         if progress is not None:
             progress.close()
         self.save(self.output_dir / "final")
         after = self.evaluate()
+        reporter.log(after, step=self.step)
+        reporter.close()
         summary = {
             **{f"before/{k}": v for k, v in before.items()},
             **{f"after/{k}": v for k, v in after.items()},

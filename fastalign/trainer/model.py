@@ -97,9 +97,11 @@ class HiddenStates(nn.Module):
     see a forward, while the lm_head weight is read directly by the fused loss — never the
     full logits.
 
-    ``router_loss`` (see :func:`router_aux_loss`): the body also returns its router logits
-    and each forward leaves the load-balancing loss of its real tokens in ``self.aux_loss``
-    (a scalar tensor with autograd; None without ``router_loss``).
+    ``router_loss`` (see :func:`router_aux_loss`): while ``self.aux_loss`` is None, the next
+    forward also asks the body for its router logits and leaves the load-balancing loss of
+    its real tokens there (a scalar tensor with autograd). Set ``aux_loss = None`` before the
+    policy forward whose router loss counts; later forwards (reference, KTO's mismatched
+    pairs) then skip the router logits.
     """
 
     def __init__(
@@ -134,10 +136,11 @@ class HiddenStates(nn.Module):
                 )
             kwargs["position_ids"] = position_ids
             kwargs.update(_packed_attention_kwargs(self.packed_attention, cu_seqlens, self.model))
-        if self.router_loss is not None:
+        record = self.router_loss is not None and self.aux_loss is None
+        if record:
             kwargs["output_router_logits"] = True
         out = body(self.model)(**kwargs)
-        if self.router_loss is not None:
+        if record:
             # A packed row has no padding (and its mask, if any, is 4-D): every token counts.
             self.aux_loss = self.router_loss(
                 out.router_logits, attention_mask if cu_seqlens is None else None

@@ -124,7 +124,12 @@ class Throughput:
     def __init__(self):
         self.num_tokens = 0
         self._tokens = self._scored = 0
-        self._since = time.perf_counter()
+        self._start = self._since = time.perf_counter()
+
+    def overall_rate(self) -> str:
+        """Input tokens per second since the start, for the progress bar (e.g. ``"1.2k"``)."""
+        rate = self.num_tokens / max(time.perf_counter() - self._start, 1e-9)
+        return f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
 
     def add(self, tokens: int, scored: int) -> None:
         self.num_tokens += tokens
