@@ -76,8 +76,10 @@ def _sample(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .trainer import data as D
+    from .trainer.report import silence_third_party_progress
     from .trainer.sample import sample_completions
 
+    silence_third_party_progress()
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
@@ -138,15 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     s = sub.add_parser("sample", help="draw reference samples (a TYPO dataset column)")
-    s.add_argument("--model", required=True)
-    s.add_argument("--dataset", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--column", default="sample")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model", required=True, help="reference model: local path or hub name")
+    s.add_argument(
+        "--dataset", required=True, help="preference data (text or conversational prompts)"
+    )
+    s.add_argument("--out", required=True, help=".json/.jsonl file to write")
+    s.add_argument("--column", default="sample", help="new column (default: %(default)s)")
+    default = " (default: %(default)s)"
+    s.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sample" + default)
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature" + default)
+    s.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0: off" + default)
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass" + default)
+    s.add_argument("--seed", type=int, default=0, help="sampling seed" + default)
     pl = sub.add_parser("plot", help="draw a run's metric curves to PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None)
