@@ -23,21 +23,17 @@ from fastalign.trainer.loop import TrainConfig, Trainer  # noqa: E402
 
 SIZE = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
 IDS = dict(vocab_size=24, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+GQA = dict(**SIZE, head_dim=8, num_key_value_heads=1)
+MOE = dict(num_experts_per_tok=2, num_key_value_heads=1)
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(**SIZE, num_key_value_heads=1)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(**SIZE, num_key_value_heads=1)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(**SIZE, head_dim=8, num_key_value_heads=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", GQA),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(**SIZE, num_key_value_heads=1)),
     "gemma2-softcap": (
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        dict(
-            **SIZE,
-            head_dim=8,
-            num_key_value_heads=1,
-            final_logit_softcapping=2.0,
-            query_pre_attn_scalar=8,
-        ),
+        dict(**GQA, final_logit_softcapping=2.0, query_pre_attn_scalar=8),
     ),
     "gpt2-tied": (
         "GPT2Config",
@@ -48,20 +44,9 @@ ARCHS = {
     "qwen3-moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        dict(
-            **SIZE,
-            head_dim=8,
-            num_key_value_heads=1,
-            moe_intermediate_size=16,
-            num_experts=4,
-            num_experts_per_tok=2,
-        ),
+        dict(**GQA, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2),
     ),
-    "mixtral": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
-        dict(**SIZE, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2),
-    ),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(**SIZE, **MOE, num_local_experts=4)),
     "phi-head-bias": ("PhiConfig", "PhiForCausalLM", dict(**SIZE, resid_pdrop=0.0)),
 }
 PAIRS = [("1+2=", "3", "4"), ("2+2=", "4", "7"), ("5+3=", "8", "9"), ("4+0=", "4", "40")]
