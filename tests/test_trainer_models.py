@@ -194,4 +194,4 @@ def test_cli_prints_only_its_own_progress(files, tmp_path):
     lines = result.stderr.replace("\r", "\n").splitlines()
     bars = [line for line in lines if re.search(r"it/s|s/it|examples/s", line)]
     assert bars and all(line.startswith("dpo:") for line in bars), bars
-    assert "tok_s=" in bars[-1] and "acc=" in bars[-1]
+    assert all(f in bars[-1] for f in ("tok_s=", "scored_s=", "acc=", "<00:00"))  # rates, ETA

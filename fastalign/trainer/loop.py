@@ -661,11 +661,14 @@ class Trainer:
             )
             window.append(merged)
             if progress is not None:
+                progress.set_postfix(
+                    {**report.bar_figures(merged), **throughput.bar()}, refresh=False
+                )
                 progress.update(1)
-                progress.set_postfix(report.bar_figures(merged), tok_s=throughput.overall_rate())
             if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
                 record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-                record.update(throughput.rates(), step=self.step)
+                record.update(throughput.rates(len(window), cfg.max_steps - self.step))
+                record["step"] = self.step
                 window = []
                 self._record(metrics_path, record, reporter)
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.test_set is not None:

@@ -113,36 +113,46 @@ def bar_figures(metrics: dict[str, float]) -> dict[str, str]:
     return out
 
 
+def _short(rate: float) -> str:
+    return f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
+
+
 class Throughput:
-    """Tokens per second over the steps since the last :meth:`rates` call.
+    """Tokens per second and the time left, over the steps since the last :meth:`rates`.
 
     ``add(tokens, scored)`` after each microbatch (``tokens``: real input tokens,
-    ``scored``: completion tokens the loss scores); ``rates()`` gives
-    ``tokens_per_second``/``scored_tokens_per_second`` and ``num_tokens`` (total so far).
+    ``scored``: completion tokens the loss scores); ``rates(steps, steps_left)`` gives
+    ``tokens_per_second``, ``scored_tokens_per_second``, ``num_tokens`` (total so far) and
+    ``eta_seconds`` (``steps_left`` at the pace of the last ``steps`` steps).
     """
 
     def __init__(self):
-        self.num_tokens = 0
+        self.num_tokens = self.num_scored = 0
         self._tokens = self._scored = 0
         self._start = self._since = time.perf_counter()
 
-    def overall_rate(self) -> str:
-        """Input tokens per second since the start, for the progress bar (e.g. ``"1.2k"``)."""
-        rate = self.num_tokens / max(time.perf_counter() - self._start, 1e-9)
-        return f"{rate / 1000:.1f}k" if rate >= 1000 else f"{rate:.0f}"
+    def bar(self) -> dict[str, str]:
+        """Input and scored tokens per second since the start, for the progress bar."""
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        return {
+            "tok_s": _short(self.num_tokens / elapsed),
+            "scored_s": _short(self.num_scored / elapsed),
+        }
 
     def add(self, tokens: int, scored: int) -> None:
         self.num_tokens += tokens
+        self.num_scored += scored
         self._tokens += tokens
         self._scored += scored
 
-    def rates(self) -> dict[str, float]:
+    def rates(self, steps: int, steps_left: int) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self._since, 1e-9)
         out = {
             "tokens_per_second": self._tokens / elapsed,
             "scored_tokens_per_second": self._scored / elapsed,
             "num_tokens": float(self.num_tokens),
+            "eta_seconds": elapsed / max(steps, 1) * steps_left,
         }
         self._tokens = self._scored = 0
         self._since = now
