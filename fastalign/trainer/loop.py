@@ -602,85 +602,23 @@ class Trainer:
         self.step = state["step"]
 
     # ------------------------------------------------------------------ the loop
-    def _record(self, path: Path, record: dict, reporter) -> None:
-        """One line of ``metrics.jsonl`` (rank 0), also sent to ``--report-to``."""
-        if self.rank == 0:
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            reporter.log(record, step=record["step"])
-
     def train(self) -> dict[str, float]:
         cfg = self.config
         before = self.evaluate() if self.step == 0 else {}
-        metrics_path = self.output_dir / "metrics.jsonl"
         stream = self._stream()
-        progress = None
-        if cfg.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(
-                total=cfg.max_steps, initial=self.step, desc=f"{cfg.loss}", dynamic_ncols=True
-            )
-        reporter = report.Reporter(
-            cfg.report_to if self.rank == 0 else "none", self.output_dir, asdict(cfg)
-        )
-        throughput = report.Throughput()
-        window = []
-        while self.step < cfg.max_steps:
-            self.optimizer.zero_grad(set_to_none=True)
-            step_metrics = []
-            for micro in range(cfg.grad_accum):
-                batch = next(stream)
-                out = self.compute(batch)
-                if not torch.isfinite(out.loss):
-                    raise DivergedError(
-                        f"non-finite loss {float(out.loss)} at step {self.step + 1}, microbatch "
-                        f"{micro} (rows {batch['index'].tolist()}); no checkpoint was written"
-                    )
-                (out.loss / cfg.grad_accum).backward()
-                throughput.add(*report.batch_token_counts(batch))
-                step_metrics.append({"loss": float(out.loss.detach()), **out.metrics()})
-            # On FSDP's DTensor gradients this is the global norm of the sharded gradients.
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
-            )
-            if self.fsdp_root is not None:
-                from .fsdp import total_norm
-
-                grad_norm = total_norm(grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            merged = {
-                k: float(np.mean([m[k] for m in step_metrics if k in m])) for k in step_metrics[0]
-            }
-            merged.update(
-                grad_norm=float(grad_norm),
-                learning_rate=self.scheduler.get_last_lr()[0],
-                step=self.step,
-            )
-            window.append(merged)
-            if progress is not None:
-                progress.set_postfix(
-                    {**report.bar_figures(merged), **throughput.bar()}, refresh=False
-                )
-                progress.update(1)
-            if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
-                record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-                record.update(throughput.rates(len(window), cfg.max_steps - self.step))
-                record["step"] = self.step
-                window = []
-                self._record(metrics_path, record, reporter)
-            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.test_set is not None:
-                self._record(metrics_path, {**self.evaluate(), "step": self.step}, reporter)
-            if cfg.save_steps and self.step % cfg.save_steps == 0:
-                self.save(self.output_dir / f"checkpoint-{self.step}")
-        if progress is not None:
-            progress.close()
-        self.save(self.output_dir / "final")
-        after = self.evaluate()
-        reporter.log(after, step=self.step)
-        reporter.close()
+        log = report.RunLog(self.output_dir, cfg, self.step, rank0=self.rank == 0)
+        after = None
+        try:
+            while self.step < cfg.max_steps:
+                log.step(self._train_step(stream, log))
+                if cfg.eval_steps and self.step % cfg.eval_steps == 0 and (held := self.evaluate()):
+                    log.record({**held, "step": self.step})
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self.save(self.output_dir / f"checkpoint-{self.step}")
+            self.save(self.output_dir / "final")
+            after = self.evaluate()
+        finally:
+            log.close(after, self.step)
         summary = {
             **{f"before/{k}": v for k, v in before.items()},
             **{f"after/{k}": v for k, v in after.items()},
@@ -689,3 +627,40 @@ class Trainer:
         if self.rank == 0:
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
+
+    def _train_step(self, stream, log: report.RunLog) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` microbatches; its metrics."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        step_metrics = []
+        for micro in range(cfg.grad_accum):
+            batch = next(stream)
+            out = self.compute(batch)
+            if not torch.isfinite(out.loss):
+                raise DivergedError(
+                    f"non-finite loss {float(out.loss)} at step {self.step + 1}, microbatch "
+                    f"{micro} (rows {batch['index'].tolist()}); no checkpoint was written"
+                )
+            (out.loss / cfg.grad_accum).backward()
+            log.add_batch(batch)
+            step_metrics.append({"loss": float(out.loss.detach()), **out.metrics()})
+        # On FSDP's DTensor gradients this is the global norm of the sharded gradients.
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+        )
+        if self.fsdp_root is not None:
+            from .fsdp import total_norm
+
+            grad_norm = total_norm(grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        merged = {
+            k: float(np.mean([m[k] for m in step_metrics if k in m])) for k in step_metrics[0]
+        }
+        merged.update(
+            grad_norm=float(grad_norm),
+            learning_rate=self.scheduler.get_last_lr()[0],
+            step=self.step,
+        )
+        return merged

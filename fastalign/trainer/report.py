@@ -4,10 +4,14 @@ third-party progress bars silenced, metrics to TensorBoard or Weights & Biases."
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 _EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb"}  # pip extra per --report-to value
@@ -171,3 +175,60 @@ def batch_token_counts(batch: dict) -> tuple[int, int]:
             )
     scored = int((batch["policy"]["labels"] != -100).sum())
     return tokens, scored
+
+
+class RunLog:
+    """The trainer's one bar and its records: each step's metrics go to the bar; every
+    ``logging_steps`` their mean, with throughput and ETA, goes to ``metrics.jsonl`` and
+    ``--report-to``. Only ``rank0`` shows or writes anything.
+
+    ``config`` is the run's TrainConfig (``loss``, ``max_steps``, ``logging_steps``,
+    ``progress``, ``report_to``); ``step`` the step training starts from.
+    """
+
+    def __init__(self, run_dir: Path, config, step: int, rank0: bool = True):
+        self.config, self.rank0 = config, rank0
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.throughput = Throughput()
+        self.window: list[dict[str, float]] = []
+        self.reporter = Reporter(config.report_to if rank0 else "none", run_dir, asdict(config))
+        self.bar = None
+        if config.progress and rank0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=config.max_steps, initial=step, desc=config.loss, dynamic_ncols=True
+            )
+
+    def add_batch(self, batch: dict) -> None:
+        """Count a microbatch's tokens (see :func:`batch_token_counts`)."""
+        self.throughput.add(*batch_token_counts(batch))
+
+    def step(self, metrics: dict[str, float]) -> None:
+        """One optimizer step's metrics (with ``step``): the bar, and a record when due."""
+        self.window.append(metrics)
+        if self.bar is not None:
+            self.bar.set_postfix({**bar_figures(metrics), **self.throughput.bar()}, refresh=False)
+            self.bar.update(1)
+        step, cfg = metrics["step"], self.config
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            window, self.window = self.window, []
+            record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+            record.update(self.throughput.rates(len(window), cfg.max_steps - step))
+            self.record({**record, "step": step})
+
+    def record(self, record: dict[str, float]) -> None:
+        """One line of ``metrics.jsonl`` (with ``step``), also sent to ``--report-to``."""
+        if self.rank0:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.reporter.log(record, step=int(record["step"]))
+
+    def close(self, final: dict[str, float] | None = None, step: int = 0) -> None:
+        """Close the bar and the reporter, sending it ``final`` (the after-training
+        evaluation) first; also on an error (``final`` None)."""
+        if self.bar is not None:
+            self.bar.close()
+        if final and self.rank0:
+            self.reporter.log(final, step=step)
+        self.reporter.close()
