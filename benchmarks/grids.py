@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from benchmarks.impls import CASES, FROZEN, Shape
 
-# The issue's CPU reference shape: B=4 pairs (8 rows), T=512, H=1024, V=32000, fp32.
+# The CPU reference shape: B=4 pairs (8 rows), T=512, H=1024, V=32000, fp32.
 CPU_MAIN = Shape(rows=8, seq_len=512, hidden=1024, vocab=32000)
+# The names ``grid`` (and ``python -m benchmarks.run --grid``) take.
+GRIDS = ("quick", "default", "gpu", "scale")
 
 
 def grid(name: str, device: str) -> list[tuple[str, str, Shape]]:
@@ -35,7 +37,7 @@ def grid(name: str, device: str) -> list[tuple[str, str, Shape]]:
         ]
         return cells
     if name == "scale":
-        # Issue 7's rows: the frozen-lm_head fast path against the recompute path and peers.
+        # The frozen-lm_head fast path against the recompute path and the peers.
         if device == "cpu":
             return [("frozen", FROZEN, Shape(4, 512, 1024, 32000))]
         bf16 = "bfloat16"
@@ -45,4 +47,4 @@ def grid(name: str, device: str) -> list[tuple[str, str, Shape]]:
             ("frozen", FROZEN, Shape(16, 512, 5120, 152064, bf16)),  # Qwen2.5-32B head
             ("frozen", "logps", Shape(16, 512, 5120, 152064, bf16)),  # same, trainable head
         ]
-    raise ValueError(f"unknown grid {name!r} for {device}; use quick, default, gpu or scale")
+    raise ValueError(f"unknown grid {name!r} for {device}; use one of {GRIDS}")

@@ -11,14 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import fastalign
+from fastalign import eager as eager_ref
 
 CASES = ("logps", "policy_ref", "dpo", "ipo", "kto", "typo")
 # The log-prob case with a frozen lm_head (LoRA): no weight gradient is asked for.
 FROZEN = "logps_frozen"
 BETA = 0.1
+LAM = 0.05  # TYPO's sample weight
 
 
 class Unavailable(Exception):
@@ -73,51 +74,38 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
 
 
 # ----------------------------------------------------------------------------- eager (TRL style)
-def eager_logps(hidden, weight, labels):
-    """What training code writes today: full logits, fp32 log_softmax, gather, masked sum."""
-    logits = hidden @ weight.T  # [B, T, V]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    mask = labels != -100
-    token = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (token * mask).sum(-1), mask.sum(-1)
+def _eager_loss(case: str, x: dict, logps_fn) -> torch.Tensor:
+    """The loss of ``case`` from a per-sequence log-prob function (``fastalign.eager``'s
+    signature and result): the policy first, then its no-grad streams."""
+    weight = x["weight"].detach() if case == FROZEN else x["weight"]
+    policy = logps_fn(x["hidden"], weight, x["labels"])
+
+    def no_grad(name: str) -> torch.Tensor:
+        with torch.no_grad():
+            return logps_fn(x[name], x["weight"], x["labels"]).logps
+
+    s = policy.logps
+    if case in ("logps", FROZEN):
+        return s.sum()
+    if case == "policy_ref":
+        return (s - no_grad("ref_hidden")).sum()
+    if case == "dpo":
+        return eager_ref.dpo_loss(s, no_grad("ref_hidden"), BETA)
+    if case == "ipo":
+        return eager_ref.ipo_loss(s, no_grad("ref_hidden"), policy.num_tokens, BETA)
+    if case == "typo":
+        sample = logps_fn(x["kl_hidden"], x["weight"], x["labels"]).logps
+        return eager_ref.typo_loss(s, sample, lam=LAM)
+    kl_policy, kl_ref = no_grad("kl_hidden"), no_grad("kl_ref_hidden")
+    return eager_ref.kto_loss(s, no_grad("ref_hidden"), kl_policy, kl_ref, x["desirable"], BETA)
 
 
 def _losses(logps_fn):
     """Loss closures for every case, given a per-sequence log-prob function."""
 
     def case_fn(case, x):
-        def ref(name="ref_hidden"):
-            with torch.no_grad():
-                return logps_fn(x[name], x["weight"], x["labels"])[0]
-
         def run():
-            weight = x["weight"].detach() if case == FROZEN else x["weight"]
-            s, n = logps_fn(x["hidden"], weight, x["labels"])
-            b = s.shape[0] // 2
-            if case in ("logps", FROZEN):
-                loss = s.sum()
-            elif case == "policy_ref":
-                loss = (s - ref()).sum()
-            elif case == "dpo":
-                r = s - ref()
-                loss = -F.logsigmoid(BETA * (r[:b] - r[b:])).mean()
-            elif case == "ipo":
-                r = (s - ref()) / n.clamp_min(1)
-                loss = ((r[:b] - r[b:] - 1 / (2 * BETA)) ** 2).mean()
-            elif case == "typo":
-                sample = logps_fn(x["kl_hidden"], x["weight"], x["labels"])[0]
-                loss = F.softplus(s[b:] - s[:b]).mean() - 0.05 * sample.mean()
-            elif case == "kto":
-                with torch.no_grad():
-                    kl_s = logps_fn(x["kl_hidden"], x["weight"], x["labels"])[0]
-                z0 = (kl_s - ref("kl_ref_hidden")).mean().clamp_min(0)
-                r = s - ref()
-                loss = torch.where(
-                    x["desirable"],
-                    1 - torch.sigmoid(BETA * (r - z0)),
-                    1 - torch.sigmoid(BETA * (z0 - r)),
-                ).mean()
-            loss.backward()
+            _eager_loss(case, x, logps_fn).backward()
 
         return run
 
@@ -125,7 +113,7 @@ def _losses(logps_fn):
 
 
 def eager(case, x):
-    return _losses(eager_logps)(case, x)
+    return _losses(eager_ref.eager_logps)(case, x)
 
 
 _compiled_logps = None
@@ -135,7 +123,7 @@ def compiled(case, x):
     """The eager path with its log-prob function under ``torch.compile``."""
     global _compiled_logps
     if _compiled_logps is None:
-        _compiled_logps = torch.compile(eager_logps, dynamic=False)
+        _compiled_logps = torch.compile(eager_ref.eager_logps, dynamic=False)
     run = _losses(_compiled_logps)(case, x)
     try:
         run()  # compile now so a failure is reported as unavailable, not mid-benchmark
@@ -145,54 +133,34 @@ def compiled(case, x):
 
 
 # ----------------------------------------------------------------------------- fastalign
-def fastalign_impl(case, x):
-    backend = "auto"
-    common = dict(backend=backend)
+def _fastalign_loss(case: str, x: dict, **options) -> torch.Tensor:
+    """The loss of ``case`` through fastalign's public API; ``options`` go to every call."""
+    weight = x["weight"].detach() if case == FROZEN else x["weight"]
+    policy = (x["hidden"], weight, x["labels"])
+    if case in ("logps", FROZEN):
+        return fastalign.sequence_logps(*policy, **options).logps.sum()
+    if case == "policy_ref":
+        scored, ref = fastalign.policy_ref_logps(*policy, x["ref_hidden"], **options)
+        return (scored.logps - ref.logps).sum()
+    if case == "typo":
+        samples = dict(sample_hidden=x["kl_hidden"], sample_labels=x["labels"], lam=LAM)
+        return fastalign.typo_loss_fused(*policy, **samples, **options).loss
+    options = dict(options, ref_hidden=x["ref_hidden"], beta=BETA)
+    if case == "kto":
+        kl = dict(kl_hidden=x["kl_hidden"], kl_labels=x["labels"])
+        kl.update(kl_ref_hidden=x["kl_ref_hidden"])
+        return fastalign.kto_loss_fused(*policy, x["desirable"], **kl, **options).loss
+    losses = {"dpo": fastalign.dpo_loss_fused, "ipo": fastalign.ipo_loss_fused}
+    return losses[case](*policy, **options).loss
+
+
+def fastalign_impl(case, x, **options):
+    """fastalign's fused path (``backend="auto"``); ``options``: extra keyword arguments of
+    every call, e.g. a variant column's ``functools.partial(fastalign_impl, ...)``."""
+    options = dict(backend="auto", **options)
 
     def run():
-        if case in ("logps", FROZEN):
-            weight = x["weight"].detach() if case == FROZEN else x["weight"]
-            loss = fastalign.sequence_logps(x["hidden"], weight, x["labels"], **common)
-            loss = loss.logps.sum()
-        elif case == "policy_ref":
-            policy, ref = fastalign.policy_ref_logps(
-                x["hidden"], x["weight"], x["labels"], x["ref_hidden"], **common
-            )
-            loss = (policy.logps - ref.logps).sum()
-        elif case in ("dpo", "ipo"):
-            paired = {"dpo": fastalign.dpo_loss_fused, "ipo": fastalign.ipo_loss_fused}[case]
-            loss = paired(
-                x["hidden"],
-                x["weight"],
-                x["labels"],
-                ref_hidden=x["ref_hidden"],
-                beta=BETA,
-                **common,
-            ).loss
-        elif case == "typo":
-            loss = fastalign.typo_loss_fused(
-                x["hidden"],
-                x["weight"],
-                x["labels"],
-                sample_hidden=x["kl_hidden"],
-                sample_labels=x["labels"],
-                lam=0.05,
-                **common,
-            ).loss
-        elif case == "kto":
-            loss = fastalign.kto_loss_fused(
-                x["hidden"],
-                x["weight"],
-                x["labels"],
-                x["desirable"],
-                ref_hidden=x["ref_hidden"],
-                kl_hidden=x["kl_hidden"],
-                kl_labels=x["labels"],
-                kl_ref_hidden=x["kl_ref_hidden"],
-                beta=BETA,
-                **common,
-            ).loss
-        loss.backward()
+        _fastalign_loss(case, x, **options).backward()
 
     return run
 
@@ -230,7 +198,7 @@ def trl_kernel(case, x):
         )[0]
         sums = torch.zeros(mask.shape, dtype=token.dtype, device=token.device)
         sums = sums.masked_scatter(mask, token).sum(-1)
-        return sums, mask.sum(-1)
+        return eager_ref.EagerLogps(sums, mask.sum(-1))
 
     return _losses(logps)(case, x)
 
@@ -259,8 +227,8 @@ def liger(case, x):
         # Liger takes the reference point as a precomputed tensor: score the mismatched rows
         # the way its users do (eager, no grad) so the work compared is the same.
         with torch.no_grad():
-            kl_s = eager_logps(x["kl_hidden"], weight, labels)[0]
-            kl_ref = eager_logps(x["kl_ref_hidden"], weight, labels)[0]
+            kl_s = eager_ref.eager_logps(x["kl_hidden"], weight, labels).logps
+            kl_ref = eager_ref.eager_logps(x["kl_ref_hidden"], weight, labels).logps
             kl = (kl_s - kl_ref).mean().clamp_min(0)
         out = loss_fn(
             hidden,
@@ -290,7 +258,7 @@ def cut_cross_entropy(case, x):
     def logps(hidden, weight, labels):
         nll = linear_cross_entropy(hidden, weight, labels, reduction="none", ignore_index=-100)
         mask = labels != -100
-        return -(nll * mask).sum(-1), mask.sum(-1)
+        return eager_ref.EagerLogps(-(nll * mask).sum(-1), mask.sum(-1))
 
     return _losses(logps)(case, x)
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 # memory leaves the resident set and the RSS high-water mark tracks live tensors.
 CELL_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRANSFORMERS_VERBOSITY="error")
 TOLERANCE = 0.15
+BETA = 0.1
 
 
 @dataclass(frozen=True)
@@ -69,73 +70,69 @@ def _eager_logps(model, input_ids):
     """TRL's ``concatenated_forward``: full logits, fp32 log_softmax, gather, masked sum."""
     import torch
 
+    from fastalign.eager import IGNORE_INDEX, logits_logps
+
     logits = model(input_ids=input_ids, use_cache=False).logits  # [R, T, V]
-    logp = torch.log_softmax(logits.float(), dim=-1)
     labels = torch.roll(input_ids, shifts=-1, dims=1)  # position t scores token t + 1
-    token = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    mask = torch.ones_like(token, dtype=torch.bool)
-    mask[:, -1] = False
-    return (token * mask).sum(-1)
+    labels[:, -1] = IGNORE_INDEX
+    return logits_logps(logits, labels).logps
 
 
 def _hidden(model, input_ids):
     return model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [R, T, H]
 
 
-def _loss_fn(path, setup, policy, ref, input_ids, kl_ids):
+def _eager_loss(setup, policy, ref, input_ids, kl_ids, desirable):
+    """The eager (TRL-style) loss of ``setup.loss``: the policy with grad, then the no-grad
+    streams (KTO: its KL rows first, as TRL computes them)."""
     import torch
-    import torch.nn.functional as F
+
+    from fastalign import eager
+
+    if setup.loss == "kto":
+        with torch.no_grad():
+            kl_s = _eager_logps(policy, kl_ids)
+        s = _eager_logps(policy, input_ids)
+        with torch.no_grad():
+            ref_s, kl_ref = _eager_logps(ref, input_ids), _eager_logps(ref, kl_ids)
+        return eager.kto_loss(s, ref_s, kl_s, kl_ref, desirable, BETA)
+    s = _eager_logps(policy, input_ids)
+    if setup.loss == "typo":
+        return eager.typo_loss(s)
+    with torch.no_grad():
+        ref_s = _eager_logps(ref, input_ids)
+    return eager.dpo_loss(s, ref_s, BETA)
+
+
+def _fused_loss(setup, policy, ref, input_ids, kl_ids, desirable):
+    """fastalign's fused loss of ``setup.loss`` on the models' final hidden states."""
+    import torch
 
     import fastalign
 
-    beta = 0.1
-    desirable = torch.arange(input_ids.shape[0], device=input_ids.device) % 2 == 0
-
-    def eager():
-        if setup.loss == "kto":
-            with torch.no_grad():  # TRL computes the KL rows first, without grad
-                kl_s = _eager_logps(policy, kl_ids)
-            s = _eager_logps(policy, input_ids)
-            with torch.no_grad():
-                ref_s, kl_ref = _eager_logps(ref, input_ids), _eager_logps(ref, kl_ids)
-            z0 = (kl_s - kl_ref).mean().clamp_min(0)
-            r = s - ref_s
-            return torch.where(
-                desirable, 1 - torch.sigmoid(beta * (r - z0)), 1 - torch.sigmoid(beta * (z0 - r))
-            ).mean()
-        s = _eager_logps(policy, input_ids)
-        b = s.shape[0] // 2
-        if setup.loss == "typo":
-            return F.softplus(s[b:] - s[:b]).mean()
-        with torch.no_grad():
-            ref_s = _eager_logps(ref, input_ids)
-        r = s - ref_s
-        return -F.logsigmoid(beta * (r[:b] - r[b:])).mean()
-
-    def fused():
-        weight = policy.lm_head.weight
-        hidden = _hidden(policy, input_ids)
-        if setup.loss == "typo":
-            return fastalign.typo_loss_fused(hidden, weight, input_ids, shift=True).loss
-        with torch.no_grad():
-            ref_hidden = _hidden(ref, input_ids)
-        common = dict(ref_hidden=ref_hidden, ref_weight=ref.lm_head.weight, shift=True)
-        if setup.loss == "kto":
-            with torch.no_grad():
-                kl_hidden, kl_ref_hidden = _hidden(policy, kl_ids), _hidden(ref, kl_ids)
-            return fastalign.kto_loss_fused(
-                hidden,
-                weight,
-                input_ids,
-                desirable,
-                kl_hidden=kl_hidden,
-                kl_labels=kl_ids,
-                kl_ref_hidden=kl_ref_hidden,
-                **common,
-            ).loss
+    weight = policy.lm_head.weight
+    hidden = _hidden(policy, input_ids)
+    if setup.loss == "typo":
+        # the pairwise term alone, as the eager path computes it (no sampled rows)
+        return fastalign.typo_loss_fused(hidden, weight, input_ids, shift=True, lam=0.0).loss
+    with torch.no_grad():
+        ref_hidden = _hidden(ref, input_ids)
+    common = dict(ref_hidden=ref_hidden, ref_weight=ref.lm_head.weight, shift=True)
+    if setup.loss != "kto":
         return fastalign.dpo_loss_fused(hidden, weight, input_ids, **common).loss
+    with torch.no_grad():
+        kl_hidden, kl_ref_hidden = _hidden(policy, kl_ids), _hidden(ref, kl_ids)
+    kl = dict(kl_hidden=kl_hidden, kl_labels=kl_ids, kl_ref_hidden=kl_ref_hidden)
+    return fastalign.kto_loss_fused(hidden, weight, input_ids, desirable, **kl, **common).loss
 
-    return eager if path == "eager" else fused
+
+def _loss_fn(path, setup, policy, ref, input_ids, kl_ids):
+    """A closure computing ``path``'s loss of one step."""
+    import torch
+
+    desirable = torch.arange(input_ids.shape[0], device=input_ids.device) % 2 == 0
+    loss = _eager_loss if path == "eager" else _fused_loss
+    return lambda: loss(setup, policy, ref, input_ids, kl_ids, desirable)
 
 
 def _tensor_bytes(tensors) -> int:
@@ -147,12 +144,30 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
+def estimate_cell(setup: Setup, device: str):
+    """``fastalign.memory.estimate`` for the step ``run_cell`` measures."""
+    from fastalign.memory import estimate
+
+    return estimate(
+        dict(setup.config, model_type="llama"),
+        batch_size=setup.batch_size,
+        seq_len=setup.seq_len,
+        loss=setup.loss,
+        activation_checkpointing=setup.activation_checkpointing,
+        dtype="float32" if device == "cpu" else "bfloat16",
+        master_weights=False,
+        # torch's AdamW keeps exp_avg and exp_avg_sq in the parameter dtype
+        optimizer_state_bytes=2 * (4 if device == "cpu" else 2),
+        device=device,
+        adamw="fused" if device == "cuda" else "single",
+    )
+
+
 def run_cell(setup: Setup, path: str, device: str) -> dict:
     """Build, warm up, measure one step; return measured and estimated bytes."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fastalign.memory import estimate
     from fastalign.profiling import PeakMemory
 
     torch.manual_seed(0)
@@ -189,20 +204,7 @@ def run_cell(setup: Setup, path: str, device: str) -> dict:
         alive = list(policy.parameters()) + list(ref.parameters()) + state
         measured = probe.peak_extra_bytes + _tensor_bytes(alive) + input_ids.nbytes + kl_ids.nbytes
 
-    est = estimate(
-        dict(setup.config, model_type="llama"),
-        batch_size=setup.batch_size,
-        seq_len=setup.seq_len,
-        loss=setup.loss,
-        activation_checkpointing=setup.activation_checkpointing,
-        dtype="float32" if device == "cpu" else "bfloat16",
-        master_weights=False,
-        # torch's AdamW keeps exp_avg and exp_avg_sq in the parameter dtype
-        optimizer_state_bytes=2 * (4 if device == "cpu" else 2),
-        device=device,
-        adamw="fused" if device == "cuda" else "single",
-    )
-    breakdown = est.path(path)
+    breakdown = estimate_cell(setup, device).path(path)
     return {
         "setup": setup.name,
         "path": path,

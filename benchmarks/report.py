@@ -40,10 +40,59 @@ def shape_label(shape: dict) -> str:
     )
 
 
+def _vs_eager(row: dict, eager: dict | None) -> list[str]:
+    """Speed-up and memory ratio against the eager row of the same cell."""
+    if not eager:
+        return ["–", "–"]
+    return [
+        f"{eager['seconds'] / row['seconds']:.2f}x",
+        f"{row['peak_extra_bytes'] / max(eager['peak_extra_bytes'], 1):.3f}x",
+    ]
+
+
+def _vs_best_peer(row: dict, impls: dict) -> str:
+    """fastalign against the fastest and the leanest peer of the same cell."""
+    peers = [impls[p] for p in PEERS if p in impls]
+    if row["impl"] != "fastalign" or not peers:
+        return ""
+    best_time = min(peers, key=lambda r: r["seconds"])
+    best_mem = min(peers, key=lambda r: r["peak_extra_bytes"])
+    return (
+        f"{best_time['seconds'] / row['seconds']:.2f}x ({best_time['impl']}) / "
+        f"{row['peak_extra_bytes'] / max(best_mem['peak_extra_bytes'], 1):.3f}x "
+        f"({best_mem['impl']})"
+    )
+
+
+def _throughput(case: str, row: dict, peak: float | None) -> list[str]:
+    """TFLOP/s of the matmuls counted once (``FLOP_UNITS``) and the share of bf16 peak."""
+    shape = row["shape"]
+    flops = FLOP_UNITS[case] * scored_tokens(shape) * shape["hidden"] * shape["vocab"]
+    tflops = flops / row["seconds"] / 1e12
+    return [f"{tflops:.0f}", f"{100 * tflops / peak:.0f} %" if peak else "–"]
+
+
+def _frozen_notes(groups: dict) -> list[str]:
+    """One sentence per cell timed with both fastalign paths (frozen lm_head)."""
+    notes = []
+    for (_case, label), impls in groups.items():
+        fast, general = impls.get("fastalign"), impls.get("fastalign-recompute")
+        if fast and general:
+            notes.append(
+                f"\nFrozen lm_head, {label}: the fast path (E = softmax·W in forward) takes "
+                f"{fast['seconds'] * 1e3:.1f} ms against {general['seconds'] * 1e3:.1f} ms for "
+                f"the recompute path: {general['seconds'] / fast['seconds']:.2f}x; peak extra "
+                f"{fast['peak_extra_bytes'] / 2**20:.1f} vs "
+                f"{general['peak_extra_bytes'] / 2**20:.1f} MiB."
+            )
+    return notes
+
+
 def table(record: dict) -> str:
+    """The markdown table of the record's main cells (the sweeps are plotted)."""
     groups = defaultdict(dict)
     for row in record["rows"]:
-        if not row["part"].startswith("sweep"):  # the sweeps are plotted
+        if not row["part"].startswith("sweep"):
             groups[(row["case"], shape_label(row["shape"]))][row["impl"]] = row
     gpu = record["device_kind"] == "cuda"
     head = (
@@ -54,55 +103,14 @@ def table(record: dict) -> str:
         head += " TFLOP/s | % bf16 peak |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (case, label), impls in groups.items():
-        eager = impls.get("eager")
-        peers = [impls[p] for p in PEERS if p in impls]
-        best_time = min(peers, key=lambda r: r["seconds"]) if peers else None
-        best_mem = min(peers, key=lambda r: r["peak_extra_bytes"]) if peers else None
         for impl, row in impls.items():
-            cells = [
-                case,
-                label,
-                f"**{impl}**" if impl == "fastalign" else impl,
-                f"{row['seconds'] * 1e3:.1f}",
-                f"{row['peak_extra_bytes'] / 2**20:.1f}",
-            ]
-            if eager:
-                cells += [
-                    f"{eager['seconds'] / row['seconds']:.2f}x",
-                    f"{row['peak_extra_bytes'] / max(eager['peak_extra_bytes'], 1):.3f}x",
-                ]
-            else:
-                cells += ["–", "–"]
-            if impl == "fastalign" and best_time:
-                cells.append(
-                    f"{best_time['seconds'] / row['seconds']:.2f}x ({best_time['impl']}) / "
-                    f"{row['peak_extra_bytes'] / max(best_mem['peak_extra_bytes'], 1):.3f}x "
-                    f"({best_mem['impl']})"
-                )
-            else:
-                cells.append("")
+            cells = [case, label, f"**{impl}**" if impl == "fastalign" else impl]
+            cells += [f"{row['seconds'] * 1e3:.1f}", f"{row['peak_extra_bytes'] / 2**20:.1f}"]
+            cells += _vs_eager(row, impls.get("eager")) + [_vs_best_peer(row, impls)]
             if gpu:
-                flops = (
-                    FLOP_UNITS[case]
-                    * scored_tokens(row["shape"])
-                    * row["shape"]["hidden"]
-                    * row["shape"]["vocab"]
-                )
-                tflops = flops / row["seconds"] / 1e12
-                peak = record.get("bf16_peak_tflops")
-                cells += [f"{tflops:.0f}", f"{100 * tflops / peak:.0f} %" if peak else "–"]
+                cells += _throughput(case, row, record.get("bf16_peak_tflops"))
             lines.append("| " + " | ".join(cells) + " |")
-    for (_case, label), impls in groups.items():
-        fast, general = impls.get("fastalign"), impls.get("fastalign-recompute")
-        if fast and general:
-            lines.append(
-                f"\nFrozen lm_head, {label}: the fast path (E = softmax·W in forward) takes "
-                f"{fast['seconds'] * 1e3:.1f} ms against {general['seconds'] * 1e3:.1f} ms for "
-                f"the recompute path: {general['seconds'] / fast['seconds']:.2f}x; peak extra "
-                f"{fast['peak_extra_bytes'] / 2**20:.1f} vs "
-                f"{general['peak_extra_bytes'] / 2**20:.1f} MiB."
-            )
-    return "\n".join(lines)
+    return "\n".join(lines + _frozen_notes(groups))
 
 
 def plots(record: dict, stem: Path) -> list[Path]:

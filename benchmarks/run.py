@@ -3,6 +3,7 @@
     python -m benchmarks.run                 # default grid on this machine's device
     python -m benchmarks.run --quick         # tiny shapes, < 1 min (the smoke test)
     python -m benchmarks.run --grid gpu      # the GPU grid (on a CUDA machine)
+    python -m benchmarks.run --grid scale    # frozen lm_head: fast path vs recompute, peers
 
 Writes ``benchmarks/results/<device>_<date>.json`` (or ``--out DIR``), then the markdown
 table and PNG plots via ``benchmarks.report``.
@@ -21,6 +22,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from benchmarks.grids import GRIDS
 
 RESULTS = Path(__file__).parent / "results"
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, for the % of peak.
@@ -43,46 +46,45 @@ def versions() -> dict:
     return out
 
 
+def run_cells(grid: str, device: str, out: Path, k: str | None) -> list[dict] | int:
+    """pytest-benchmark over ``grid``'s cells: one row per (cell, implementation) with its
+    median seconds, or pytest's exit status where it failed."""
+    raw = out / "pytest-benchmark-raw.json"
+    env = dict(os.environ, FASTALIGN_BENCH_GRID=grid, FASTALIGN_BENCH_DEVICE=device)
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).parent / "test_bench.py")]
+    cmd += ["-p", "no:cacheprovider", "-q", "-rs", f"--benchmark-json={raw}"]
+    cmd += ["--benchmark-columns=min,median,rounds"] + (["-k", k] if k else [])
+    status = subprocess.run(cmd, env=env).returncode
+    if status not in (0, 5):
+        return status
+    data = json.loads(raw.read_text())
+    raw.unlink()
+    return [
+        {
+            **bench["extra_info"],
+            "seconds": bench["stats"]["median"],
+            "rounds": bench["stats"]["rounds"],
+        }
+        for bench in data["benchmarks"]
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke mode)")
-    parser.add_argument("--grid", default=None, help="quick | default | gpu")
+    parser.add_argument("--grid", default=None, choices=GRIDS, help="default: default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("-k", default=None, help="pytest -k filter on cells")
     args = parser.parse_args(argv)
     grid = "quick" if args.quick else (args.grid or "default")
     args.out.mkdir(parents=True, exist_ok=True)
-    raw = args.out / "pytest-benchmark-raw.json"
-    env = dict(os.environ, FASTALIGN_BENCH_GRID=grid, FASTALIGN_BENCH_DEVICE=args.device)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        str(Path(__file__).parent / "test_bench.py"),
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-rs",
-        f"--benchmark-json={raw}",
-        "--benchmark-columns=min,median,rounds",
-    ]
-    if args.k:
-        cmd += ["-k", args.k]
     load_before = os.getloadavg()
-    status = subprocess.run(cmd, env=env).returncode
-    if status not in (0, 5):
-        return status
-    data = json.loads(raw.read_text())
-    raw.unlink()
-    rows = []
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        rows.append(
-            {**info, "seconds": bench["stats"]["median"], "rounds": bench["stats"]["rounds"]}
-        )
+    rows = run_cells(grid, args.device, args.out, args.k)
+    if isinstance(rows, int):
+        return rows
     name = device_name(args.device)
     record = {
         "device": name,

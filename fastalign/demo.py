@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .eager import eager_logps
 from .profiling import PeakMemory
 
 
@@ -26,15 +27,6 @@ def _inputs(num_seqs: int, seq_len: int, vocab: int, hidden_size: int, seed: int
     return hidden, weight, labels
 
 
-def eager_logps(hidden, weight, labels, ignore_index: int = -100) -> torch.Tensor:
-    """What training code usually does: full logits, log_softmax, gather, masked sum."""
-    logits = hidden @ weight.T  # [B, T, V]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    mask = labels != ignore_index
-    token = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (token * mask).sum(-1)
-
-
 def _run_one(path: str, num_seqs: int, seq_len: int, vocab: int, hidden_size: int) -> dict:
     """Child process: forward+backward once to warm up, then measure one more."""
     import fastalign
@@ -43,7 +35,7 @@ def _run_one(path: str, num_seqs: int, seq_len: int, vocab: int, hidden_size: in
 
     def step():
         if path == "eager":
-            logps = eager_logps(hidden, weight, labels)
+            logps = eager_logps(hidden, weight, labels).logps
         else:
             logps = fastalign.sequence_logps(hidden, weight, labels, backend="torch").logps
         logps.sum().backward()

@@ -9,16 +9,8 @@ from __future__ import annotations
 import torch
 
 from ._types import LogitTransform, TokenBatch
-
-# One logits tile holds about this many fp32 elements (16 MiB). Large enough that the
-# [chunk, H] x [H, V] matmul runs near peak on a CPU, small enough to stay a rounding error
-# next to the [N, V] logits of the eager path.
-CHUNK_ELEMENTS = 1 << 22
-
-
-def chunk_rows(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Tokens per chunk so that one ``[chunk, V]`` fp32 tile holds ~``chunk_elements``."""
-    return max(8, chunk_elements // max(vocab_size, 1))
+from .tiles import TORCH_CHUNK_ELEMENTS as CHUNK_ELEMENTS  # noqa: F401 - re-exported
+from .tiles import chunk_rows
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

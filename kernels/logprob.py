@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tiles
 from .._types import LogitTransform, TokenBatch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,11 +45,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # constexpr: compiled kernels may read no other kind of global.
 NEG_BIG = tl.constexpr(-1.0e30)
 _NEG_BIG = -1.0e30  # the same, for host code
-# Elements of one [rows, vocab chunk] fp32 logits buffer (256 MiB on CUDA). Interpreted, a
-# small budget, so that the tests' small vocabularies still span several chunks.
-CHUNK_ELEMENTS = 1 << 12 if INTERPRET else 1 << 26
-# Vocab chunks are a multiple of this many columns (GEMM-friendly on the GPU).
-VOCAB_ALIGN = 32 if INTERPRET else 256
+# The chunk budget and vocab alignment (fastalign.tiles): small under the interpreter.
+CHUNK_ELEMENTS = tiles.TRITON_INTERPRET_CHUNK_ELEMENTS if INTERPRET else tiles.TRITON_CHUNK_ELEMENTS
+VOCAB_ALIGN = tiles.TRITON_INTERPRET_VOCAB_ALIGN if INTERPRET else tiles.TRITON_VOCAB_ALIGN
 
 
 @triton.jit
@@ -224,8 +223,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _chunk_width(num_rows: int, vocab_size: int) -> int:
     """Vocab columns per chunk: an fp32 ``[num_rows, width]`` buffer of ~``CHUNK_ELEMENTS``."""
-    width = CHUNK_ELEMENTS // max(num_rows, 1) // VOCAB_ALIGN * VOCAB_ALIGN
-    return min(vocab_size, max(VOCAB_ALIGN, width))
+    return tiles.vocab_chunk_width(num_rows, vocab_size, CHUNK_ELEMENTS, VOCAB_ALIGN)
 
 
 class _VocabChunk(NamedTuple):

@@ -46,3 +46,15 @@ def test_quick_benchmark_writes_json_table_and_plots(tmp_path):
     assert all(r["seconds"] > 0 and r["peak_extra_bytes"] >= 0 for r in record["rows"])
     table = path.with_suffix(".md").read_text()
     assert "| dpo |" in table and "**fastalign**" in table and "speed-up vs eager" in table
+
+
+def test_unknown_grid_is_a_usage_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--grid", "huge"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--grid" in result.stderr and "scale" in result.stderr  # the choices are listed

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
 
-from fastalign import cli
+from fastalign import cli, tiles
 from fastalign.memory import count_parameters, estimate, model_shape, parse_bytes
+from fastalign.memory.loss import store_group_tokens
+from fastalign.memory.step import resolve_step
 from fastalign.profiling import cpu_probe_available
 
-TINY = dict(
-    vocab_size=101,
-    hidden_size=32,
-    intermediate_size=72,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+TINY = {
+    **dict(vocab_size=101, hidden_size=32, intermediate_size=72),
+    **dict(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+}
 
 
 def _configs():
@@ -112,6 +114,76 @@ def test_lora_and_checkpointing_shrink():
     assert typo.fused.parts["reference weights"] == 0
 
 
+# ----------------------------------------------------------------------------- store path
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_store_path_holds_gradients_from_forward_to_backward(loss, device):
+    args = ("meta-llama/Llama-3.1-8B", 4, 128)
+    recompute = estimate(*args, loss=loss, device=device)
+    store = estimate(*args, loss=loss, device=device, grad_mode="store")
+    assert (recompute.setup["grad_mode"], store.setup["grad_mode"]) == ("recompute", "store")
+    assert store.eager == recompute.eager
+    v, h = 128256, 4096
+    tokens = store.setup["policy_tokens"]
+    held = v * h * 4 + tokens * h * 4  # fp32 lm_head accumulator, fp32 grad_hidden rows
+    assert store.fused.parts["loss buffers"] >= held
+    # held through the loss forward, unlike the recompute path
+    forward = "forward + reference"
+    assert store.fused.phases[forward] - recompute.fused.phases[forward] >= held / 2
+    step = resolve_step(*args, **_options(loss=loss, device=device, grad_mode="store"))
+    group = store_group_tokens(step)
+    unit = (1 if loss == "kto" else 2) * 128
+    assert 0 < group <= tokens and group % unit == 0
+    assert group * v * 4 <= tiles.STORE_GROUP_BUDGET_BYTES < (group + unit) * v * 4 or (
+        group == tokens
+    )
+
+
+def _options(**changes):
+    options = dict(
+        loss="dpo",
+        world_size=1,
+        sharding="none",
+        lora=None,
+        activation_checkpointing=False,
+        dtype="bfloat16",
+        master_weights=None,
+        optimizer_state_bytes=8,
+        typo_samples=False,
+        device="cuda",
+        adamw=None,
+        grad_mode="recompute",
+    )
+    return {**options, **changes}
+
+
+@pytest.mark.parametrize(
+    "why,kwargs",
+    [("unit over the budget", dict(seq_len=4096)), ("frozen head", dict(seq_len=128, lora=8))],
+)
+def test_store_path_falls_back_like_the_losses(why, kwargs):
+    args = dict(config_or_name="meta-llama/Llama-3.1-8B", batch_size=2, **kwargs)
+    store = estimate(**args, grad_mode="store")
+    assert store.setup["grad_mode"] == "recompute", why
+    assert store.fused == estimate(**args).fused
+    assert any("not taken" in note for note in store.assumptions)
+
+
+def test_cli_grad_mode_subprocess():
+    argv = [sys.executable, "-m", "fastalign.memory", "meta-llama/Llama-3.1-8B"]
+    argv += ["--batch-size", "2", "--seq-len", "128", "--json", "--grad-mode"]
+    runs = {
+        mode: subprocess.run(argv + [mode], capture_output=True, text=True, timeout=120)
+        for mode in ("store", "fast")
+    }
+    assert runs["fast"].returncode == 2 and "--grad-mode" in runs["fast"].stderr
+    assert runs["store"].returncode == 0, runs["store"].stderr
+    store = json.loads(runs["store"].stdout)
+    assert store["setup"]["grad_mode"] == "store"
+    expected = estimate("meta-llama/Llama-3.1-8B", 2, 128, grad_mode="store").to_dict()
+    assert store["fused"] == expected["fused"]
+
+
 # ----------------------------------------------------------------------------- measured
 @pytest.mark.skipif(not cpu_probe_available(), reason="needs /proc/self/clear_refs (Linux)")
 @pytest.mark.parametrize("path", ["eager", "fused"])
@@ -159,6 +231,7 @@ def test_cli_bad_arguments(capsys):
         (dict(dtype="int8"), ValueError, "dtype"),
         (dict(dtype=3), TypeError, "dtype"),
         (dict(adamw="sgd"), ValueError, "adamw"),
+        (dict(grad_mode="fast"), ValueError, "grad_mode"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, name):

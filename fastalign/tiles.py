@@ -1,0 +1,66 @@
+"""Tile-size rules of the loss backends, in one torch-free module.
+
+The chunked torch backend, the Triton backend and the memory estimator (``fastalign.memory``)
+all import these, so an estimate cannot drift from the buffers the backends allocate.
+"""
+
+from __future__ import annotations
+
+# Torch backend: one [chunk, V] fp32 logits tile holds about this many elements (16 MiB).
+# Large enough that the [chunk, H] x [H, V] matmul runs near peak on a CPU, small enough to
+# stay a rounding error next to the [N, V] logits of the eager path.
+TORCH_CHUNK_ELEMENTS = 1 << 22
+# Fewest token rows in a torch-backend tile, whatever the vocabulary.
+TORCH_MIN_CHUNK_ROWS = 8
+
+# Triton backend: elements of one [rows, vocab chunk] fp32 logits buffer (256 MiB on CUDA),
+# whose width is a multiple of TRITON_VOCAB_ALIGN columns (GEMM-friendly on the GPU).
+TRITON_CHUNK_ELEMENTS = 1 << 26
+TRITON_VOCAB_ALIGN = 256
+# Under the Triton interpreter (tests): a small budget, so that the tests' small
+# vocabularies still span several chunks.
+TRITON_INTERPRET_CHUNK_ELEMENTS = 1 << 12
+TRITON_INTERPRET_VOCAB_ALIGN = 32
+
+# Store path (gradients formed in the forward): the logits of one group of whole gradient
+# units (a pair, a row, a sample) stay under this many bytes.
+STORE_GROUP_BUDGET_BYTES = 256 << 20
+
+
+def chunk_rows(vocab_size: int, chunk_elements: int = TORCH_CHUNK_ELEMENTS) -> int:
+    """Tokens per torch-backend chunk, so that one ``[chunk, V]`` fp32 tile holds
+    ~``chunk_elements``.
+
+    Example:
+        >>> chunk_rows(32000)
+        131
+    """
+    return max(TORCH_MIN_CHUNK_ROWS, chunk_elements // max(vocab_size, 1))
+
+
+def vocab_chunk_width(
+    num_rows: int,
+    vocab_size: int,
+    chunk_elements: int = TRITON_CHUNK_ELEMENTS,
+    align: int = TRITON_VOCAB_ALIGN,
+) -> int:
+    """Vocab columns per Triton-backend chunk: an fp32 ``[num_rows, width]`` buffer of
+    ~``chunk_elements``, ``width`` a multiple of ``align`` (at least ``align``, at most V).
+
+    Example:
+        >>> vocab_chunk_width(4096, 128256)
+        16384
+    """
+    width = chunk_elements // max(num_rows, 1) // align * align
+    return min(vocab_size, max(align, width))
+
+
+def store_group_units(unit_logit_bytes: int, budget_bytes: int = STORE_GROUP_BUDGET_BYTES) -> int:
+    """Whole gradient units whose logits fit in one store-path group (0: not even one fits,
+    so the loss falls back to the recompute path).
+
+    Example:
+        >>> store_group_units(100 << 20)
+        2
+    """
+    return budget_bytes // max(unit_logit_bytes, 1)
