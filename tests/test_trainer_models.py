@@ -195,3 +195,29 @@ def test_cli_prints_only_its_own_progress(files, tmp_path):
     bars = [line for line in lines if re.search(r"it/s|s/it|examples/s", line)]
     assert bars and all(line.startswith("dpo:") for line in bars), bars
     assert all(f in bars[-1] for f in ("tok_s=", "scored_s=", "acc=", "<00:00"))  # rates, ETA
+
+
+@pytest.mark.parametrize("arch", ["qwen3-moe", "mixtral"])
+def test_router_loss_memory_is_what_the_estimate_counts(arch):
+    """Bytes autograd saves because of the router loss = memory.body.router_loss_bytes."""
+    from fastalign.memory.body import router_loss_bytes
+    from fastalign.memory.shapes import model_shape
+    from fastalign.trainer.model import HiddenStates, router_aux_loss
+
+    model = _model(arch, seed=0)
+    ids = torch.randint(3, 24, (2, 11))
+
+    def saved_bytes(router) -> int:
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        hidden_states = HiddenStates(model, router_loss=router)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden_states(ids, torch.ones_like(ids))
+        return sum(storages.values())
+
+    extra = saved_bytes(router_aux_loss(model)) - saved_bytes(None)
+    assert extra == router_loss_bytes(model_shape(model.config), ids.numel())
