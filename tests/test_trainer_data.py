@@ -206,3 +206,33 @@ def test_mixed_formats_and_missing_templates_are_rejected():
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
         D.encode(_user("hi"), _assistant("hello"), tokenizer, 9, 9)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_trainer_runs_on_implicit_conversational_data(loss, tmp_path):
+    """chosen/rejected conversations only: the prompt is extracted (and KTO unpairs them)."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastalign.trainer.loop import TrainConfig, Trainer
+
+    tokenizer = _tokenizer("qwen")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = PAIRED["implicit-conversational"] * 2
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = Trainer(
+        TrainConfig(
+            loss=loss, model=str(tmp_path / "model"), dataset=str(tmp_path / "data.jsonl"),
+            output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4, progress=False,
+        )
+    )  # fmt: skip
+    assert len(trainer.train_set) == (4 if loss == "dpo" else 8)
+    first = trainer.train_set[0]
+    assert first["prompt"][0]["role"] == "user"
+    assert trainer.train()["steps"] == 1
