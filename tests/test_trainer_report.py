@@ -113,3 +113,20 @@ def test_sample_handles_conversational_prompts():
     assert out[1][0]["role"] == "assistant" and isinstance(out[1][0]["content"], str)
     again = sample_completions(model, tokenizer, prompts, max_new_tokens=3, seed=0)
     assert again == out and model.training  # same draws with the same seed; mode restored
+
+
+def test_every_train_flag_has_help_with_its_default():
+    import argparse
+
+    from fastalign.cli import _train_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    _train_parser(sub)
+    parser = sub.choices["train"]
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 40
+    for action in flags:
+        assert action.help, action.option_strings
+        assert action.dest == "loss" or "default" in action.help, action.option_strings
+    text = parser.format_help()
+    assert "TRL's default is 1.0" in text and "-1 as TRL" in text  # KTO λ and pairing
