@@ -36,6 +36,7 @@ HELP = {
     "seed": "seed of initialisation, data order and sampling",
     "logging_steps": "steps averaged into each metrics.jsonl line",
     "save_steps": "checkpoint every N steps (0: only at the end)",
+    "save_total_limit": "checkpoint-N directories kept, the oldest deleted first (0: all)",
     "bf16": "bfloat16 autocast of the model body on CUDA",
     "activation_checkpointing": "recompute decoder layers in backward to save memory",
     "fsdp": "under torchrun: shard the model with FSDP2 instead of DDP",

@@ -126,8 +126,9 @@ class Throughput:
 
     ``add(tokens, scored)`` after each microbatch (``tokens``: real input tokens,
     ``scored``: completion tokens the loss scores); ``rates(steps, steps_left)`` gives
-    ``tokens_per_second``, ``scored_tokens_per_second``, ``num_tokens`` (total so far) and
-    ``eta_seconds`` (``steps_left`` at the pace of the last ``steps`` steps).
+    ``tokens_per_second``, ``scored_tokens_per_second`` and ``eta_seconds`` (``steps_left``
+    at the pace of the last ``steps`` steps): wall-clock figures, the only ones of a record
+    a resumed run does not reproduce.
     """
 
     def __init__(self):
@@ -155,7 +156,6 @@ class Throughput:
         out = {
             "tokens_per_second": self._tokens / elapsed,
             "scored_tokens_per_second": self._scored / elapsed,
-            "num_tokens": float(self.num_tokens),
             "eta_seconds": elapsed / max(steps, 1) * steps_left,
         }
         self._tokens = self._scored = 0
