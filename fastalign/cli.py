@@ -60,6 +60,14 @@ def _train(args) -> int:
     summary = trainer.train()
     if trainer.rank != 0:  # under torchrun, one report
         return 0
+    if summary.get("interrupted"):
+        checkpoint = summary["checkpoint"]
+        print(
+            f"stopped by {summary['interrupted']} after step {summary['steps']}; saved "
+            f"{checkpoint} (continue with --resume-from {checkpoint})",
+            file=sys.stderr,
+        )
+        return 128 + summary["signal"]
     for stage in ("before", "after"):
         acc = summary.get(f"{stage}/eval/rewards/accuracies")
         margin = summary.get(f"{stage}/eval/rewards/margins")
@@ -101,6 +109,26 @@ def _sample(args) -> int:
     return 0
 
 
+def _metrics(path: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``; ValueError naming the file (and line)."""
+    if not path.exists():
+        raise ValueError(f"{path} not found (is {path.parent} a fastalign run directory?)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise ValueError(f"{path}, line {number}: not a metrics record (no 'step')")
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path} has no records yet (no logging step reached): nothing to plot")
+    return records
+
+
 def _plot(args) -> int:
     import matplotlib
 
@@ -108,11 +136,7 @@ def _plot(args) -> int:
     import matplotlib.pyplot as plt
 
     run = Path(args.run_dir)
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        print(f"error: {path} not found (is {run} a fastalign run directory?)", file=sys.stderr)
-        return 2
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = _metrics(run / "metrics.jsonl")
     keys = [k for k in records[0] if k != "step"]
     cols = 3
     rows = (len(keys) + cols - 1) // cols
@@ -160,13 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     memory.add_arguments(m)
     args = parser.parse_args(argv)
+    command = {"train": _train, "sample": _sample, "plot": _plot, "memory": memory.run}
     try:
-        return {"train": _train, "sample": _sample, "plot": _plot, "memory": memory.run}[
-            args.command
-        ](args)
-    except ValueError as err:
+        return command[args.command](args)
+    except ValueError as err:  # bad input: named, before any work
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as err:
+        from .trainer.checkpoint import CheckpointError
+
+        if isinstance(err, RuntimeError) and not isinstance(err, CheckpointError):
+            raise
+        print(f"error: {err}", file=sys.stderr)  # e.g. disk full, no permission to write
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Two CPU processes over gloo (DDP) give the single-process loss and gradients, padded and
-packed."""
+packed, and stop together when one of them gets a signal."""
 
 from __future__ import annotations
 
@@ -50,3 +50,29 @@ def test_two_processes_match_one(tmp_path, packing):
     for name, grad in single_grads.items():
         torch.testing.assert_close(grads0[name], grads1[name], rtol=0, atol=0)  # all-reduced
         torch.testing.assert_close(grads0[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def _stop_worker(rank, world, port, results):
+    import signal
+
+    from fastalign.trainer.interrupt import agreed_signal
+
+    set_rank_env(rank, world, port)
+    torch.distributed.init_process_group("gloo")
+    try:
+        got = signal.SIGTERM if rank == 1 else None  # only rank 1 was signalled
+        results[rank] = (
+            agreed_signal(None, True, torch.device("cpu")),
+            agreed_signal(got, True, torch.device("cpu")),
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_signal_on_one_rank_stops_every_rank():
+    """All ranks agree on stopping after the same step (the save is a collective)."""
+    import signal
+
+    results = mp.Manager().dict()
+    mp.spawn(_stop_worker, args=(2, free_port(), results), nprocs=2, join=True)
+    assert results[0] == results[1] == (0, int(signal.SIGTERM))

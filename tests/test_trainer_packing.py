@@ -215,7 +215,7 @@ def test_cli_packing_trains_like_padding(tmp_path):
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == [1, 2, 3]
         losses[packing] = [r["loss"] for r in records]
-        state = torch.load(run / "final" / "trainer_state.pt", weights_only=False)
+        state = torch.load(run / "final" / "trainer_state.pt", weights_only=True)
         assert state["config"]["packing"] == (packing == "--packing")
     assert losses["--packing"] == pytest.approx(losses["--no-packing"], rel=1e-4, abs=1e-6)
     assert len(set(losses["--packing"])) > 1  # it trains: the loss moves

@@ -89,7 +89,7 @@ def test_kto_offset_flag_picks_trls_pairing(tmp_path):
     completions = [trainer.collator.encode_row(r, ("completion",))[0].completion for r in rows]
     row0 = batch["kl"]["labels"][0]
     assert row0[row0 != -100].tolist() == completions[-1]  # x_0 with y_(m-1), as TRL
-    with pytest.raises(ValueError, match="kto_kl_offset must be 1 or -1"):
+    with pytest.raises(ValueError, match="kto.kl.offset must be 1 or -1"):
         Trainer(TrainConfig(loss="kto", kto_kl_offset=2, output_dir=str(tmp_path / "b"), **FAST))
 
 

@@ -1,0 +1,95 @@
+"""The policy model of a run: loaded with errors that name the flag, the embedded default's
+SFT warm-up, its LoRA adapter (new, or restored as trainable from a checkpoint) and the base
+weights a LoRA checkpoint of the embedded default keeps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import losses
+from . import data as D
+from .model import HiddenStates, head_params
+
+
+def from_pretrained(loader, source, flag: str):
+    """``loader.from_pretrained(source)``, its failure a ``ValueError`` naming ``flag``."""
+    try:
+        return loader.from_pretrained(source)
+    except OSError as err:  # not found, not a model, offline without a cached copy
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{flag} {source}: could not be loaded ({first})") from None
+
+
+def lora_config(config):
+    """The LoRA adapter a ``--lora-rank R`` run trains (see ``model.lora_config``)."""
+    from .model import lora_config as adapter
+
+    return adapter(
+        config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
+    )
+
+
+def with_lora(model, config, resume: Path | None):
+    """``model`` with a fresh LoRA adapter, or with the one saved in ``resume/model``
+    restored as trainable (no second ``get_peft_model``)."""
+    from peft import PeftModel, get_peft_model
+
+    if resume is not None:
+        return PeftModel.from_pretrained(model, Path(resume) / "model", is_trainable=True)
+    return get_peft_model(model, lora_config(config))
+
+
+def save_base(peft_model, directory: Path, model_state: dict | None) -> None:
+    """The base weights under a LoRA adapter (the embedded default's are SFT-warmed at the
+    start, so they cannot be rebuilt from a name), with PEFT's key changes undone."""
+    source = model_state if model_state is not None else peft_model.state_dict()
+    state = {
+        key.removeprefix("base_model.model.").replace(".base_layer.", "."): value
+        for key, value in source.items()
+        if "lora_" not in key
+    }
+    peft_model.get_base_model().save_pretrained(directory, state_dict=state)
+
+
+def sft_warmup(
+    model, pairs: list[tuple], tokenizer, pad_id: int, *, steps: int, seed: int, backend: str
+) -> None:
+    """Embedded default only: teach the tiny random model the task format with SFT on the
+    (prompt, good completion) ``pairs``, so the reference policy is a sensible start."""
+    encoded = [D.encode(p, c, tokenizer, 16, 8) for p, c in pairs]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    body = HiddenStates(model)
+    device = next(model.parameters()).device
+    for _ in range(steps):
+        idx = torch.randint(len(encoded), (16,), generator=generator).tolist()
+        batch = D.rows_to_batch([encoded[i] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        weight, bias = head_params(model)
+        stream = losses._common.StreamInput(
+            body(batch["input_ids"], batch["attention_mask"]), weight, batch["labels"], bias=bias
+        )
+        out = losses._common.score_streams([stream], shift=True, backend=backend)[0]
+        loss = -out.logps.sum() / out.num_tokens.sum().clamp_min(1)  # plain NLL, fused op
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def default_samples(model, tokenizer, split, config, device):
+    """TYPO on the embedded default: ``split`` with one reference sample per prompt in
+    ``config.sample_column``, drawn from ``model`` (None: the initial random model, rebuilt
+    from the seed, so a resumed run gets the same samples). None stays None."""
+    from .default import default_model
+    from .sample import sample_completions
+
+    if split is None:
+        return None
+    if model is None:
+        model = default_model(tokenizer, seed=config.seed).to(device)
+    samples = sample_completions(
+        model, tokenizer, split["prompt"], max_new_tokens=3, seed=config.seed
+    )
+    return split.add_column(config.sample_column, samples)

@@ -1,0 +1,174 @@
+"""Bad input fails early and clearly: ``error: ...`` naming the flag, file and line, exit
+status 2, before any model loads, no run directory left, no Hub request, no hang. Most cases
+call the validation layer in-process; a handful run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from fastalign.trainer import validation as V  # noqa: E402
+from fastalign.trainer.loop import TrainConfig, Trainer  # noqa: E402
+from tests.trainer_helpers import ROOT, child_env, malicious_checkpoint, one_thread  # noqa: E402, F401
+
+ROWS = [{"prompt": f"{a}+1=", "chosen": str(a + 1), "rejected": str(a)} for a in range(3)]
+
+BAD_FLAGS = [
+    (dict(batch_size=0), "--batch-size must be an integer ≥ 1, got 0"),
+    (dict(batch_size=-4), "--batch-size must be an integer ≥ 1, got -4"),
+    (dict(grad_accum=0), "--grad-accum must be an integer ≥ 1"),
+    (dict(logging_steps=0), "--logging-steps must be an integer ≥ 1"),
+    (dict(max_steps=0), "--max-steps must be"),
+    (dict(loss="kto", batch_size=1), "--loss kto needs --batch-size ≥ 2"),
+    (dict(loss="typo", lam=-1.0), "--lam must be a number ≥ 0, got -1.0"),
+    (dict(loss="kto", desirable_weight=0.0), "--desirable-weight must be a number > 0"),
+    (dict(max_prompt_length=0), "--max-prompt-length must be an integer ≥ 1"),
+    (dict(max_completion_length=-1), "--max-completion-length must be"),
+    (dict(warmup_ratio=-1.0), r"--warmup-ratio must be a number in \[0, 1\]"),
+    (dict(learning_rate=float("nan")), "--learning-rate must be a number > 0, got nan"),
+    (dict(beta=0.0), "--beta must be a number > 0"),
+    (dict(save_total_limit=-1), "--save-total-limit must be"),
+    (dict(loss_type="hinge"), "--loss-type must be one of"),
+    (dict(reference="peft"), "--reference peft needs a LoRA adapter"),
+    (dict(loss="kto", reference="precomputed"), "KTO's mismatched pairs"),
+    (dict(model="./no/such/model"), "--model ./no/such/model: no such directory"),
+    (dict(ref_model="/no/such/reference"), "--ref-model /no/such/reference: no such"),
+    (dict(loss="orpo"), "unknown loss 'orpo'"),
+]
+
+
+@pytest.mark.parametrize("settings, message", BAD_FLAGS, ids=[m[:24] for _, m in BAD_FLAGS])
+def test_bad_flags_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        V.check_config(TrainConfig(**settings))
+
+
+def test_model_paths_local_or_hub():
+    V.check_model_path("Qwen/Qwen3-0.6B", "--model")  # a Hub id: left to from_pretrained
+    with pytest.raises(ValueError, match="no config.json there"):
+        V.check_model_path(str(ROOT / "tests"), "--model")
+    for local in ("../missing", "~/missing-model", "runs/a/b/final/model", "model/"):
+        with pytest.raises(ValueError, match="no such directory"):
+            V.check_model_path(local, "--model")
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def test_data_file_errors_name_file_and_line(tmp_path):
+    columns = ("prompt", "chosen", "rejected")
+    cases = {
+        "missing": (None, "missing.jsonl: no such file"),
+        "empty": ([""], "empty.jsonl: the file is empty"),
+        "malformed": ([ROWS[0], '{"prompt": "1+1=", "chosen": 2'], r"malformed.jsonl, line 2: not"),
+        "array": ([ROWS[0], "[1, 2]"], "array.jsonl, line 2: expected a JSON object"),
+        "no_column": (ROWS[:2] + [{"prompt": "x", "chosen": "y"}], "line 3: column 'rejected'"),
+        "null": ([{**ROWS[0], "chosen": None}], "line 1: column 'chosen' is missing or null"),
+        "number": ([{**ROWS[0], "chosen": 5}], "line 1: column 'chosen' must be a string or"),
+    }
+    for name, (lines, message) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        if lines is not None:
+            write_jsonl(path, lines)
+        with pytest.raises(ValueError, match=message):
+            V.check_file(path, "paired", columns)
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": "b", "label": 1}])
+    with pytest.raises(ValueError, match="kto.jsonl, line 1: column 'label' must be true or false"):
+        V.check_file(kto, "unpaired", ("prompt", "completion"))
+    broken = tmp_path / "rows.json"
+    broken.write_text('[\n {"prompt": "a",\n  "chosen": }\n]')
+    with pytest.raises(ValueError, match=r"rows.json, line 3: not valid JSON"):
+        V.check_file(broken, "paired", columns)
+    chat = [{"role": "user", "content": "1+1="}]
+    fine = [{"prompt": chat, "chosen": [{"role": "assistant", "content": "2"}], "rejected": "3"}]
+    V.check_file(write_jsonl(tmp_path / "chat.jsonl", fine), "paired", columns)  # accepted
+
+
+def test_more_batch_rows_than_data_fails_before_any_model_loads(tmp_path, monkeypatch):
+    from fastalign.trainer import default
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(default, "default_model", no_model)
+    data = write_jsonl(tmp_path / "three.jsonl", ROWS)
+    run = tmp_path / "runs" / "run"  # its missing parent is not left behind either
+    with pytest.raises(ValueError, match="--batch-size 4 needs at least 4 training rows; the"):
+        Trainer(TrainConfig(dataset=str(data), batch_size=4, output_dir=str(run)))
+    half_pairs = write_jsonl(tmp_path / "half.jsonl", [{"prompt": "1+1=", "chosen": "2"}] * 3)
+    with pytest.raises(ValueError, match="lacks column"):  # (full pairs KTO unpairs, as TRL)
+        Trainer(TrainConfig(loss="kto", dataset=str(half_pairs), batch_size=2, output_dir=str(run)))
+    assert not run.parent.exists()
+
+
+def test_main_reports_errors_with_status_2(tmp_path, capsys):
+    from fastalign.cli import main
+
+    run = tmp_path / "run"
+    for flags, message in [
+        (["--grad-accum", "0"], "--grad-accum must be"),
+        (["--logging-steps", "0"], "--logging-steps must be"),
+        (["--resume-from", str(tmp_path / "nope")], "no such checkpoint directory"),
+    ]:
+        assert main(["train", "--loss", "dpo", "--output-dir", str(run), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+    half = tmp_path / "half"
+    half.mkdir()
+    assert main(["train", "--loss", "dpo", "--resume-from", str(half)]) == 2
+    assert "no COMPLETE marker" in capsys.readouterr().err
+    assert not run.exists()
+
+
+# ------------------------------------------------------------------ real subprocesses
+def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m fastalign.cli ...`` of this checkout, offline; a hang fails the test."""
+    command = [sys.executable, "-m", "fastalign.cli", *argv]
+    return subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]  # after third-party progress bars (issue 14)
+    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_bad_input_subprocesses(tmp_path):
+    """Each case once through the real CLI: status 2, one ``error:`` line, no run directory."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], "{not json"])
+    target = tmp_path / "pwned.txt"
+    evil = malicious_checkpoint(tmp_path / "evil", target)
+    cases = [
+        (["--batch-size", "1000"], "--batch-size 1000 needs at least 1000 training rows"),
+        (["--dataset", str(bad)], "bad.jsonl, line 2: not valid JSON"),
+        (["--model", str(tmp_path / "no-model")], "no such directory"),
+        (["--model", "no-such-org/no-such-model"], "could not be loaded"),  # offline Hub id
+        (["--resume-from", str(evil)], "refused without running it"),
+    ]
+    for i, (flags, message) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        start = time.perf_counter()
+        proc = run_cli("train", "--loss", "dpo", "--output-dir", str(run), *flags)
+        assert_clean_error(proc, message)
+        assert not run.exists(), flags
+        if flags[0] == "--model":  # no Hub retries
+            assert time.perf_counter() - start < 60
+    assert not target.exists()  # the crafted checkpoint's payload never ran
+
+
+def test_cli_plot_of_an_empty_metrics_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "has no records yet")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "lo\n')
+    assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "metrics.jsonl, line 2")
