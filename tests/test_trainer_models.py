@@ -5,7 +5,6 @@ LoRA's default targets adapt every linear layer (fused qkv, GPT-2's Conv1D) but 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,16 +19,7 @@ import transformers  # noqa: E402
 
 from fastalign.trainer.default import default_tokenizer  # noqa: E402
 from fastalign.trainer.loop import TrainConfig, Trainer  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run several times faster on one thread on the busy shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from tests.trainer_helpers import child_env, one_thread  # noqa: E402, F401
 
 SIZE = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
 IDS = dict(vocab_size=24, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -192,12 +182,15 @@ def test_lora_flags_choose_targets_alpha_and_dropout(files, tmp_path):
 def test_cli_prints_only_its_own_progress(files, tmp_path):
     """A run on a saved model (weights loaded, shards written, json data generated) shows
     the run directory first and no third-party progress bar."""
-    env = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "fastalign.cli", "train", "--loss", "dpo", "--max-steps", "2"]
     cmd += ["--model", str(files["models"]["llama"] / "policy"), "--batch-size", "2"]
     cmd += ["--dataset", str(files["paired"]), "--output-dir", str(tmp_path / "run")]
     result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**child_env(), "PYTHONUNBUFFERED": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == f"run directory: {tmp_path / 'run'}"

@@ -359,7 +359,9 @@ class Trainer(BatchLoss):
         if self.before is None:
             self.before = self.evaluate()
         stream = self._stream()
-        log = report.RunLog(self.output_dir, cfg, self.step, rank0=self.rank == 0)
+        log = report.RunLog(
+            self.output_dir, cfg, self.step, rank0=self.rank == 0, window=self.window
+        )
         after = None
         try:
             with StopRequest() as stop:

@@ -183,14 +183,18 @@ class RunLog:
     ``--report-to``. Only ``rank0`` shows or writes anything.
 
     ``config`` is the run's TrainConfig (``loss``, ``max_steps``, ``logging_steps``,
-    ``progress``, ``report_to``); ``step`` the step training starts from.
+    ``progress``, ``report_to``); ``step`` the step training starts from; ``window`` the
+    steps logged since the last record (the trainer's list, kept in checkpoints so a resumed
+    run writes the same records; emptied in place).
     """
 
-    def __init__(self, run_dir: Path, config, step: int, rank0: bool = True):
+    def __init__(
+        self, run_dir: Path, config, step: int, rank0: bool = True, window: list | None = None
+    ):
         self.config, self.rank0 = config, rank0
         self.path = Path(run_dir) / "metrics.jsonl"
         self.throughput = Throughput()
-        self.window: list[dict[str, float]] = []
+        self.window: list[dict[str, float]] = [] if window is None else window
         self.reporter = Reporter(config.report_to if rank0 else "none", run_dir, asdict(config))
         self.bar = None
         if config.progress and rank0:
@@ -212,7 +216,8 @@ class RunLog:
             self.bar.update(1)
         step, cfg = metrics["step"], self.config
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            window, self.window = self.window, []
+            window = list(self.window)
+            self.window.clear()
             record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
             record.update(self.throughput.rates(len(window), cfg.max_steps - step))
             self.record({**record, "step": step})
