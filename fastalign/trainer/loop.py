@@ -359,14 +359,14 @@ class Trainer(BatchLoss):
         if self.before is None:
             self.before = self.evaluate()
         stream = self._stream()
-        log = report.RunLog(
+        self.run_log = log = report.RunLog(
             self.output_dir, cfg, self.step, rank0=self.rank == 0, window=self.window
         )
         after = None
         try:
             with StopRequest() as stop:
                 while self.step < cfg.max_steps:
-                    log.step(self._train_step(stream, log))
+                    log.step(self._train_step(stream))
                     signum = agreed_signal(stop.signum, self.distributed, self.device)
                     if signum:
                         return self._stopped(signum)
@@ -391,7 +391,7 @@ class Trainer(BatchLoss):
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
-    def _train_step(self, stream, log: report.RunLog) -> dict[str, float]:
+    def _train_step(self, stream) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` microbatches; its metrics."""
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
@@ -406,7 +406,7 @@ class Trainer(BatchLoss):
                     "written"
                 )
             (out.loss / cfg.grad_accum).backward()
-            log.add_batch(batch)
+            self.run_log.add_batch(batch)  # tokens/s
             step_metrics.append({"loss": float(out.loss.detach()), **out.metrics()})
         # On FSDP's DTensor gradients this is the global norm of the sharded gradients.
         grad_norm = torch.nn.utils.clip_grad_norm_(
