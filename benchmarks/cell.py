@@ -1,6 +1,6 @@
 """Measure one (case, implementation, shape) cell in this process; print a JSON line.
 
-Run as ``python -m benchmarks.cell CASE IMPL ROWS T H V DTYPE DEVICE`` in a fresh process
+Run as ``python -m benchmarks.cell CASE IMPL ROWS T H V DTYPE DEVICE [INPUTS]`` in a fresh process
 so the memory figure is this cell's alone: a warm-up step (allocates ``.grad`` buffers,
 compiles), then one step under ``PeakMemory``.
 """
@@ -34,9 +34,9 @@ def peak_extra_bytes(run, device: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    case, impl, rows, seq_len, hidden, vocab, dtype, device = argv
+    case, impl, rows, seq_len, hidden, vocab, dtype, device, *inputs = argv
     torch.manual_seed(0)
-    shape = Shape(int(rows), int(seq_len), int(hidden), int(vocab), dtype)
+    shape = Shape(int(rows), int(seq_len), int(hidden), int(vocab), dtype, *inputs)
     print(json.dumps(measure(case, impl, shape, device)))
     return 0
 

@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
-# One GPU session's work in few long commands: set up, compiled-kernel tests, benchmark grid.
+# One GPU session's work in few long commands: set up, compiled-kernel tests, benchmark grids.
 #
+#   bash benchmarks/gpu_session.sh all              # every step below, in this order
 #   bash benchmarks/gpu_session.sh setup            # wheels in .whl/ (if any) + this package
-#   bash benchmarks/gpu_session.sh tests            # compiled Triton kernels + losses on CUDA
-#   bash benchmarks/gpu_session.sh bench GRID [K]   # python -m benchmarks.run --grid GRID -k K
+#   bash benchmarks/gpu_session.sh tests            # compiled Triton kernels + losses on CUDA,
+#                                                   # then again with the fused kernels selected
+#   bash benchmarks/gpu_session.sh fused [ARGS]     # fused-epilogue kernels: vs a cuBLAS GEMM of
+#                                                   # the same shape, tile sweep, profiler
+#                                                   # (python -m benchmarks.fused_bench ARGS)
+#   bash benchmarks/gpu_session.sh bench GRID [K]   # python -m benchmarks.run --grid GRID -k K;
+#                                                   # GRID gpu | scale, or gpu-peaked | scale-peaked
 #   bash benchmarks/gpu_session.sh memory           # memory model vs measured allocator peaks
 #   bash benchmarks/gpu_session.sh packing          # packed vs padded training steps
+#   bash benchmarks/gpu_session.sh pack NAME        # everything in $OUT into $OUT/NAME.tgz, alone
+#                                                   # (the device tool brings back <= 8 files)
+#   bash benchmarks/gpu_session.sh trl              # token_logps compiled + TRL DPO step, stock vs fastalign
 #
-# Logs and results go to $OUT (default /tmp/fastalign-gpu). Peers missing from the machine
-# (Liger, TRL, CCE; TRL needs datasets, dill, multiprocess) travel as wheels in .whl/, e.g.
+# Results and logs go to $OUT (default benchmarks/results/gpu-session-DATE; commit what is
+# worth keeping). Every grid includes "fastalign-fused" (FASTALIGN_CUDA_KERNEL=fused) beside
+# "fastalign" (the default GEMM+fold kernels) and every peer that is installed. Peers missing
+# from the machine (Liger, TRL, CCE; TRL needs datasets, dill, multiprocess) travel as wheels
+# in .whl/, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl liger_kernel trl datasets dill multiprocess \
 #     cut-cross-entropy
 # (pin the versions installed here). Measured on an H100 2026-11-24: setup ~30 s, tests ~40 s,
-# bench gpu ~3 min, bench scale ~1 min, memory ~2.5 min, packing ~1 min.
+# bench gpu ~3 min, bench scale ~1 min, memory ~2.5 min, packing ~1 min (before the fused
+# kernels and the peaked grids were added; those are not measured yet). On the lent device
+# machine (10 min per command) run the steps of "all" as separate calls: setup+tests+fused,
+# then bench gpu, bench gpu-peaked, bench scale + scale-peaked, each ending with "pack NAME".
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/fastalign-gpu}
+OUT=${OUT:-benchmarks/results/gpu-session-$(date +%F)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
@@ -30,18 +45,33 @@ setup() {
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }
 
+KERNEL_TESTS=(tests/test_triton_logprob.py tests/test_losses_dpo.py tests/test_losses_ipo.py
+    tests/test_losses_kto.py tests/test_losses_typo.py tests/test_losses_common.py)
+
+tests() {
+    # (tests/test_triton_compile.py needs no GPU: it runs on CPU, against triton 3.9's ptxas.)
+    python3 -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" tests/test_fused_epilogue.py \
+        tests/test_fused_bench.py 2>&1 | tee "$OUT/tests.log"
+    # The same API tests with the fused kernels behind the backend (16-bit weights take them).
+    FASTALIGN_CUDA_KERNEL=fused python3 -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
+        2>&1 | tee "$OUT/tests-fused.log"
+}
+
+fused() {
+    python3 -m benchmarks.fused_bench --out "$OUT/fused" "$@" 2>&1 | tee -a "$OUT/fused.log"
+}
+
+bench() {
+    python3 -m benchmarks.run --grid "${1:-gpu}" ${2:+-k "$2"} --out "$OUT" 2>&1 \
+        | tee "$OUT/bench-${1:-gpu}.log"
+}
+
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 case "${1:-}" in
     setup) setup ;;
-    tests)
-        python3 -m pytest -q -p no:cacheprovider tests/test_triton_logprob.py \
-            tests/test_losses_dpo.py tests/test_losses_ipo.py tests/test_losses_kto.py \
-            tests/test_losses_typo.py tests/test_losses_common.py 2>&1 | tee "$OUT/tests.log"
-        ;;
-    bench)
-        python3 -m benchmarks.run --grid "${2:-gpu}" ${3:+-k "$3"} --out "$OUT" 2>&1 \
-            | tee "$OUT/bench-${2:-gpu}.log"
-        ;;
+    tests) tests ;;
+    fused) shift; fused "$@" ;;
+    bench) bench "${2:-gpu}" "${3:-}" ;;
     memory)
         python3 -m benchmarks.memory_check --device cuda --out "$OUT/memory_check_cuda.json" \
             2>&1 | tee "$OUT/memory.log"
@@ -51,5 +81,25 @@ case "${1:-}" in
             python3 -m benchmarks.packing --device cuda --steps 40 --loss $loss --repeats 2
         done 2>&1 | tee "$OUT/packing.log"
         ;;
-    *) echo "usage: $0 setup|tests|bench GRID [K]|memory|packing" >&2; exit 2 ;;
+    all)
+        setup || exit 1
+        [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        tests
+        fused
+        fused --parts overhead --inputs peaked --out "$OUT/fused-peaked"
+        for grid in gpu gpu-peaked scale scale-peaked; do bench "$grid"; done
+        ;;
+    pack)
+        name=${2:-gpu-session}
+        tar -czf "/tmp/$name.tgz" -C "$OUT" . && find "$OUT" -mindepth 1 -delete \
+            && mv "/tmp/$name.tgz" "$OUT/$name.tgz" && ls -l "$OUT"
+        ;;
+    trl)
+        { python3 -m pytest -q -p no:cacheprovider tests/test_token_logps.py
+          python3 -m benchmarks.trl_step --preset gpu --out "$OUT"; } 2>&1 | tee "$OUT/trl.log"
+        ;;
+    *)
+        echo "usage: $0 all|setup|tests|fused [ARGS]|bench GRID [K]|memory|packing|trl|pack NAME" >&2
+        exit 2
+        ;;
 esac

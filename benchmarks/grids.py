@@ -1,17 +1,29 @@
-"""Benchmark grids: (case, shape) cells per device. Names are what ``--grid`` takes."""
+"""Benchmark grids: (case, shape) cells per device. Names are what ``--grid`` takes.
+
+Any grid name with the suffix ``-peaked`` (``gpu-peaked``, ``scale-peaked``, ...) runs the same
+cells on peaked inputs: softmax entropy ~2.5 nats per token and labels drawn from the softmax,
+like a trained LM (``benchmarks/peaked.py``); without it, logits are ~N(0, 1) (near-flat).
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from benchmarks.impls import CASES, FROZEN, Shape
 
+PEAKED = "-peaked"
 # The CPU reference shape: B=4 pairs (8 rows), T=512, H=1024, V=32000, fp32.
 CPU_MAIN = Shape(rows=8, seq_len=512, hidden=1024, vocab=32000)
-# The names ``grid`` (and ``python -m benchmarks.run --grid``) take.
-GRIDS = ("quick", "default", "gpu", "scale")
+# The names ``grid`` (and ``python -m benchmarks.run --grid``) take: each also on peaked inputs.
+BASE_GRIDS = ("quick", "default", "gpu", "scale")
+GRIDS = BASE_GRIDS + tuple(name + PEAKED for name in BASE_GRIDS)
 
 
 def grid(name: str, device: str) -> list[tuple[str, str, Shape]]:
     """``[(grid_part, case, shape)]`` for a named grid."""
+    if name.endswith(PEAKED):
+        cells = grid(name[: -len(PEAKED)], device)
+        return [(part, case, replace(shape, inputs="peaked")) for part, case, shape in cells]
     if name == "quick":
         shape = Shape(rows=4, seq_len=16, hidden=32, vocab=250)
         return [("main", case, shape) for case in (*CASES, FROZEN)]

@@ -28,20 +28,23 @@ class Unavailable(Exception):
 
 @dataclass(frozen=True)
 class Shape:
-    """Rows (sequences; pairs × 2 for paired losses), tokens per row, hidden, vocab, dtype."""
+    """Rows (sequences; pairs × 2 for paired losses), tokens per row, hidden, vocab, dtype,
+    and the inputs: "uniform" (logits ~N(0, 1)) or "peaked" (benchmarks/peaked.py)."""
 
     rows: int
     seq_len: int
     hidden: int
     vocab: int
     dtype: str = "float32"
+    inputs: str = "uniform"
 
     @property
     def tokens(self) -> int:
         return self.rows * self.seq_len
 
     def label(self) -> str:
-        return f"N={self.tokens} H={self.hidden} V={self.vocab} {self.dtype}"
+        peaked = " peaked" if self.inputs == "peaked" else ""
+        return f"N={self.tokens} H={self.hidden} V={self.vocab} {self.dtype}{peaked}"
 
 
 def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
@@ -62,7 +65,7 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
     )
     labels[:, : max(1, shape.seq_len // 8)] = -100  # a short prompt
     weight = randn(shape.vocab, shape.hidden) / shape.hidden**0.5
-    return {
+    inputs = {
         "hidden": hidden().requires_grad_(),
         "ref_hidden": hidden(),
         "kl_hidden": hidden(),
@@ -71,6 +74,11 @@ def make_inputs(shape: Shape, device: str, seed: int = 0) -> dict:
         "labels": labels.to(device),
         "desirable": (torch.arange(shape.rows) % 2 == 0).to(device),
     }
+    if shape.inputs == "peaked":
+        from benchmarks.peaked import peak
+
+        inputs = peak(inputs, gen)
+    return inputs
 
 
 # ----------------------------------------------------------------------------- eager (TRL style)
@@ -182,6 +190,24 @@ def fastalign_recompute(case, x):
     return run
 
 
+def fastalign_fused(case, x):
+    """fastalign with the fused-epilogue GEMMs (``FASTALIGN_CUDA_KERNEL=fused``); CUDA only."""
+    if not x["hidden"].is_cuda:
+        raise Unavailable("the fused-epilogue kernels are measured on CUDA only")
+    from fastalign.kernels import logprob
+
+    run_default = fastalign_impl(case, x)
+
+    def run():
+        previous, logprob.CUDA_KERNEL = logprob.CUDA_KERNEL, "fused"
+        try:
+            run_default()
+        finally:
+            logprob.CUDA_KERNEL = previous
+
+    return run
+
+
 # ----------------------------------------------------------------------------- peers
 def trl_kernel(case, x):
     """TRL's chunked log-prob autograd function (cuBLAS tiles + online LSE; torch on CPU)."""
@@ -271,4 +297,5 @@ IMPLEMENTATIONS = {
     "cce": cut_cross_entropy,
     "fastalign": fastalign_impl,
     "fastalign-recompute": fastalign_recompute,
+    "fastalign-fused": fastalign_fused,
 }

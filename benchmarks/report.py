@@ -34,10 +34,21 @@ def scored_tokens(shape: dict) -> int:
 
 
 def shape_label(shape: dict) -> str:
+    peaked = " peaked" if shape.get("inputs") == "peaked" else ""
     return (
         f"N={shape['rows'] * shape['seq_len']} H={shape['hidden']} V={shape['vocab']} "
-        f"{shape['dtype']}"
+        f"{shape['dtype']}{peaked}"
     )
+
+
+def inputs_note(record: dict) -> str:
+    """Which inputs the rows used: near-flat logits, or peaked ones (benchmarks/peaked.py)."""
+    kinds = {row["shape"].get("inputs", "uniform") for row in record["rows"]}
+    notes = {
+        "uniform": "uniform inputs (logits ~N(0, 1), near-flat softmax, random labels)",
+        "peaked": "peaked inputs (softmax entropy ~2.5 nats/token, labels drawn from it)",
+    }
+    return "Inputs: " + "; ".join(notes[k] for k in sorted(kinds)) + "."
 
 
 def _vs_eager(row: dict, eager: dict | None) -> list[str]:
@@ -172,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         "Time: forward+backward of the whole loss (pytest-benchmark median). Peak extra "
         "memory: resident-set (CPU, fresh process) or allocator (CUDA) high-water mark of one "
         "warmed-up step above its start; it includes the lm_head gradient that every "
-        "implementation produces (V·H elements; none in the frozen-head case).\n\n"
+        "implementation produces (V·H elements; none in the frozen-head case). "
+        + inputs_note(record)
+        + "\n\n"
         + table(record)
         + "\n"
     )

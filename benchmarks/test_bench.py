@@ -33,6 +33,7 @@ CELL_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
 
 def _memory(case, impl, shape) -> dict:
     args = [case, impl, shape.rows, shape.seq_len, shape.hidden, shape.vocab, shape.dtype, DEVICE]
+    args.append(shape.inputs)
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.cell", *map(str, args)],
         capture_output=True,

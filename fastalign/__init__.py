@@ -13,10 +13,14 @@ from .losses import (
     typo_loss_fused,
 )
 from .ops import policy_ref_logps, sequence_logps
+from .token_ops import TOKEN_OUTPUTS, TokenLogpsOutput, token_logps
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TOKEN_OUTPUTS",
+    "TokenLogpsOutput",
+    "token_logps",
     "KTOOutput",
     "LogitTransform",
     "LogpOutput",

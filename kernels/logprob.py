@@ -48,6 +48,9 @@ _NEG_BIG = -1.0e30  # the same, for host code
 # The chunk budget and vocab alignment (fastalign.tiles): small under the interpreter.
 CHUNK_ELEMENTS = tiles.TRITON_INTERPRET_CHUNK_ELEMENTS if INTERPRET else tiles.TRITON_CHUNK_ELEMENTS
 VOCAB_ALIGN = tiles.TRITON_INTERPRET_VOCAB_ALIGN if INTERPRET else tiles.TRITON_VOCAB_ALIGN
+# "gemm_fold" (this module) or "fused": the GEMMs with the logsumexp / dz in their epilogue
+# (kernels/fused_logprob.py), unmeasured on a GPU so far, hence not the default.
+CUDA_KERNEL = os.environ.get("FASTALIGN_CUDA_KERNEL", "gemm_fold")
 
 
 @triton.jit
@@ -258,6 +261,15 @@ def _vocab_chunks(
         yield _VocabChunk(start, stop, chunk_weight, logits, out, chunk_bias, has_bias)
 
 
+def _fused(tokens: TokenBatch, with_expectation: bool):
+    """``kernels/fused_logprob`` when ``CUDA_KERNEL`` selects it and this group qualifies."""
+    if CUDA_KERNEL == "gemm_fold":
+        return None
+    from . import fused_logprob
+
+    return fused_logprob if fused_logprob.applies(CUDA_KERNEL, tokens, with_expectation) else None
+
+
 def _group_key(tokens: TokenBatch, wants_expectation: bool) -> tuple:
     """Streams with the same lm_head (and bias, and path) are stacked into one GEMM."""
     bias = tokens.bias
@@ -303,6 +315,8 @@ def _forward_group(
     parts: list[TokenBatch], transform: LogitTransform, with_expectation: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Stacked rows of streams sharing one lm_head: ``(logp, lse, expected)`` over them."""
+    if (fused := _fused(parts[0], with_expectation)) is not None:
+        return fused.forward_group(parts, transform)
     weight, bias = parts[0].weight, parts[0].bias
     hidden_size = weight.shape[1]
     device = weight.device
@@ -366,6 +380,10 @@ def backward(
     cores for the two GEMMs), accumulate ``grad_rows`` in fp32 and write each chunk's rows of
     ``grad_weight`` once (cuBLAS sums over the tokens in fp32). Deterministic.
     """
+    if (fused := _fused(tokens, False)) is not None:
+        return fused.backward(
+            tokens, transform, lse, grad_logp, need_hidden, need_weight, need_bias
+        )
     weight, bias = tokens.weight, tokens.bias
     vocab_size, hidden_size = weight.shape
     device = weight.device

@@ -1,0 +1,1 @@
+"""Integrations of fastalign into other training libraries (``fastalign.integrations.trl``)."""
