@@ -13,19 +13,13 @@ SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 def default_tokenizer():
     """A character-level ``PreTrainedTokenizerFast``: no download, deterministic ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
-    # BOS first, as Llama-style tokenizers add it: TRL (and so fastalign) keeps whatever
-    # special tokens the tokenizer itself adds.
-    bos = SPECIAL.index("<bos>")
-    core.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
-    )
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",

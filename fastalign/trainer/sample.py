@@ -17,8 +17,8 @@ def prompt_ids(tokenizer, prompt) -> list[int]:
 
     Example:
         >>> from fastalign.trainer.default import default_tokenizer
-        >>> prompt_ids(default_tokenizer(), "1+1=")
-        [1, 5, 14, 5, 15]
+        >>> prompt_ids(default_tokenizer(), "1+1=")  # this tokenizer adds no BOS
+        [5, 14, 5, 15]
     """
     if isinstance(prompt, str):
         return tokenizer(text=prompt)["input_ids"]
