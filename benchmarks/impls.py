@@ -141,8 +141,10 @@ def compiled(case, x):
 
 
 # ----------------------------------------------------------------------------- fastalign
-def _fastalign_loss(case: str, x: dict, **options) -> torch.Tensor:
-    """The loss of ``case`` through fastalign's public API; ``options`` go to every call."""
+def _fastalign_loss(case: str, x: dict, grad_mode: str = "auto", **options) -> torch.Tensor:
+    """The loss of ``case`` through fastalign's public API; ``options`` go to every call,
+    ``grad_mode`` to the losses (the log-prob cases have one path: their upstream gradient is
+    unknown)."""
     weight = x["weight"].detach() if case == FROZEN else x["weight"]
     policy = (x["hidden"], weight, x["labels"])
     if case in ("logps", FROZEN):
@@ -150,6 +152,7 @@ def _fastalign_loss(case: str, x: dict, **options) -> torch.Tensor:
     if case == "policy_ref":
         scored, ref = fastalign.policy_ref_logps(*policy, x["ref_hidden"], **options)
         return (scored.logps - ref.logps).sum()
+    options = dict(options, grad_mode=grad_mode)
     if case == "typo":
         samples = dict(sample_hidden=x["kl_hidden"], sample_labels=x["labels"], lam=LAM)
         return fastalign.typo_loss_fused(*policy, **samples, **options).loss
@@ -163,8 +166,9 @@ def _fastalign_loss(case: str, x: dict, **options) -> torch.Tensor:
 
 
 def fastalign_impl(case, x, **options):
-    """fastalign's fused path (``backend="auto"``); ``options``: extra keyword arguments of
-    every call, e.g. a variant column's ``functools.partial(fastalign_impl, ...)``."""
+    """fastalign's default (``backend="auto"``; the losses' ``grad_mode="auto"`` takes the
+    store path where one gradient unit fits the budget); ``options``: extra keyword arguments
+    of every call, e.g. a variant column's ``grad_mode="recompute"``."""
     options = dict(backend="auto", **options)
 
     def run():
@@ -174,10 +178,13 @@ def fastalign_impl(case, x, **options):
 
 
 def fastalign_recompute(case, x):
-    """fastalign with the frozen-head fast path switched off: the general recompute backward
-    on a frozen lm_head, the baseline the fast path is measured against."""
+    """fastalign's recompute path, the baseline of its fast paths: the losses with
+    ``grad_mode="recompute"`` (store path off), the frozen-head case with the frozen-head
+    fast path switched off."""
+    if case in ("logps", "policy_ref"):
+        raise Unavailable("the log-prob cases have one path (their upstream gradient is unknown)")
     if case != FROZEN:
-        raise Unavailable("only the frozen-head case compares the two fastalign paths")
+        return fastalign_impl(case, x, grad_mode="recompute")
     run_fast = fastalign_impl(case, x)
 
     def run():

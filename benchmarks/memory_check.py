@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 CELL_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRANSFORMERS_VERBOSITY="error")
 TOLERANCE = 0.15
 BETA = 0.1
+# The fused losses' path measured: the estimator's default, the recompute path (the losses'
+# own default, grad_mode="auto", takes the store path; see fastalign/store.py).
+GRAD_MODE = "recompute"
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,14 @@ def _fused_loss(setup, policy, ref, input_ids, kl_ids, desirable):
     hidden = _hidden(policy, input_ids)
     if setup.loss == "typo":
         # the pairwise term alone, as the eager path computes it (no sampled rows)
-        return fastalign.typo_loss_fused(hidden, weight, input_ids, shift=True, lam=0.0).loss
+        return fastalign.typo_loss_fused(
+            hidden, weight, input_ids, shift=True, lam=0.0, grad_mode=GRAD_MODE
+        ).loss
     with torch.no_grad():
         ref_hidden = _hidden(ref, input_ids)
-    common = dict(ref_hidden=ref_hidden, ref_weight=ref.lm_head.weight, shift=True)
+    common = dict(
+        ref_hidden=ref_hidden, ref_weight=ref.lm_head.weight, shift=True, grad_mode=GRAD_MODE
+    )
     if setup.loss != "kto":
         return fastalign.dpo_loss_fused(hidden, weight, input_ids, **common).loss
     with torch.no_grad():

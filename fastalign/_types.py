@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -53,6 +53,89 @@ class TokenBatch:
     def num_rows(self) -> int:
         return self.targets.numel()
 
+    def select(self, index: torch.Tensor) -> TokenBatch:
+        """The tokens at positions ``index`` (int64 ``[R]``) of this compacted batch."""
+        return TokenBatch(
+            hidden=self.hidden,
+            index=tuple(i[index] for i in self.index),
+            row_offsets=self.row_offsets[index],
+            targets=self.targets[index],
+            weight=self.weight,
+            bias=self.bias,
+        )
+
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Hidden rows ``[start, stop)`` of the compacted batch, gathered: ``[stop-start, H]``."""
         return self.hidden[tuple(i[start:stop] for i in self.index)]
+
+
+class BackendResult(NamedTuple):
+    """A backend's forward for one stream; fp32 (fp64 for fp64 inputs)."""
+
+    logp: torch.Tensor  # [M] log-prob of each scored token
+    lse: torch.Tensor  # [M] logsumexp of each token's transformed logits
+    expected: torch.Tensor | None  # [M, H] E_t = softmax(z_t)·s·W (frozen head only)
+    log_sum_sq: torch.Tensor | None = None  # [M] log Σ_v p_tv² (WPO), when asked for
+
+
+class BackendGrads(NamedTuple):
+    """Gradients of ``Σ_t g_t · logp_t``; ``None`` where not asked for."""
+
+    rows: torch.Tensor | None  # [M, H] fp32, the scored hidden rows
+    weight: torch.Tensor | None  # [V, H]
+    bias: torch.Tensor | None  # [V] fp32
+
+
+class GroupLogits(NamedTuple):
+    """One store-path group: its transformed logits, kept until its gradient is formed."""
+
+    logits: torch.Tensor  # [R, V] fp32, z after bias and transform
+    logp: torch.Tensor  # [R] fp32
+    lse: torch.Tensor  # [R] fp32
+
+
+class Backend(Protocol):
+    """What ``ops`` and the store path need from a backend (``torch_backend``, Triton's
+    ``kernels.logprob``). Every result is deterministic: fixed order, no atomics."""
+
+    def forward(
+        self,
+        batches: list[TokenBatch],
+        transform: LogitTransform,
+        expectation: list[bool] | None = None,
+        chunk_elements: int | None = None,
+        log_sum_sq: list[bool] | None = None,
+    ) -> list[BackendResult]:
+        """Per batch, token log-probs and logsumexps (and ``E_t`` where ``expectation``);
+        ``chunk_elements``: a size hint for the logits tiles (None: the backend's own);
+        ``log_sum_sq``: ``log Σ_v p²`` per token where asked (WPO; the same logits)."""
+
+    def backward(
+        self,
+        tokens: TokenBatch,
+        transform: LogitTransform,
+        lse: torch.Tensor,
+        grad_logp: torch.Tensor,
+        need_hidden: bool,
+        need_weight: bool,
+        need_bias: bool,
+    ) -> BackendGrads:
+        """Recompute path: gradients of ``Σ_t grad_logp[t]·logp[t]``, logits recomputed."""
+
+    def group_logits(
+        self, rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform
+    ) -> GroupLogits:
+        """Store path, step 1: one GEMM for the group's ``[R, H]`` rows, then the fold."""
+
+    def group_grads(
+        self,
+        group: GroupLogits,
+        rows: torch.Tensor,
+        tokens: TokenBatch,
+        transform: LogitTransform,
+        grad_logp: torch.Tensor,
+        grads: BackendGrads,
+    ) -> torch.Tensor | None:
+        """Store path, step 2: ``dz`` in place of ``group.logits`` from ``grad_logp [R]``;
+        adds into ``grads.weight``/``grads.bias`` (fp32 accumulators); returns the rows'
+        gradient ``[R, H]`` fp32 when ``grads.rows`` is not None (any tensor: a flag)."""

@@ -19,26 +19,34 @@ from . import memory
 
 
 def _train_parser(sub) -> None:
+    from .trainer.flags import HELP
     from .trainer.loop import LOSSES, REFERENCES, TrainConfig
+    from .trainer.report import REPORT_TO
 
     p = sub.add_parser("train", help="preference-train a causal LM with a fused loss")
-    p.add_argument("--loss", required=True, choices=LOSSES)
-    p.add_argument(
-        "--reference",
-        choices=REFERENCES,
-        default="copy",
-        help="copy: frozen copy of the policy (or --ref-model); peft: the policy "
-        "with its LoRA adapter disabled; precomputed: one pass, cached",
-    )
+    p.add_argument("--loss", required=True, choices=LOSSES, help=HELP["loss"])
+    p.add_argument("--reference", choices=REFERENCES, default="copy", help=_help("reference"))
+    choices = {"kto_kl_offset": (1, -1), "report_to": REPORT_TO}
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("loss", "reference", "extra"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=_help(f.name)
+            )
         else:
             kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            p.add_argument(flag, type=kind, default=f.default)
+            p.add_argument(
+                flag, type=kind, default=f.default, choices=choices.get(f.name), help=_help(f.name)
+            )
+
+
+def _help(name: str) -> str:
+    """A flag's help with its default (argparse fills %(default)s; None reads as in HELP)."""
+    from .trainer.flags import HELP
+
+    return HELP[name] if "(default" in HELP[name] else HELP[name] + " (default: %(default)s)"
 
 
 def _train(args) -> int:
@@ -47,6 +55,8 @@ def _train(args) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     trainer = Trainer(config)
+    if trainer.rank == 0:
+        print(f"run directory: {trainer.output_dir}", flush=True)
     summary = trainer.train()
     if trainer.rank != 0:  # under torchrun, one report
         return 0
@@ -58,7 +68,6 @@ def _train(args) -> int:
             file=sys.stderr,
         )
         return 128 + summary["signal"]
-    print(f"run directory: {trainer.output_dir}")
     for stage in ("before", "after"):
         acc = summary.get(f"{stage}/eval/rewards/accuracies")
         margin = summary.get(f"{stage}/eval/rewards/margins")
@@ -75,8 +84,10 @@ def _sample(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .trainer import data as D
+    from .trainer.report import silence_third_party_progress
     from .trainer.sample import sample_completions
 
+    silence_third_party_progress()
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
@@ -153,15 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     s = sub.add_parser("sample", help="draw reference samples (a TYPO dataset column)")
-    s.add_argument("--model", required=True)
-    s.add_argument("--dataset", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--column", default="sample")
-    s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model", required=True, help="reference model: local path or hub name")
+    s.add_argument(
+        "--dataset", required=True, help="preference data (text or conversational prompts)"
+    )
+    s.add_argument("--out", required=True, help=".json/.jsonl file to write")
+    s.add_argument("--column", default="sample", help="new column (default: %(default)s)")
+    default = " (default: %(default)s)"
+    s.add_argument("--max-new-tokens", type=int, default=128, help="tokens per sample" + default)
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature" + default)
+    s.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0: off" + default)
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass" + default)
+    s.add_argument("--seed", type=int, default=0, help="sampling seed" + default)
     pl = sub.add_parser("plot", help="draw a run's metric curves to PNG")
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None)

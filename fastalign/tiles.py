@@ -22,9 +22,13 @@ TRITON_VOCAB_ALIGN = 256
 TRITON_INTERPRET_CHUNK_ELEMENTS = 1 << 12
 TRITON_INTERPRET_VOCAB_ALIGN = 32
 
-# Store path (gradients formed in the forward): the logits of one group of whole gradient
-# units (a pair, a row, a sample) stay under this many bytes.
-STORE_GROUP_BUDGET_BYTES = 256 << 20
+# The store path (fastalign.store) walks the differentiable rows in groups of whole gradient
+# units whose fp32 logits [rows, V] take at most this many bytes (per device type; settable
+# per call with ``store_budget_bytes=``). A unit larger than the budget sends the whole call
+# to the recompute path. CPU: 128 MiB keeps the target shape (one DPO pair of 2×448 tokens at
+# V=32000 is 115 MB) under 0.2× eager's memory; CUDA: 1 GiB holds a pair of 2×1024 tokens
+# at V=128256.
+STORE_GROUP_BUDGET_BYTES = {"cpu": 1 << 27, "cuda": 1 << 30}
 
 
 def chunk_rows(vocab_size: int, chunk_elements: int = TORCH_CHUNK_ELEMENTS) -> int:
@@ -55,12 +59,18 @@ def vocab_chunk_width(
     return min(vocab_size, max(align, width))
 
 
-def store_group_units(unit_logit_bytes: int, budget_bytes: int = STORE_GROUP_BUDGET_BYTES) -> int:
-    """Whole gradient units whose logits fit in one store-path group (0: not even one fits,
-    so the loss falls back to the recompute path).
+def store_group_budget(device_type: str) -> int:
+    """The default store-path group budget in bytes for a device type (``"cpu"`` for any
+    device without its own entry)."""
+    return STORE_GROUP_BUDGET_BYTES.get(device_type, STORE_GROUP_BUDGET_BYTES["cpu"])
+
+
+def store_group_units(unit_logit_bytes: int, budget_bytes: int) -> int:
+    """Whole gradient units whose logits fit in one store-path group of ``budget_bytes`` (0: not
+    even one fits, so the loss falls back to the recompute path).
 
     Example:
-        >>> store_group_units(100 << 20)
-        2
+        >>> store_group_units(100 << 20, store_group_budget("cuda"))
+        10
     """
     return budget_bytes // max(unit_logit_bytes, 1)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _validate as V
+from . import checks
 
 TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Elements of one [M, C] vocab chunk of logits: 16 MiB of fp32 on a CPU, 128 MiB of bf16 on
@@ -324,9 +324,9 @@ def check_inputs(
     hidden, weight, labels, *, bias, temperature, logit_softcap, logit_scale, outputs, backend
 ) -> None:
     """``token_logps``'s named errors for bad arguments, raised before any work starts."""
-    V.check_float(hidden, "hidden")
-    V.check_float(weight, "weight")
-    V.check_int(labels, "labels")
+    checks.check_float(hidden, "hidden")
+    checks.check_float(weight, "weight")
+    checks.check_int(labels, "labels")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden must be [M, H] and weight [V, H] with the same H, got hidden "
@@ -335,20 +335,20 @@ def check_inputs(
     if labels.shape != (hidden.shape[0],):
         raise ValueError(f"labels must be [M] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
     if bias is not None:
-        V.check_float(bias, "bias")
+        checks.check_float(bias, "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     for name, value in (("weight", weight), ("labels", labels), ("bias", bias)):
         if value is not None:
-            V.check_same_device(value, name, hidden.device)
-    V.check_positive(temperature, "temperature")
-    V.check_positive(logit_softcap, "logit_softcap", allow_none=True)
-    V.check_finite(logit_scale, "logit_scale")
+            checks.check_same_device(value, name, hidden.device)
+    checks.check_number(temperature, "temperature", low=0, low_open=True)
+    checks.check_number(logit_softcap, "logit_softcap", low=0, low_open=True, allow_none=True)
+    checks.check_number(logit_scale, "logit_scale", nonzero=True)
     if isinstance(outputs, str) or not set(outputs) <= set(TOKEN_OUTPUTS):
         raise ValueError(
             f"outputs must be a sequence of names among {TOKEN_OUTPUTS}, got {outputs!r}"
         )
-    V.check_choice(backend, "backend", V.BACKENDS)
+    checks.check_choice(backend, "backend", checks.BACKENDS)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= weight.shape[0]):
         raise ValueError(
             f"labels must lie in [0, {weight.shape[0]}) (compacted rows: no ignore_index)"

@@ -4,28 +4,25 @@ Story in order:
 1. ``_transform`` / ``_online_update``: the logit transform ``z = softcap(mult·(h·Wᵀ + b))``
    and the online logsumexp step (running max, sum of exponentials, target logit), in fp32.
 2. ``_fold_kernel``: folds one ``[R, C]`` vocab chunk of raw logits (an fp32 GEMM output)
-   into each row's running statistics; for a frozen lm_head it also writes
-   ``exp(z − m)·s`` (``s`` the softcap slope) and the rescale factor of the old statistics,
-   so that ``E_t = softmax(z_t)·s·W`` accumulates online, as flash attention's output does.
-3. ``forward``: the scored rows of every stream that shares an lm_head are stacked, and per
-   vocab chunk ONE GEMM and ONE fold launch serve them all (policy, reference, KTO's
-   mismatched rows, TYPO's samples).
-4. ``_grad_logits_kernel`` + ``backward``: per vocab chunk, recompute the chunk's logits
-   (GEMM), turn them into ``dz = g·(onehot − softmax(z))·s·mult`` in the weight's dtype, then
-   ``grad_rows += dz·W_c`` and ``grad_W[c] = dzᵀ·h``: every vocab chunk is finished in one
-   go, so no ``[V, H]`` fp32 accumulator exists (the ``[M, H]`` one is ``V/M`` times smaller).
+   into each row's running statistics; for a frozen lm_head it also writes ``exp(z − m)·s``
+   (``s`` the softcap slope) and the rescale of the old statistics, so that
+   ``E_t = softmax(z_t)·s·W`` accumulates online, as flash attention's output does.
+3. ``forward``: the scored rows of every stream sharing an lm_head are stacked; per vocab
+   chunk ONE GEMM and ONE fold launch serve them all (policy, reference, KL rows, samples).
+4. ``_grad_logits_kernel`` + ``backward`` (recompute path): per vocab chunk, recompute the
+   logits (GEMM), form ``dz = g·(onehot − softmax(z))·s·mult`` in the weight's dtype, then
+   ``grad_rows += dz·W_c`` and ``grad_W[c] = dzᵀ·h``: no ``[V, H]`` fp32 accumulator.
+5. ``group_logits`` + ``group_grads`` (store path, ``fastalign.store``): one GEMM for a
+   group's full-vocabulary logits, the fold, then ``dz`` in place and the two GEMMs.
 
-Why GEMMs and not one fused kernel: on an H100 the previous single-launch design (a
-``tl.dot`` K-loop per logits tile, pointers from a per-stream table) ran at 45-72 TFLOP/s,
-5-7 % of the bf16 peak (``benchmarks/results/h100-fused-kernel-4813b96``), while cuBLAS
-GEMMs with a memory-bound fold reached 450-550 TFLOP/s on the same shapes. Everything is
-deterministic: no atomics, fixed chunk order.
-
-FLOPs per scored token: forward 2HV; backward 2HV (recompute) + 4HV (two GEMMs), 2HV of them
-skipped when the lm_head is frozen. Frozen-head fast path: 4HV in forward, none in backward.
-Extra memory: one ``[R, C]`` fp32 logits chunk (+ its half-precision ``dz``/``p``), bounded by
-``CHUNK_ELEMENTS``, plus O(M) statistics, the gathered rows ``[M, H]`` and, in backward or
-for a frozen head, an fp32 ``[M, H]`` accumulator.
+Why GEMMs and not one fused kernel: on an H100 a single-launch design (a ``tl.dot`` K-loop
+per logits tile) ran at 45-72 TFLOP/s (``benchmarks/results/h100-fused-kernel-4813b96``),
+cuBLAS GEMMs with a memory-bound fold at 450-550 TFLOP/s. Deterministic: no atomics, fixed
+chunk order. FLOPs per scored token: forward 2HV; recompute backward 2HV + 4HV (2HV fewer
+for a frozen head); frozen-head fast path 4HV in forward, none in backward; store path 6HV
+in forward, none in backward. Extra memory: one ``[R, C]`` fp32 logits chunk (bounded by
+``CHUNK_ELEMENTS``; the store path: one group, bounded by its budget), O(M) statistics,
+the gathered rows ``[M, H]`` and an fp32 ``[M, H]`` accumulator.
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import tiles
-from .._types import LogitTransform, TokenBatch
+from .._types import BackendGrads, BackendResult, LogitTransform, TokenBatch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Sentinel for "no logit seen yet": finite, so exp(sentinel − m) is 0 and never NaN. A
@@ -194,16 +191,24 @@ def _grad_logits_kernel(
     b_ptr,
     has_bias,
     dz_ptr,  # [R, C] out, the weight's dtype: ∂L/∂(h·Wᵀ + b) (may alias logits)
+    dz_row_stride,  # elements between dz rows: C, or 2C for a half dz inside fp32 logits
     num_rows,
     chunk_start,
     chunk_width,
     multiplier,
     softcap,
     HAS_SOFTCAP: tl.constexpr,
+    HALF_IN_PLACE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """``dz = g·(onehot − exp(z − lse))·s·mult`` for one vocab chunk of rows."""
+    """``dz = g·(onehot − exp(z − lse))·s·mult`` for one vocab chunk of rows.
+
+    In place: for fp32, each tile is read before the same tile is written. ``HALF_IN_PLACE``
+    writes a half-precision ``dz`` into the first half of each fp32 logits row (row stride
+    ``2C``): tile ``v0`` writes the bytes of fp32 columns ``[v0/2, (v0+BLOCK_V)/2)``, already
+    read by this program; a barrier keeps the first tile's reads ahead of its writes.
+    """
     o_m, m_m, o_row, b_target = _row_block(targets_ptr, num_rows, chunk_start, chunk_width, BLOCK_M)
     b_lse = tl.load(lse_ptr + o_m, mask=m_m, other=0.0)
     b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
@@ -217,7 +222,10 @@ def _grad_logits_kernel(
         if HAS_SOFTCAP:
             b_dz = b_dz * _softcap_slope(b_z, m_v, softcap)
         b_dz = b_dz * multiplier
-        tl.store(dz_ptr + o_row + o_v[None, :], b_dz.to(dz_ptr.dtype.element_ty), mask=m_tile)
+        if HALF_IN_PLACE:
+            tl.debug_barrier()
+        p_dz = dz_ptr + o_m.to(tl.int64)[:, None] * dz_row_stride + o_v[None, :]
+        tl.store(p_dz, b_dz.to(dz_ptr.dtype.element_ty), mask=m_tile)
 
 
 def _fold_blocks() -> dict:
@@ -227,12 +235,34 @@ def _fold_blocks() -> dict:
     return dict(BLOCK_M=1, BLOCK_V=1024, num_warps=4)
 
 
+def _transform_args(transform: LogitTransform) -> dict:
+    """The logit transform as the kernels take it."""
+    softcap = transform.softcap
+    return dict(
+        multiplier=transform.multiplier, softcap=softcap or 1.0, HAS_SOFTCAP=softcap is not None
+    )
+
+
+def _bias_args(weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    """The bias as the kernels take it (any pointer and a 0 flag without bias)."""
+    return dict(b_ptr=weight if bias is None else bias, has_bias=int(bias is not None))
+
+
+def _running_stats(num_rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh fp32 ``[R]`` running max (at the "nothing seen" sentinel), sum and target logit."""
+    running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
+    zeros = torch.zeros(2, num_rows, dtype=torch.float32, device=device)
+    return running_max, zeros[0], zeros[1]
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with an fp32 result (fp32 accumulate on CUDA for half inputs)."""
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
+    if a.dtype == torch.float16:  # the interpreter on CPU: an fp16 output would overflow
+        return a.float() @ b.float()
     return (a @ b).float()
 
 
@@ -300,13 +330,13 @@ def forward(
     batches: list[TokenBatch],
     transform: LogitTransform,
     expectation: list[bool] | None = None,
+    chunk_elements: int | None = None,
     log_sum_sq: list[bool] | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
-    """Per batch, ``(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M] or None)``.
-
-    Batches that share an lm_head are scored together, one GEMM and one fold launch per
-    vocab chunk; ``expectation[i]`` (a frozen lm_head) also accumulates batch i's ``E_t``;
-    ``log_sum_sq[i]`` asks for ``log Σ_v p_tv²`` (WPO) from the same fold.
+) -> list[BackendResult]:
+    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M]
+    or None)``, fp32. (``chunk_elements`` is the torch backend's knob; vocab chunks here
+    follow ``CHUNK_ELEMENTS``.) ``log_sum_sq[i]`` asks for ``log Σ_v p_tv²`` (WPO) from the
+    same fold; batches sharing an lm_head are scored together, one GEMM per vocab chunk.
     """
     expectation = expectation or [False] * len(batches)
     log_sum_sq = log_sum_sq or [False] * len(batches)
@@ -317,13 +347,17 @@ def forward(
     for members in groups.values():
         parts = [batches[i] for i in members]
         with_sq = any(log_sum_sq[i] for i in members)
-        logp, lse, expected, sq = _forward_group(parts, transform, expectation[members[0]], with_sq)
+        logp, lse, expected, sq = _forward_group(
+            parts, transform, expectation[members[0]], with_sq
+        )
         start = 0
         for i, tokens in zip(members, parts):
             stop = start + tokens.num_rows
             rows_expected = None if expected is None else expected[start:stop]
             rows_sq = sq[start:stop] if log_sum_sq[i] else None
-            results[i] = (logp[start:stop], lse[start:stop], rows_expected, rows_sq)
+            results[i] = BackendResult(
+                logp[start:stop], lse[start:stop], rows_expected, rows_sq
+            )
             start = stop
     return results
 
@@ -344,9 +378,7 @@ def _forward_group(
     del gathered
     targets = torch.cat([p.targets for p in parts]).long().contiguous()  # [R]
     num_rows = rows.shape[0]
-    running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
-    running_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    target_logit = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    running_max, running_sum, target_logit = _running_stats(num_rows, device)
     expected = rescale = None
     if with_expectation:
         expected = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=device)
@@ -370,9 +402,7 @@ def _forward_group(
             num_rows=num_rows,
             chunk_start=chunk.start,
             chunk_width=chunk.stop - chunk.start,
-            multiplier=transform.multiplier,
-            softcap=transform.softcap or 1.0,
-            HAS_SOFTCAP=transform.softcap is not None,
+            **_transform_args(transform),
             WRITE_PROBS=with_expectation,
             WRITE_SQ=with_sq,
             **blocks,
@@ -397,7 +427,7 @@ def backward(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> BackendGrads:
     """``(grad_rows [M, H] fp32, grad_weight [V, H] weight's dtype, grad_bias [V] fp32)``.
 
     Vocab chunk by chunk: recompute the logits, form ``dz`` in the weight's dtype (tensor
@@ -431,12 +461,12 @@ def backward(
             b_ptr=chunk.bias,
             has_bias=chunk.has_bias,
             dz_ptr=chunk.out,
+            dz_row_stride=chunk.stop - chunk.start,
             num_rows=num_rows,
             chunk_start=chunk.start,
             chunk_width=chunk.stop - chunk.start,
-            multiplier=transform.multiplier,
-            softcap=transform.softcap or 1.0,
-            HAS_SOFTCAP=transform.softcap is not None,
+            **_transform_args(transform),
+            HALF_IN_PLACE=False,
             **blocks,
         )
         dz = chunk.out  # [M, C], the weight's dtype
@@ -447,4 +477,8 @@ def backward(
         if grad_bias is not None:
             grad_bias[chunk.start : chunk.stop] = dz.float().sum(0)
         del chunk, dz
-    return grad_rows, grad_weight, grad_bias
+    return BackendGrads(grad_rows, grad_weight, grad_bias)
+
+
+# The store path's two steps live beside the recompute path's, in their own module.
+from .logprob_store import group_grads, group_logits  # noqa: E402, F401

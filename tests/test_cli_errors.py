@@ -105,8 +105,9 @@ def test_more_batch_rows_than_data_fails_before_any_model_loads(tmp_path, monkey
     run = tmp_path / "runs" / "run"  # its missing parent is not left behind either
     with pytest.raises(ValueError, match="--batch-size 4 needs at least 4 training rows; the"):
         Trainer(TrainConfig(dataset=str(data), batch_size=4, output_dir=str(run)))
-    with pytest.raises(ValueError, match="lacks column"):
-        Trainer(TrainConfig(loss="kto", dataset=str(data), batch_size=2, output_dir=str(run)))
+    half_pairs = write_jsonl(tmp_path / "half.jsonl", [{"prompt": "1+1=", "chosen": "2"}] * 3)
+    with pytest.raises(ValueError, match="lacks column"):  # (full pairs KTO unpairs, as TRL)
+        Trainer(TrainConfig(loss="kto", dataset=str(half_pairs), batch_size=2, output_dir=str(run)))
     assert not run.parent.exists()
 
 

@@ -1,5 +1,6 @@
 """dpo_loss_fused with every TRL loss type, mixtures, RPO, LD-DPO and WPO, end to end on both
-backends against the float64 paper formulas (values and gradients to hidden and lm_head)."""
+backends and both gradient paths against the float64 paper formulas (values and gradients to
+hidden and lm_head); which path each takes."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ def _inputs(device):
     return hidden, ref_hidden, weight, labels
 
 
-@pytest.mark.parametrize("backend", R.BACKENDS)
+@pytest.mark.parametrize(
+    "backend,grad_mode", [("torch", "store"), ("torch", "recompute"), ("triton", "store")]
+)
 @pytest.mark.parametrize("loss_type", list(PAIR_LOSS_TYPES))
-def test_each_type_end_to_end(backend, loss_type, device):
+def test_each_type_end_to_end(backend, grad_mode, loss_type, device):
     hidden, ref_hidden, weight, labels = _inputs(device)
     eps = EPS.get(loss_type, 0.0)
     out = fastalign.dpo_loss_fused(
@@ -35,6 +38,7 @@ def test_each_type_end_to_end(backend, loss_type, device):
         loss_type=loss_type,
         label_smoothing=eps,
         backend=backend,
+        grad_mode=grad_mode,
     )
     s, n = R.logps64(hidden, weight, labels)
     ref, _ = R.logps64(ref_hidden, weight.detach(), labels)
@@ -99,19 +103,68 @@ def test_ld_alpha_packed_equals_padded():
 
 
 def test_sft_alone_needs_no_reference(monkeypatch):
-    """``loss_type="sft"`` is the chosen rows' NLL: no reference, one launch of one stream."""
+    """``loss_type="sft"`` is the chosen rows' NLL: no reference stream; recompute is one
+    launch of one stream."""
     hidden, _, weight, labels = _inputs("cpu")
     launches = R.record_launches(monkeypatch)
-    out = fastalign.dpo_loss_fused(hidden, weight, labels, loss_type="sft", backend="torch")
+    out = fastalign.dpo_loss_fused(
+        hidden, weight, labels, loss_type="sft", backend="torch", grad_mode="recompute"
+    )
     s, n = R.logps64(hidden, weight, labels)
     R.assert_loss_and_grads(out.loss, -s[:3].sum() / n[:3].sum(), [hidden, weight])
     assert launches == [1]
 
 
-def test_rpo_term_rides_the_same_launch(monkeypatch):
+def _forbid_recompute(monkeypatch) -> list[int]:
+    """Fail any recompute backward; record the store path's groups (their row counts)."""
+    from fastalign import torch_backend
+
+    groups, group_logits = [], torch_backend.group_logits
+    monkeypatch.setattr(
+        torch_backend,
+        "group_logits",
+        lambda rows, *a: groups.append(len(rows)) or group_logits(rows, *a),
+    )
+    monkeypatch.setattr(torch_backend, "backward", None)
+    return groups
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(loss_type=t) for t in PAIR_LOSS_TYPES]
+    + [dict(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], rpo_alpha=0.5)],
+    ids=str,
+)
+def test_every_plain_type_takes_the_store_path(monkeypatch, kwargs):
+    """grad_mode="auto" with a trainable lm_head: the store path (no recompute), and the same
+    loss and gradients as the recompute path."""
+    hidden, ref_hidden, weight, labels = _inputs("cpu")
+    kwargs = dict(
+        kwargs,
+        label_smoothing=EPS.get(kwargs["loss_type"], 0.0)
+        if isinstance(kwargs["loss_type"], str)
+        else 0.0,
+    )
+    recompute = fastalign.dpo_loss_fused(
+        hidden, weight, labels, ref_hidden=ref_hidden, grad_mode="recompute", **kwargs
+    )
+    want = torch.autograd.grad(recompute.loss, [hidden, weight])
+    groups = _forbid_recompute(monkeypatch)
+    out = fastalign.dpo_loss_fused(hidden, weight, labels, ref_hidden=ref_hidden, **kwargs)
+    got = torch.autograd.grad(out.loss, [hidden, weight])
+    assert len(groups) == 1
+    torch.testing.assert_close(out.loss, recompute.loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_ld_alpha_and_wpo_take_the_recompute_path_in_one_launch(monkeypatch):
+    """The per-token extras (prefix sums, log Σ p²) come from the one recompute launch."""
     hidden, ref_hidden, weight, labels = _inputs("cpu")
     launches = R.record_launches(monkeypatch)
-    fastalign.dpo_loss_fused(
-        hidden, weight, labels, ref_hidden=ref_hidden, rpo_alpha=1.0, use_weighting=True
-    ).loss.backward()
+    with pytest.warns(UserWarning, match="ld_alpha / use_weighting"):
+        fastalign.dpo_loss_fused(
+            hidden, weight, labels, ref_hidden=ref_hidden, rpo_alpha=1.0, use_weighting=True,
+            ld_alpha=0.5, grad_mode="store",
+        ).loss.backward()  # fmt: skip
     assert launches == [2]  # policy and reference streams, one backend forward

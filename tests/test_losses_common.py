@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -87,8 +88,8 @@ def make_inputs(pairs, seq_len, hidden_size, vocab, dtype, device="cpu"):
     return inputs
 
 
-def fused(name, x, backend, shift):
-    common = dict(bias=x["bias"], shift=shift, backend=backend)
+def fused(name, x, backend, shift, grad_mode="auto"):
+    common = dict(bias=x["bias"], shift=shift, backend=backend, grad_mode=grad_mode)
     if name == "dpo":
         return fastalign.dpo_loss_fused(
             x["hidden"],
@@ -191,10 +192,33 @@ def test_loss_and_grads_follow_the_dtype_rule(
 
 @pytest.mark.parametrize("name,streams", [("dpo", 2), ("ipo", 2), ("typo", 2), ("kto", 4)])
 def test_every_stream_of_a_loss_is_one_launch(monkeypatch, name, streams):
-    """Policy rows (chosen and rejected alike), reference, samples, mismatched pairs: one call."""
+    """Recompute path: policy rows (chosen and rejected alike), reference, samples,
+    mismatched pairs: one call."""
     launches = R.record_launches(monkeypatch)
-    fused(name, make_inputs(3, 7, 17, 97, torch.float32), "torch", False)
+    fused(name, make_inputs(3, 7, 17, 97, torch.float32), "torch", False, "recompute")
     assert launches == [streams]
+
+
+@pytest.mark.parametrize("name,nograd", [("dpo", [1]), ("ipo", [1]), ("typo", []), ("kto", [3])])
+def test_store_path_scores_nograd_streams_first_and_never_recomputes(monkeypatch, name, nograd):
+    """Store path: the no-grad streams in one launch, the policy rows in groups of whole
+    units (one group here), and a backward that runs no backend code at all."""
+    from fastalign import torch_backend
+
+    launches = R.record_launches(monkeypatch)
+    groups = []
+    group_logits = torch_backend.group_logits
+    monkeypatch.setattr(
+        torch_backend,
+        "group_logits",
+        lambda rows, *a: groups.append(len(rows)) or group_logits(rows, *a),
+    )
+    monkeypatch.setattr(torch_backend, "backward", None)  # any recompute would fail
+    x = make_inputs(3, 7, 17, 97, torch.float32)
+    out = fused(name, x, "torch", False, "store")
+    out.loss.backward()
+    assert launches == nograd
+    assert len(groups) == (2 if name == "typo" else 1)  # TYPO: the pairs, then the samples
 
 
 def test_reference_and_mismatched_streams_hold_no_autograd_state():
@@ -280,7 +304,7 @@ def test_reference_lm_head_with_its_own_bias(backend, device):
             ValueError,
             "ref_bias was given without ref_hidden",
         ),
-        ("typo", dict(lam=0.0, ref_bias=torch.zeros(97)), ValueError, "ref_bias was given"),
+        ("typo", dict(lam=0.0, ref_bias=torch.zeros(97)), TypeError, "keyword argument 'ref_bias'"),
         ("ipo", dict(ref_logps=torch.zeros(6), bogus=1), TypeError, "unexpected keyword.*bogus"),
         ("ipo", dict(ref_logps=torch.zeros(3, 2)), ValueError, r"ref_logps must have shape \[6\]"),
         (
@@ -353,3 +377,29 @@ def test_docstring_examples_run(module):
     """The examples in the public docstrings run and print what they claim."""
     result = doctest.testmod(importlib.import_module(f"fastalign.losses.{module}"))
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "typo"])
+def test_pairs_with_an_unscored_row_warn(name):
+    """A pair with an unscored chosen or rejected row: a UserWarning naming the loss; a batch
+    with every row scored stays silent."""
+    x = make_inputs(3, 7, 17, 97, torch.float32)  # row 1 (chosen of pair 1) unscored
+    with pytest.warns(UserWarning, match=f"{name}_loss_fused: 1 of 3 pairs have a chosen"):
+        fused(name, x, "torch", False)
+    x["labels"][1] = x["labels"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(name, x, "torch", False)
+
+
+def test_kto_on_an_empty_batch_raises():
+    x = make_inputs(3, 7, 17, 97, torch.float32)
+    with pytest.raises(ValueError, match="kto_loss_fused needs at least one row"):
+        fastalign.kto_loss_fused(
+            x["hidden"][:0],
+            x["weight"],
+            x["labels"][:0],
+            x["desirable"][:0],
+            ref_logps=torch.zeros(0),
+            kl=0.0,
+        )

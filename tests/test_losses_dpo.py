@@ -60,7 +60,11 @@ def test_dpo_packed_matches_padded():
     [
         (dict(beta=0.0), ValueError, "beta must be a finite number > 0"),
         (dict(beta=-1.0), ValueError, "beta"),
-        (dict(label_smoothing=0.5), ValueError, r"label_smoothing must lie in \[0, 0.5\)"),
+        (
+            dict(label_smoothing=0.5),
+            ValueError,
+            r"label_smoothing must be a finite number in \[0, 0.5\)",
+        ),
         (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
         (dict(loss_type="kto_pair"), ValueError, "loss_type must be one of"),
         (dict(ref_logps=torch.zeros(5)), ValueError, r"ref_logps must have shape \[6\]"),

@@ -41,6 +41,7 @@ def test_samples_scored_in_the_same_launch(monkeypatch):
         labels,
         sample_hidden=torch.randn(2, 4, 17),
         sample_labels=torch.randint(0, 97, (2, 4)),
+        grad_mode="recompute",
     )
     assert calls == [2]
 

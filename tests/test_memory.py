@@ -134,7 +134,7 @@ def test_store_path_holds_gradients_from_forward_to_backward(loss, device):
     group = store_group_tokens(step)
     unit = (1 if loss == "kto" else 2) * 128
     assert 0 < group <= tokens and group % unit == 0
-    assert group * v * 4 <= tiles.STORE_GROUP_BUDGET_BYTES < (group + unit) * v * 4 or (
+    assert group * v * 4 <= tiles.store_group_budget(device) < (group + unit) * v * 4 or (
         group == tokens
     )
 

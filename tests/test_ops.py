@@ -291,3 +291,37 @@ def test_frozen_head_fast_path_can_be_switched_off(monkeypatch):
 
 def _no_recompute(*args, **kwargs):
     raise AssertionError("frozen-head path recomputed logits")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_logits_above_fp16_max_stay_finite(backend):
+    """A logit above 65504 (fp16's max) is formed with an fp32 output, as CUDA's GEMM does:
+    finite log-probs and gradients, equal to the float64 truth."""
+    hidden = torch.full((1, 3, 4), 16.0, dtype=torch.float16)
+    weight = torch.zeros(5, 4, dtype=torch.float16)
+    weight[0] = 2048.0  # logit of token 0: 4 · 16 · 2048 = 131072 > 65504
+    weight[1:] = torch.randn(4, 4).half()
+    labels = torch.tensor([[0, 1, 2]])
+    out = fastalign.sequence_logps(hidden, weight.requires_grad_(), labels, backend=backend)
+    truth = naive_sequence_logps(hidden.double(), weight.double(), labels)[0]
+    assert torch.isfinite(out.logps).all()
+    torch.testing.assert_close(out.logps.double(), truth, rtol=1e-3, atol=1e-2)
+    out.logps.sum().backward()
+    assert torch.isfinite(weight.grad).all()
+
+
+def test_both_backends_satisfy_the_backend_protocol():
+    """Every method of ``fastalign._types.Backend`` exists in both backend modules with the
+    same parameters, so ``ops`` and the store path can take either."""
+    import inspect
+
+    from fastalign._types import Backend
+    from fastalign.kernels import logprob
+
+    for name in ("forward", "backward", "group_logits", "group_grads"):
+        want = list(inspect.signature(getattr(Backend, name)).parameters)[1:]  # minus self
+        for module in (torch_backend, logprob):
+            assert list(inspect.signature(getattr(module, name)).parameters) == want, (
+                module.__name__,
+                name,
+            )

@@ -88,6 +88,10 @@ def test_triton_backend_chunk_is_the_estimated_chunk(monkeypatch, device, vocab,
 
 
 def test_store_group_units():
-    assert tiles.store_group_units(tiles.STORE_GROUP_BUDGET_BYTES + 1) == 0
-    assert tiles.store_group_units(tiles.STORE_GROUP_BUDGET_BYTES) == 1
+    for device in ("cpu", "cuda"):
+        budget = tiles.store_group_budget(device)
+        assert budget == tiles.STORE_GROUP_BUDGET_BYTES[device]
+        assert tiles.store_group_units(budget + 1, budget) == 0
+        assert tiles.store_group_units(budget, budget) == 1
+    assert tiles.store_group_budget("mps") == tiles.STORE_GROUP_BUDGET_BYTES["cpu"]
     assert tiles.store_group_units(1 << 20, budget_bytes=3 << 20) == 3

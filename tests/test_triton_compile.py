@@ -62,7 +62,11 @@ SCRIPT = textwrap.dedent(
             name = f"fold{'+probs' if write_probs else ''}/{dtype}"
             report[name] = compile_kernel(K._fold_kernel, dtype, constexprs, options)
         report[f"grad_logits/{dtype}"] = compile_kernel(
-            K._grad_logits_kernel, dtype, dict(HAS_SOFTCAP=True, **fold), options
+            # bf16: the store path's in-place half dz (a barrier per tile) is the variant built
+            K._grad_logits_kernel,
+            dtype,
+            dict(HAS_SOFTCAP=True, HALF_IN_PLACE=dtype == "bf16", **fold),
+            options,
         )
     print(json.dumps(report))
     """

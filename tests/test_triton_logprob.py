@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fastalign.kernels import logprob
 
 import fastalign
+from fastalign.kernels import logprob
 from tests.reference import naive_sequence_logps
 from tests.test_ops import ATOL, CASES, assert_near_truth, eager_same_dtype, make_case
 

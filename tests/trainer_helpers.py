@@ -34,8 +34,14 @@ def child_env() -> dict[str, str]:
     }
 
 
+# Wall-clock figures of a metrics.jsonl record: the only ones a resumed run cannot reproduce.
+TIMING = {"tokens_per_second", "scored_tokens_per_second", "eta_seconds"}
+
+
 def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's metrics.jsonl records without the wall-clock figures."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
 class _Payload:

@@ -2,77 +2,31 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 
-from .. import _validate as V
+from .. import checks
 from .._types import LogpOutput
-from ..ops import (
-    StreamInput,
-    reference_stream,
-    score_streams,  # noqa: F401  (the trainer calls losses._common.score_streams)
-    score_streams_full,
-)
-
-# Keyword arguments forwarded to the core op (``**logp_kwargs`` of every loss).
-SHARED_KWARGS = ("shift", "ignore_index", "logit_scale", "temperature", "logit_softcap", "backend")
-STREAM_KWARGS = ("bias", "cu_seqlens")
+from ..ops import score_streams  # noqa: F401  (the trainer scores plain NLL through it)
+from ..streams import StreamInput, reference_stream
+from .units import FusedLoss, LogpOptions, PolicyTerm, UnitLoss, fused_loss
 
 
-def split_logp_kwargs(logp_kwargs: dict) -> tuple[dict, dict]:
-    """``(stream kwargs, shared kwargs)``; unknown names raise a TypeError naming them."""
-    unknown = set(logp_kwargs) - set(SHARED_KWARGS) - set(STREAM_KWARGS) - {"ref_bias"}
-    if unknown:
-        raise TypeError(
-            f"unexpected keyword argument(s) {sorted(unknown)}; the log-prob options are "
-            f"{', '.join(STREAM_KWARGS + ('ref_bias',) + SHARED_KWARGS)}"
-        )
-    stream = {k: v for k, v in logp_kwargs.items() if k in STREAM_KWARGS}  # ref_bias: score()
-    shared = {k: v for k, v in logp_kwargs.items() if k in SHARED_KWARGS}
-    return stream, shared
-
-
-@dataclass
-class Scored:
-    """What a loss gets back from :func:`score`."""
-
-    policy: LogpOutput  # differentiable
-    ref_logps: torch.Tensor | None  # [rows] fp32, detached; None when reference-free
-    extra: list[LogpOutput]  # the extra streams, in order
-    # Asked for with score(prefix_tokens=..., log_sum_sq=True): policy (differentiable) and
-    # streamed reference prefix sums, the policy's Σ_t log Σ_v p² (detached); [rows] fp32.
-    prefix_logps: torch.Tensor | None = None
-    ref_prefix_logps: torch.Tensor | None = None
-    log_sum_sq: torch.Tensor | None = None
-
-
-def score(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
+def check_reference(
     *,
     ref_hidden: torch.Tensor | None,
-    ref_weight: torch.Tensor | None,
     ref_logps: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
     reference: str,
-    extra: list[StreamInput] = (),
-    extra_uses_ref_head: bool = False,
-    logp_kwargs: dict,
-    prefix_tokens=None,
-    log_sum_sq: bool = False,
-) -> Scored:
-    """Score the policy rows, their reference (if streamed) and ``extra`` in one launch.
-
-    ``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
+    ref_head_used: bool = False,
+) -> None:
+    """``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
     ``"optional"`` (at most one) or ``"none"`` (neither accepted). ``ref_weight``/``ref_bias``
-    need a streamed reference: ``ref_hidden``, or one in ``extra`` (``extra_uses_ref_head``).
-    ``prefix_tokens`` / ``log_sum_sq``: per-sequence extras of the policy (and prefix sums of
-    the streamed reference), see ``ops.StreamInput``.
-    """
-    logp_kwargs = dict(logp_kwargs)
-    ref_bias = logp_kwargs.pop("ref_bias", None)  # the reference lm_head's bias, with ref_weight
-    stream_kwargs, shared = split_logp_kwargs(logp_kwargs)
+    need a streamed reference: ``ref_hidden``, or another stream (``ref_head_used``)."""
     given = [
         name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None
     ]
@@ -86,80 +40,94 @@ def score(
     if reference == "none" and given:
         raise ValueError(f"{given[0]} is not used by this loss (it is reference-free)")
     for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
-        if value is not None and ref_hidden is None and not extra_uses_ref_head:
+        if value is not None and ref_hidden is None and not ref_head_used:
             raise ValueError(f"{name} was given without ref_hidden")
-    streams = [
-        StreamInput(
-            hidden,
-            weight,
-            labels,
-            **stream_kwargs,
-            prefix_tokens=prefix_tokens,
-            log_sum_sq=log_sum_sq,
-        )
-    ]
-    if ref_hidden is not None:
-        streams.append(
-            reference_stream(
-                ref_hidden,
-                ref_weight,
-                ref_bias,
-                weight=weight,
-                bias=stream_kwargs.get("bias"),
-                labels=labels,
-                cu_seqlens=stream_kwargs.get("cu_seqlens"),
-            )
-        )
-        streams[-1].prefix_tokens = prefix_tokens
-    streams.extend(extra)
-    full = score_streams_full(streams, **shared)
-    outputs = [LogpOutput(out.logps, out.num_tokens) for out in full]
-    policy = outputs[0]
-    num_rows = policy.logps.shape[0]
-    if ref_hidden is not None:
-        ref = outputs[1].logps
-    elif ref_logps is not None:
-        ref = check_logps(ref_logps, "ref_logps", num_rows, policy.logps.device)
-    else:
-        ref = None
-    return Scored(
-        policy=policy,
-        ref_logps=ref,
-        extra=outputs[1 + (ref_hidden is not None) :],
-        prefix_logps=full[0].prefix_logps,
-        ref_prefix_logps=full[1].prefix_logps if ref_hidden is not None else None,
-        log_sum_sq=full[0].log_sum_sq,
+
+
+def policy_and_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    rows: int,
+    bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    ref_hidden: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    reference: str,
+    ref_head_used: bool = False,
+) -> tuple[StreamInput, list[StreamInput], torch.Tensor | None]:
+    """Check the reference arguments; ``(policy stream, [reference stream] or [],
+    precomputed ref_logps [rows] fp32 or None)``. See ``check_reference``."""
+    check_reference(
+        ref_hidden=ref_hidden,
+        ref_logps=ref_logps,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        reference=reference,
+        ref_head_used=ref_head_used,
     )
+    if ref_logps is not None:
+        ref_logps = check_logps(ref_logps, "ref_logps", rows, labels.device)
+    policy = StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
+    if ref_hidden is None:
+        return policy, [], ref_logps
+    ref = reference_stream(
+        ref_hidden,
+        ref_weight,
+        ref_bias,
+        weight=weight,
+        bias=bias,
+        labels=labels,
+        cu_seqlens=cu_seqlens,
+    )
+    return policy, [ref], ref_logps
+
+
+def warn_unscored_pairs(
+    num_tokens: torch.Tensor, num_pairs: int, loss: str, stacklevel: int = 4
+) -> None:
+    """Warn (once per call site, Python's default filter) when a pair has a row with no
+    scored token: its margin is then a constant, so it adds a fixed loss and no gradient."""
+    empty = (num_tokens[:num_pairs] == 0) | (num_tokens[num_pairs:] == 0)
+    if bool(empty.any()):
+        warnings.warn(
+            f"{loss}: {int(empty.sum())} of {num_pairs} pairs have a chosen or rejected row with "
+            "no scored token (all labels == ignore_index, e.g. a completion truncated away); "
+            "they add a constant to the loss and no gradient",
+            stacklevel=stacklevel,
+        )
 
 
 def check_logps(value, name: str, rows: int, device: torch.device) -> torch.Tensor:
     """A precomputed per-sequence log-prob tensor: ``[rows]`` floats, detached, fp32."""
-    V.check_tensor(value, name)
+    checks.check_tensor(value, name)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
     if value.shape != (rows,):
         raise ValueError(f"{name} must have shape [{rows}], got {tuple(value.shape)}")
-    V.check_same_device(value, name, device)
+    checks.check_same_device(value, name, device)
     return value.detach().float()
 
 
 def check_beta(beta) -> float:
     """β as a float; not a finite number > 0 raises naming ``beta``."""
-    V.check_positive(beta, "beta")
-    return float(beta)
+    return float(checks.check_number(beta, "beta", low=0, low_open=True))
 
 
 def num_sequences(labels: torch.Tensor, cu_seqlens, cu_name: str) -> int:
     """Rows of padded ``labels [B, T]``, or ``B`` of packed ``cu_seqlens [B + 1]``."""
     if cu_seqlens is None:
         return labels.shape[0]
-    V.check_tensor(cu_seqlens, cu_name)
+    checks.check_tensor(cu_seqlens, cu_name)
     return max(cu_seqlens.numel() - 1, 0)
 
 
 def check_paired_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     """Number of pairs B of the concatenated layout (rows [0, B) chosen, [B, 2B) rejected)."""
-    V.check_tensor(labels, "labels")
+    checks.check_tensor(labels, "labels")
     rows = num_sequences(labels, cu_seqlens, "cu_seqlens")
     if rows == 0 or rows % 2:
         raise ValueError(
@@ -227,3 +195,43 @@ def paired_output(
         chosen_num_tokens=policy.num_tokens[:num_pairs],
         rejected_num_tokens=policy.num_tokens[num_pairs:],
     )
+
+
+def paired_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reference: str,
+    ref_hidden: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    options: LogpOptions,
+    make_unit_loss: Callable[[torch.Tensor | None], UnitLoss],
+    name: str,
+    unit: str = "pair",
+) -> tuple[FusedLoss, torch.Tensor | None]:
+    """A pair-unit loss on the policy rows with an optional reference: ``(result, ref [2B])``.
+
+    ``make_unit_loss(ref_logps [2B] or None)`` gives the loss's ``UnitLoss``; ``unit="batch"``
+    for a loss that couples the pairs (AOT's sorting).
+    """
+    num_pairs = check_paired_rows(labels, cu_seqlens)
+    policy, nograd, ref_logps = policy_and_reference(
+        hidden, weight, labels, rows=2 * num_pairs, bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
+        reference=reference,
+    )  # fmt: skip
+    ref = [ref_logps]
+
+    def build(scored: list[LogpOutput]) -> list[UnitLoss]:
+        if scored:
+            ref[0] = scored[0].logps
+        return [make_unit_loss(ref[0])]
+
+    result = fused_loss([PolicyTerm(policy, unit)], nograd, build, options)
+    warn_unscored_pairs(result.policy[0].num_tokens, num_pairs, name)
+    return result, ref[0]

@@ -11,13 +11,66 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .._types import LogpOutput
-from ._common import PreferenceOutput, check_paired_rows, paired_output, score
-from .pair_config import pair_loss_config, pair_stats
-from .pair_losses import PAIR_LOSS_TYPES, combined_pair_losses, ld_weighted
+from .. import checks
+from ._common import PreferenceOutput, num_sequences, paired_loss, paired_output
+from .pair_config import chosen_token_count, pair_loss_config, pair_unit_loss
+from .pair_extras import extras_pair_loss
+from .pair_losses import PAIR_LOSS_TYPES
+from .units import LogpOptions, UnitLoss, UnitStats
 
 LOSS_TYPES = tuple(PAIR_LOSS_TYPES)
+
+
+def dpo_unit_loss(
+    ref_logps: torch.Tensor | None, beta: float, loss_type: str, eps: float
+) -> UnitLoss:
+    """Per-pair DPO loss and its closed-form gradient over a group of pairs."""
+
+    def margin(s: UnitStats) -> torch.Tensor:  # [k], Δ of each pair
+        r = s.logps if ref_logps is None else s.logps - ref_logps[s.rows]
+        k = r.numel() // 2
+        return r[:k] - r[k:]
+
+    def unit_loss(s: UnitStats) -> torch.Tensor:
+        delta = margin(s)
+        clean, flipped = -F.logsigmoid(beta * delta), -F.logsigmoid(-beta * delta)
+        if loss_type == "sigmoid":
+            return (1 - eps) * clean + eps * flipped
+        return ((1 - eps) * clean - eps * flipped) / (1 - 2 * eps)
+
+    def unit_grad(s: UnitStats) -> torch.Tensor:
+        delta = margin(s)
+        # d(−logσ(βΔ))/dΔ = −β·σ(−βΔ); d(−logσ(−βΔ))/dΔ = β·σ(βΔ)
+        clean, flipped = -beta * torch.sigmoid(-beta * delta), beta * torch.sigmoid(beta * delta)
+        if loss_type == "sigmoid":
+            d = (1 - eps) * clean + eps * flipped
+        else:
+            d = ((1 - eps) * clean - eps * flipped) / (1 - 2 * eps)
+        return torch.cat([d, -d])  # Δ = r_w − r_l
+
+    return UnitLoss(unit_loss, unit_grad)
+
+
+def _unit_loss_for(config, labels, cu_seqlens, shift: bool, ignore_index: int):
+    """``ref -> UnitLoss``: the closed-form DPO/robust unit for a plain single type, else the
+    per-pair table (autograd on the group's small stats)."""
+    plain = config.loss_types in (("sigmoid",), ("robust",)) and config.loss_weights == (1.0,)
+    if plain and config.params.f_divergence_type == "reverse_kl":
+        params = config.params
+        return lambda ref: dpo_unit_loss(
+            ref, params.beta, config.loss_types[0], params.label_smoothing
+        )
+
+    def make(ref):
+        pairs = num_sequences(labels, cu_seqlens, "cu_seqlens") // 2
+        chosen = 0
+        if "sft" in config.loss_types:
+            chosen = chosen_token_count(labels, cu_seqlens, shift=shift, ignore_index=ignore_index)
+        return pair_unit_loss(config, ref, pairs, chosen)
+
+    return make
 
 
 def dpo_loss_fused(
@@ -39,7 +92,17 @@ def dpo_loss_fused(
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
-    **logp_kwargs,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str = "auto",
+    grad_mode: str = "auto",
+    store_budget_bytes: int | None = None,
 ) -> PreferenceOutput:
     """DPO loss from final hidden states and the lm_head, without full logits.
 
@@ -47,8 +110,8 @@ def dpo_loss_fused(
         hidden: ``[2B, T, H]`` (or packed ``[N, H]`` with ``cu_seqlens`` of 2B sequences),
             rows ``[0, B)`` chosen and ``[B, 2B)`` rejected — TRL's concatenated layout.
         weight: lm_head ``[V, H]``. labels: ``[2B, T]`` with ``ignore_index`` on prompt/pad.
-        ref_hidden / ref_weight: the reference model's hidden states (and lm_head, default
-            ``weight``), scored in the same launch with no autograd state; or
+        ref_hidden / ref_weight / ref_bias: the reference model's hidden states (and lm_head,
+            default ``weight``/``bias``), scored with no autograd state; or
         ref_logps: precomputed reference sums ``[2B]`` (LD-DPO weighted when ``ld_alpha`` is
             set, as TRL precomputes them). Exactly one unless ``reference_free`` or only
             reference-free terms (``"sft"``) are chosen.
@@ -63,19 +126,24 @@ def dpo_loss_fused(
         rpo_alpha: weight of the chosen rows' per-token NLL (RPO; the same as appending
             ``"sft"`` with that weight), from the same launch.
         ld_alpha: LD-DPO's α in [0, 1]: tokens past ``min(n_w, n_l)`` count α-fold in the
-            policy and streamed reference sums.
+            policy and streamed reference sums (recompute path: a per-token extra).
         use_weighting: WPO weights ``w_w·w_l``, ``w = exp(mean_t(log p_t − log Σ_v p_v²))``
-            (detached), from the same launch (the fold's ``log Σ p²``; no extra GEMM).
+            (detached), ``log Σ p²`` from the same fold (no extra GEMM; recompute path).
         f_divergence_type, f_alpha_divergence_coef: f-DPO's divergence (``reverse_kl``,
             ``forward_kl``, ``js_divergence``, ``alpha_divergence``) and its α.
         discopop_tau: DiscoPOP's τ.
-        **logp_kwargs: ``bias`` (and ``ref_bias`` for ``ref_weight``), ``cu_seqlens``, ``shift``,
-            ``ignore_index``, ``logit_scale``,
-            ``temperature``, ``logit_softcap``, ``backend`` (see ``sequence_logps``).
+        bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
+            backend: as in ``sequence_logps``.
+        grad_mode: ``"auto"`` (the store path when the lm_head is trainable and one pair's
+            fp32 logits fit ``store_budget_bytes``; the frozen-head path for a frozen head;
+            else recompute), ``"store"`` or ``"recompute"``; see ``fastalign.losses.units``.
+        store_budget_bytes: the store path's group budget (default
+            ``fastalign.tiles.STORE_GROUP_BUDGET_BYTES`` for the device).
 
     Returns:
         ``PreferenceOutput`` with the mean loss, per-pair logps and rewards ``β·(s − s_ref)``,
-        and ``.metrics()`` under TRL's names.
+        and ``.metrics()`` under TRL's names. A pair with a chosen or rejected row without
+        any scored token adds ``log 2``-like constants and no gradient; a UserWarning says so.
 
     Example:
         >>> h = torch.randn(4, 6, 16, requires_grad=True); W = torch.randn(50, 16)
@@ -84,6 +152,7 @@ def dpo_loss_fused(
         >>> out.loss.backward(); sorted(out.metrics())[0]
         'logps/chosen'
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     config = pair_loss_config(
         loss_type,
         loss_weights,
@@ -96,46 +165,25 @@ def dpo_loss_fused(
         f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau,
     )
-    num_pairs = check_paired_rows(labels, logp_kwargs.get("cu_seqlens"))
-    if reference_free:
-        reference = "none"
+    checks.check_bool(reference_free, "reference_free")
+    reference = "none" if reference_free else "optional"
+    if not reference_free and config.needs_reference:
+        reference = "required"
+    refs = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps)
+    refs.update(ref_bias=ref_bias, bias=bias, cu_seqlens=cu_seqlens, options=options)
+    if config.ld_alpha is not None or config.use_weighting:
+        loss, policy, stats = extras_pair_loss(
+            hidden, weight, labels, config=config, reference=reference, **refs
+        )
+        logratios = torch.cat([stats.chosen_logratios, stats.rejected_logratios]).detach()
     else:
-        reference = "required" if config.needs_reference else "optional"
-    scored = score(
-        hidden,
-        weight,
-        labels,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_logps=ref_logps,
-        reference=reference,
-        logp_kwargs=logp_kwargs,
-        prefix_tokens=None if config.ld_alpha is None else _shared_length,
-        log_sum_sq=config.use_weighting,
-    )
-    policy, ref = scored.policy, scored.ref_logps  # [2B] fp32 each (ref None: reference-free)
-    logps = policy.logps
-    if config.ld_alpha is not None:
-        logps = ld_weighted(policy.logps, scored.prefix_logps, config.ld_alpha)
-        if scored.ref_prefix_logps is not None:  # streamed; precomputed ones come weighted
-            ref = ld_weighted(ref, scored.ref_prefix_logps, config.ld_alpha)
-    stats = pair_stats(
-        logps, ref, policy.num_tokens, log_sum_sq=scored.log_sum_sq, raw_logps=policy.logps
-    )
-    losses = combined_pair_losses(stats, config.params, config.loss_types, config.loss_weights)
-    rewards = config.params.beta * torch.cat([stats.chosen_logratios, stats.rejected_logratios])
-    rewards = rewards.detach()
-    return paired_output(
-        losses.mean(),
-        LogpOutput(logps, policy.num_tokens),
-        rewards[:num_pairs],
-        rewards[num_pairs:],
-        num_pairs,
-    )
-
-
-def _shared_length(num_tokens: torch.Tensor) -> torch.Tensor:
-    """LD-DPO's public length ``min(n_w, n_l)`` for both rows of each pair: ``[2B] -> [2B]``."""
-    pairs = num_tokens.shape[0] // 2
-    shared = torch.minimum(num_tokens[:pairs], num_tokens[pairs:])
-    return torch.cat([shared, shared])
+        make_unit_loss = _unit_loss_for(config, labels, cu_seqlens, shift, ignore_index)
+        result, ref = paired_loss(
+            hidden, weight, labels, reference=reference, make_unit_loss=make_unit_loss,
+            name="dpo_loss_fused", unit=config.unit, **refs,
+        )  # fmt: skip
+        loss, policy = result.loss, result.policy[0]
+        logratios = policy.logps.detach() if ref is None else policy.logps.detach() - ref
+    rewards = config.params.beta * logratios
+    num_pairs = rewards.numel() // 2
+    return paired_output(loss, policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)

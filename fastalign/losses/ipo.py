@@ -4,7 +4,29 @@ from __future__ import annotations
 
 import torch
 
-from ._common import PreferenceOutput, check_beta, check_paired_rows, paired_output, score
+from .. import checks
+from ._common import PreferenceOutput, check_beta, paired_loss, paired_output
+from .units import LogpOptions, UnitLoss, UnitStats
+
+
+def ipo_unit_loss(ref_logps: torch.Tensor, beta: float, length_normalize: bool) -> UnitLoss:
+    """Per-pair IPO loss ``(h − 1/(2β))²`` and its closed-form gradient."""
+
+    def scale(s: UnitStats) -> torch.Tensor:  # [n], ∂score/∂logps
+        if not length_normalize:
+            return torch.ones_like(s.logps)
+        return 1.0 / s.num_tokens.clamp_min(1).to(s.logps.dtype)
+
+    def centred_margin(s: UnitStats) -> torch.Tensor:  # [k], h − 1/(2β)
+        scores = (s.logps - ref_logps[s.rows]) * scale(s)
+        k = scores.numel() // 2
+        return scores[:k] - scores[k:] - 1.0 / (2.0 * beta)
+
+    def unit_grad(s: UnitStats) -> torch.Tensor:
+        d = 2.0 * centred_margin(s)
+        return torch.cat([d, -d]) * scale(s)
+
+    return UnitLoss(lambda s: centred_margin(s) ** 2, unit_grad)
 
 
 def ipo_loss_fused(
@@ -17,39 +39,50 @@ def ipo_loss_fused(
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.1,
     length_normalize: bool = True,
-    **logp_kwargs,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str = "auto",
+    grad_mode: str = "auto",
+    store_budget_bytes: int | None = None,
 ) -> PreferenceOutput:
     """IPO loss ``mean((h − 1/(2β))²)`` with ``h = r_w − r_l``, ``r = s − s_ref``.
 
     ``length_normalize=True`` (TRL's convention) uses per-token means ``r/n`` with ``n`` the
     scored-token count of each sequence (at least 1); ``False`` gives the paper's sums (eq. 17
-    of Azar et al.). Layout, reference options and ``**logp_kwargs`` as in ``dpo_loss_fused``;
-    rewards are ``β·r`` (unnormalised, as TRL reports them).
+    of Azar et al.). Layout, reference options, the log-prob options, ``grad_mode`` and
+    ``store_budget_bytes`` as in ``dpo_loss_fused``; rewards are ``β·r`` (unnormalised, as
+    TRL reports them).
 
     Example:
         >>> h = torch.randn(2, 5, 8, requires_grad=True); W = torch.randn(30, 8)
         >>> y = torch.randint(0, 30, (2, 5))
         >>> ipo_loss_fused(h, W, y, ref_logps=torch.zeros(2), beta=0.5).loss.backward()
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
-    if not isinstance(length_normalize, bool):
-        raise TypeError(f"length_normalize must be a bool, got {type(length_normalize).__name__}")
-    num_pairs = check_paired_rows(labels, logp_kwargs.get("cu_seqlens"))
-    scored = score(
+    checks.check_bool(length_normalize, "length_normalize")
+    result, ref = paired_loss(
         hidden,
         weight,
         labels,
+        reference="required",
         ref_hidden=ref_hidden,
         ref_weight=ref_weight,
         ref_logps=ref_logps,
-        reference="required",
-        logp_kwargs=logp_kwargs,
+        ref_bias=ref_bias,
+        bias=bias,
+        cu_seqlens=cu_seqlens,
+        options=options,
+        make_unit_loss=lambda ref: ipo_unit_loss(ref, beta, length_normalize),
+        name="ipo_loss_fused",
     )
-    logratios = scored.policy.logps - scored.ref_logps  # [2B] fp32
-    scores = logratios
-    if length_normalize:
-        scores = logratios / scored.policy.num_tokens.clamp_min(1).to(logratios.dtype)
-    margin = scores[:num_pairs] - scores[num_pairs:]  # [B], h of the paper
-    loss = ((margin - 1.0 / (2.0 * beta)) ** 2).mean()
-    rewards = beta * logratios.detach()
-    return paired_output(loss, scored.policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)
+    policy = result.policy[0]
+    rewards = beta * (policy.logps.detach() - ref)
+    num_pairs = rewards.numel() // 2
+    return paired_output(result.loss, policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)

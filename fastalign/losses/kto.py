@@ -16,18 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import _validate as V
+from .. import checks
 from .._types import LogpOutput
-from ..ops import StreamInput, reference_stream
-from ._common import (
-    check_beta,
-    check_logps,
-    masked_mean,
-    num_sequences,
-    score,
-    split_logp_kwargs,
-)
-from .unpaired_losses import ROW_LOSS_TYPES, RowParams
+from ..streams import StreamInput, reference_stream
+from ._common import check_beta, check_logps, masked_mean, num_sequences, policy_and_reference
+from .units import LogpOptions, PolicyTerm, UnitLoss, UnitStats, fused_loss
+from .unpaired_losses import ROW_LOSS_TYPES, RowParams, row_unit_loss
 
 KL_NAMES = {
     "hidden": "kl_hidden",
@@ -84,10 +78,9 @@ def kto_class_weights(
         >>> kto_class_weights(100, 1000, target_ratio=1.0)
         (10.0, 1.0)
     """
-    for value, name in ((n_desirable, "n_desirable"), (n_undesirable, "n_undesirable")):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    V.check_positive(target_ratio, "target_ratio")
+    checks.check_number(n_desirable, "n_desirable", integer=True, low=1)
+    checks.check_number(n_undesirable, "n_undesirable", integer=True, low=1)
+    checks.check_number(target_ratio, "target_ratio", low=0, low_open=True)
     if not RATIO_RANGE[0] <= target_ratio <= RATIO_RANGE[1]:
         warnings.warn(
             f"target_ratio={target_ratio} is outside the KTO paper's recommended "
@@ -126,7 +119,8 @@ def mismatched_pairs(
         )
     if m < 2:
         raise ValueError(f"mismatched pairs need a microbatch of at least 2 examples, got {m}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset % m == 0:
+    checks.check_number(offset, "offset", integer=True)
+    if offset % m == 0:
         raise ValueError(f"offset must be an int not divisible by m={m}, got {offset!r}")
     rows = []
     for i in range(m):
@@ -160,6 +154,134 @@ def _reference_point(
     return (totals[0] / totals[1]).clamp_min(0.0).float()
 
 
+def kto_unit_loss(
+    ref_logps: torch.Tensor,  # [B]
+    z0: torch.Tensor,  # scalar, detached
+    desirable: torch.Tensor,  # bool [B]
+    beta: float,
+    weights: tuple[float, float],  # (λ_D, λ_U)
+) -> UnitLoss:
+    """Per-row KTO loss and its closed-form gradient (z0 is a constant here)."""
+    w_d, w_u = weights
+
+    def unit_loss(s: UnitStats) -> torch.Tensor:
+        r = s.logps - ref_logps[s.rows]
+        return torch.where(
+            desirable[s.rows],
+            w_d * (1 - torch.sigmoid(beta * (r - z0))),
+            w_u * (1 - torch.sigmoid(beta * (z0 - r))),
+        )
+
+    def unit_grad(s: UnitStats) -> torch.Tensor:
+        x = beta * (s.logps - ref_logps[s.rows] - z0)
+        slope = beta * torch.sigmoid(x) * torch.sigmoid(-x)  # β·σ'(x), σ' even
+        return torch.where(desirable[s.rows], -w_d * slope, w_u * slope)
+
+    return UnitLoss(unit_loss, unit_grad)
+
+
+@dataclass(frozen=True)
+class _KLRows:
+    """Where z0 comes from: given directly (``fixed``) or the mismatched-row streams."""
+
+    streams: list[StreamInput]
+    fixed: torch.Tensor | None  # scalar z0 when ``kl`` is given
+    ref_logps: torch.Tensor | None  # [m] precomputed kl_ref_logps
+
+
+def _kl_rows(
+    kl,
+    kl_hidden,
+    kl_labels,
+    kl_ref_hidden,
+    kl_ref_logps,
+    kl_cu_seqlens,
+    *,
+    weight,
+    bias,
+    ref_weight,
+    ref_bias,
+    device,
+) -> _KLRows:
+    """Check the reference-point arguments; the no-grad streams that estimate z0."""
+    if kl is not None:
+        if any(v is not None for v in (kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps)):
+            raise ValueError("give either kl (z0 directly) or the kl_* mismatched rows, not both")
+        z0 = torch.as_tensor(kl, dtype=torch.float32, device=device).detach()
+        if z0.numel() != 1 or not bool(torch.isfinite(z0)):
+            raise ValueError(f"kl must be a finite scalar, got {kl!r}")
+        return _KLRows([], z0.reshape(()), None)
+    if kl_hidden is None or kl_labels is None:
+        raise ValueError(
+            "z0 needs the mismatched-pair rows: kl_hidden and kl_labels (with kl_ref_hidden "
+            "or kl_ref_logps), or kl= given directly"
+        )
+    if (kl_ref_hidden is None) == (kl_ref_logps is None):
+        raise ValueError("give exactly one of kl_ref_hidden and kl_ref_logps")
+    checks.check_tensor(kl_hidden, "kl_hidden")
+    checks.check_tensor(kl_labels, "kl_labels")
+    kl_rows = num_sequences(kl_labels, kl_cu_seqlens, "kl_cu_seqlens")
+    if kl_rows < 2:
+        raise ValueError(
+            f"kl_hidden: the mismatched-pair estimate of z0 needs a microbatch of at least "
+            f"2 rows, got {kl_rows}"
+        )
+    streams = [
+        StreamInput(
+            kl_hidden.detach(),
+            weight.detach(),
+            kl_labels,
+            bias=None if bias is None else bias.detach(),
+            cu_seqlens=kl_cu_seqlens,
+            differentiable=False,
+            names=KL_NAMES,
+        )
+    ]
+    if kl_ref_hidden is not None:
+        streams.append(
+            reference_stream(
+                kl_ref_hidden,
+                ref_weight,
+                ref_bias,
+                weight=weight,
+                bias=bias,
+                labels=kl_labels,
+                cu_seqlens=kl_cu_seqlens,
+                names=KL_REF_NAMES,
+            )
+        )
+        return _KLRows(streams, None, None)
+    return _KLRows(streams, None, check_logps(kl_ref_logps, "kl_ref_logps", kl_rows, device))
+
+
+def _check_rows(labels, desirable, cu_seqlens) -> int:
+    """The batch's row count B (at least 1) and the ``desirable [B]`` flags' type and shape."""
+    checks.check_tensor(desirable, "desirable")
+    if desirable.dtype != torch.bool:
+        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
+    checks.check_tensor(labels, "labels")
+    rows = num_sequences(labels, cu_seqlens, "cu_seqlens")
+    if rows == 0:
+        raise ValueError("kto_loss_fused needs at least one row; labels holds an empty batch")
+    if desirable.shape != (rows,):
+        raise ValueError(
+            f"desirable must have shape [{rows}] (one per row), got {tuple(desirable.shape)}"
+        )
+    return rows
+
+
+def _warn_ratio(desirable: torch.Tensor, w_d: float, w_u: float) -> None:
+    n_desirable, n_undesirable = int(desirable.sum()), int((~desirable).sum())
+    if n_desirable and n_undesirable:
+        ratio = w_d * n_desirable / (w_u * n_undesirable)
+        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
+            warnings.warn(
+                f"λ_D·n_D/(λ_U·n_U) = {ratio:.3g} is outside the KTO paper's recommended "
+                f"[{RATIO_RANGE[0]}, {RATIO_RANGE[1]}]; see fastalign.kto_class_weights",
+                stacklevel=3,
+            )
+
+
 def kto_loss_fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -180,7 +302,17 @@ def kto_loss_fused(
     undesirable_weight: float = 1.0,
     process_group=None,
     loss_type: str = "kto",
-    **logp_kwargs,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str = "auto",
+    grad_mode: str = "auto",
+    store_budget_bytes: int | None = None,
 ) -> KTOOutput:
     """KTO loss from final hidden states and the lm_head, z0 from mismatched pairs.
 
@@ -189,7 +321,7 @@ def kto_loss_fused(
             packed with ``cu_seqlens``).
         desirable: bool ``[B]``, True for desirable (thumbs-up) completions.
         ref_hidden (+ ``ref_weight``, default ``weight``) or ref_logps ``[B]``: the reference.
-            ``ref_weight`` and ``ref_bias`` (a ``**logp_kwargs`` entry) also score
+            ``ref_weight`` and ``ref_bias`` also score
             ``kl_ref_hidden``, so they may come with ``ref_logps`` when ``kl_ref_hidden`` does.
         kl_hidden, kl_labels: the mismatched-pair rows (see ``mismatched_pairs``), scored by
             the policy in the same launch with no autograd state; with kl_ref_hidden (the
@@ -204,7 +336,11 @@ def kto_loss_fused(
             when ranks hold equally many pairs).
         loss_type: ``"kto"`` or ``"apo_zero_unpaired"`` (APO-zero per example, TRL's KTO
             variant: ``λ_D(1 − σ(βr))`` / ``λ_U·σ(βr)``; no z0, so no ``kl``/``kl_*``).
-        **logp_kwargs: as in ``sequence_logps``.
+        bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
+            backend: as in ``sequence_logps``; grad_mode, store_budget_bytes: as in
+            ``dpo_loss_fused`` (the gradient unit is a row: z0 is detached).
+
+    Raises ValueError on an empty batch (no row to average over).
 
     Example:
         >>> h = torch.randn(4, 6, 16, requires_grad=True); W = torch.randn(50, 16)
@@ -214,12 +350,10 @@ def kto_loss_fused(
         >>> out.loss.backward(); out.metrics()["kl"] >= 0
         True
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
-    V.check_positive(desirable_weight, "desirable_weight")
-    V.check_positive(undesirable_weight, "undesirable_weight")
-    V.check_choice(loss_type, "loss_type", tuple(ROW_LOSS_TYPES))
-    row_loss = ROW_LOSS_TYPES[loss_type]
-    if not row_loss.needs_z0:
+    checks.check_choice(loss_type, "loss_type", tuple(ROW_LOSS_TYPES))
+    if not ROW_LOSS_TYPES[loss_type].needs_z0:
         given = [
             name
             for name, v in (("kl", kl), ("kl_hidden", kl_hidden), ("kl_ref_logps", kl_ref_logps))
@@ -228,107 +362,45 @@ def kto_loss_fused(
         if given:
             raise ValueError(f"{given[0]} is not used by loss_type {loss_type!r} (it has no z0)")
         kl = 0.0
-    V.check_tensor(desirable, "desirable")
-    if desirable.dtype != torch.bool:
-        raise TypeError(f"desirable must be a bool tensor, got {desirable.dtype}")
-    V.check_tensor(labels, "labels")
-    cu_seqlens = logp_kwargs.get("cu_seqlens")
-    rows = num_sequences(labels, cu_seqlens, "cu_seqlens")
-    if desirable.shape != (rows,):
-        raise ValueError(
-            f"desirable must have shape [{rows}] (one per row), got {tuple(desirable.shape)}"
+    weights = tuple(
+        float(checks.check_number(w, name, low=0, low_open=True))
+        for w, name in (
+            (desirable_weight, "desirable_weight"),
+            (undesirable_weight, "undesirable_weight"),
         )
-
-    extra = []
-    if kl is not None:
-        if any(v is not None for v in (kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps)):
-            raise ValueError("give either kl (z0 directly) or the kl_* mismatched rows, not both")
-        z0 = torch.as_tensor(kl, dtype=torch.float32, device=labels.device).detach()
-        if z0.numel() != 1 or not bool(torch.isfinite(z0)):
-            raise ValueError(f"kl must be a finite scalar, got {kl!r}")
-        z0 = z0.reshape(())
-    else:
-        if kl_hidden is None or kl_labels is None:
-            raise ValueError(
-                "z0 needs the mismatched-pair rows: kl_hidden and kl_labels (with kl_ref_hidden "
-                "or kl_ref_logps), or kl= given directly"
-            )
-        if (kl_ref_hidden is None) == (kl_ref_logps is None):
-            raise ValueError("give exactly one of kl_ref_hidden and kl_ref_logps")
-        V.check_tensor(kl_hidden, "kl_hidden")
-        V.check_tensor(kl_labels, "kl_labels")
-        kl_rows = num_sequences(kl_labels, kl_cu_seqlens, "kl_cu_seqlens")
-        if kl_rows < 2:
-            raise ValueError(
-                f"kl_hidden: the mismatched-pair estimate of z0 needs a microbatch of at least "
-                f"2 rows, got {kl_rows}"
-            )
-        stream_kwargs, _ = split_logp_kwargs(logp_kwargs)
-        bias = stream_kwargs.get("bias")
-        extra.append(
-            StreamInput(
-                kl_hidden.detach(),
-                weight.detach(),
-                kl_labels,
-                bias=None if bias is None else bias.detach(),
-                cu_seqlens=kl_cu_seqlens,
-                differentiable=False,
-                names=KL_NAMES,
-            )
-        )
-        if kl_ref_hidden is not None:
-            extra.append(
-                reference_stream(
-                    kl_ref_hidden,
-                    ref_weight,
-                    logp_kwargs.get("ref_bias"),
-                    weight=weight,
-                    bias=bias,
-                    labels=kl_labels,
-                    cu_seqlens=kl_cu_seqlens,
-                    names=KL_REF_NAMES,
-                )
-            )
-    scored = score(
-        hidden,
-        weight,
-        labels,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_logps=ref_logps,
-        reference="required",
-        extra=extra,
-        extra_uses_ref_head=kl is None and kl_ref_hidden is not None,
-        logp_kwargs=logp_kwargs,
     )
-    if kl is None:
-        kl_policy = scored.extra[0]
-        if kl_ref_hidden is not None:
-            kl_ref = scored.extra[1].logps
-        else:
-            kl_ref = check_logps(
-                kl_ref_logps, "kl_ref_logps", kl_policy.logps.shape[0], kl_policy.logps.device
-            )
-        z0 = _reference_point(kl_policy, kl_ref, process_group)
+    _check_rows(labels, desirable, cu_seqlens)
+    kl_rows = _kl_rows(
+        kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps, kl_cu_seqlens,
+        weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias, device=labels.device,
+    )  # fmt: skip
+    policy, ref_stream, ref_logps = policy_and_reference(
+        hidden, weight, labels, rows=desirable.numel(), bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
+        reference="required", ref_head_used=kl is None and kl_ref_hidden is not None,
+    )  # fmt: skip
+    _warn_ratio(desirable, *weights)
+    desirable = desirable.to(labels.device)
+    found = {}
 
-    n_desirable, n_undesirable = int(desirable.sum()), int((~desirable).sum())
-    if n_desirable and n_undesirable:
-        ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
-        if not RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
-            warnings.warn(
-                f"λ_D·n_D/(λ_U·n_U) = {ratio:.3g} is outside the KTO paper's recommended "
-                f"[{RATIO_RANGE[0]}, {RATIO_RANGE[1]}]; see fastalign.kto_class_weights",
-                stacklevel=2,
-            )
-    logratios = scored.policy.logps - scored.ref_logps  # [B] fp32
-    desirable = desirable.to(logratios.device)
-    params = RowParams(beta, desirable_weight, undesirable_weight)
-    losses = row_loss.row_loss(logratios, desirable, z0, params)  # [B]
+    def build(scored: list[LogpOutput]) -> list[UnitLoss]:
+        found["ref"] = scored[0].logps if ref_stream else ref_logps
+        found["z0"] = kl_rows.fixed
+        if found["z0"] is None:
+            kl_policy, *kl_ref = scored[len(ref_stream) :]
+            kl_ref = kl_ref[0].logps if kl_ref else kl_rows.ref_logps
+            found["z0"] = _reference_point(kl_policy, kl_ref, process_group)
+        if loss_type == "kto":
+            return [kto_unit_loss(found["ref"], found["z0"], desirable, beta, weights)]
+        return [row_unit_loss(loss_type, found["ref"], desirable, RowParams(beta, *weights))]
+
+    result = fused_loss([PolicyTerm(policy, "row")], ref_stream + kl_rows.streams, build, options)
+    logps = result.policy[0].logps.detach()
     return KTOOutput(
-        loss=losses.mean(),
-        logps=scored.policy.logps.detach(),
-        rewards=beta * logratios.detach(),
+        loss=result.loss,
+        logps=logps,
+        rewards=beta * (logps - found["ref"]),
         desirable=desirable,
-        kl=z0,
-        num_tokens=scored.policy.num_tokens,
+        kl=found["z0"],
+        num_tokens=result.policy[0].num_tokens,
     )

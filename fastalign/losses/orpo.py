@@ -15,6 +15,7 @@ from .reference_free import (
     log1mexp,
     reference_free_loss,
 )
+from .units import LogpOptions
 
 
 def orpo_pair(stats: PairStats, *, beta: float) -> PairResult:
@@ -35,12 +36,21 @@ def orpo_loss_fused(
     labels: torch.Tensor,
     *,
     beta: float = 0.1,
-    **logp_kwargs,
+    bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str = "auto",
+    grad_mode: str = "auto",
+    store_budget_bytes: int | None = None,
 ) -> ReferenceFreeOutput:
     """ORPO loss ``NLL(y_w) − β·mean(logσ(log odds ratio))`` from hidden states, no logits.
 
     The NLL is the chosen rows' per-token mean and comes from the same launch as the odds
-    ratio. Layout, ``**logp_kwargs`` and outputs as in ``simpo_loss_fused``; ``.metrics()``
+    ratio. Layout, the log-prob options and outputs as in ``simpo_loss_fused``; ``.metrics()``
     adds ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen`` (TRL's names).
 
     Example:
@@ -50,9 +60,13 @@ def orpo_loss_fused(
         >>> out.loss.backward(); out.metrics()["nll_loss"] > 0
         True
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
 
     def pair_fn(stats: PairStats) -> PairResult:
         return orpo_pair(stats, beta=beta)
 
-    return reference_free_loss(hidden, weight, labels, pair_fn, 1.0, logp_kwargs)
+    return reference_free_loss(
+        hidden, weight, labels, pair_fn, 1.0, bias=bias, cu_seqlens=cu_seqlens,
+        options=options, name="orpo_loss_fused",
+    )  # fmt: skip

@@ -3,14 +3,21 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .. import _validate as V
-from .pair_losses import F_DIVERGENCES, PAIR_LOSS_TYPES, PairParams, PairStats, wpo_weights
+from .. import checks
+from .pair_losses import (
+    F_DIVERGENCES,
+    PAIR_LOSS_TYPES,
+    PairParams,
+    PairStats,
+    combined_pair_losses,
+    wpo_weights,
+)
+from .units import UnitLoss, UnitStats
 
 
 @dataclass(frozen=True)
@@ -37,10 +44,9 @@ class PairLossConfig:
         return any(PAIR_LOSS_TYPES[t].uses_reference for t in self.loss_types)
 
 
-def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+def _number(value, name: str, **bounds) -> float:
+    """``checks.check_number`` as a float (the team's wording of range errors)."""
+    return float(checks.check_number(value, name, **bounds))
 
 
 def _types_and_weights(loss_type, loss_weights, rpo_alpha) -> tuple[tuple, tuple]:
@@ -50,7 +56,7 @@ def _types_and_weights(loss_type, loss_weights, rpo_alpha) -> tuple[tuple, tuple
             f"loss_type must be a string or a non-empty list of strings, got {loss_type!r}"
         )
     for name in types:
-        V.check_choice(name, "loss_type", tuple(PAIR_LOSS_TYPES))
+        checks.check_choice(name, "loss_type", tuple(PAIR_LOSS_TYPES))
     if loss_weights is None:
         weights = (1.0,) * len(types)
     else:
@@ -63,9 +69,7 @@ def _types_and_weights(loss_type, loss_weights, rpo_alpha) -> tuple[tuple, tuple
                 "give one weight per loss type"
             )
     if rpo_alpha is not None:
-        alpha = _number(rpo_alpha, "rpo_alpha")
-        if alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+        alpha = _number(rpo_alpha, "rpo_alpha", low=0)
         types, weights = (*types, "sft"), (*weights, alpha)
     return tuple(types), tuple(weights)
 
@@ -84,14 +88,12 @@ def pair_loss_config(
     discopop_tau: float = 0.05,
 ) -> PairLossConfig:
     """Check every option against TRL 1.16's rules; errors name the argument."""
-    V.check_positive(beta, "beta")
+    checks.check_number(beta, "beta", low=0, low_open=True)
     types, weights = _types_and_weights(loss_type, loss_weights, rpo_alpha)
-    eps = _number(label_smoothing, "label_smoothing")
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    eps = _number(label_smoothing, "label_smoothing", low=0, high=0.5, high_open=True)
     if "exo_pair" in types and eps == 0.0:
         raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (EXO suggests 1e-3)")
-    V.check_choice(f_divergence_type, "f_divergence_type", F_DIVERGENCES)
+    checks.check_choice(f_divergence_type, "f_divergence_type", F_DIVERGENCES)
     _number(f_alpha_divergence_coef, "f_alpha_divergence_coef")
     if f_divergence_type != "reverse_kl":
         bad = [t for t in types if not PAIR_LOSS_TYPES[t].f_divergence]
@@ -100,9 +102,9 @@ def pair_loss_config(
                 f"f_divergence_type={f_divergence_type!r} does not apply to loss_type {bad}: "
                 "only losses built on the chosen-rejected score difference take it"
             )
-    V.check_positive(discopop_tau, "discopop_tau")
-    if ld_alpha is not None and not 0.0 <= _number(ld_alpha, "ld_alpha") <= 1.0:
-        raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
+    checks.check_number(discopop_tau, "discopop_tau", low=0, low_open=True)
+    if ld_alpha is not None:
+        _number(ld_alpha, "ld_alpha", low=0, high=1)
     if not isinstance(use_weighting, bool):
         raise TypeError(f"use_weighting must be a bool, got {type(use_weighting).__name__}")
     if use_weighting and any(PAIR_LOSS_TYPES[t].wpo == "none" for t in types):
@@ -153,3 +155,49 @@ def pair_stats(
         pair_weight=weight,
         mean_pair_weight=mean_weight,
     )
+
+
+def chosen_token_count(
+    labels: torch.Tensor, cu_seqlens: torch.Tensor | None, *, shift: bool, ignore_index: int
+) -> int:
+    """Scored tokens of the chosen rows ``[0, B)``, read from the labels alone (so the store
+    path knows the NLL term's batch constant before any row is scored)."""
+    scored = labels != ignore_index
+    if cu_seqlens is None:
+        pairs = labels.shape[0] // 2
+        return int((scored[:pairs, 1:] if shift else scored[:pairs]).sum())
+    cu = cu_seqlens.long()
+    pairs = (cu.numel() - 1) // 2
+    total = int(scored[int(cu[0]) : int(cu[pairs])].sum())
+    if shift:  # a sequence's first label is the target of no position
+        starts = cu[:pairs][cu[1 : pairs + 1] > cu[:pairs]]
+        total -= int(scored[starts].sum())
+    return total
+
+
+def pair_unit_loss(
+    config: PairLossConfig, ref_logps: torch.Tensor | None, pairs: int, chosen_tokens: int
+) -> UnitLoss:
+    """The gradient-unit form (``fastalign.losses.units``) of a checked loss selection: a
+    group's rows are its k chosen then its k rejected sequences; ``ref_logps [2B]`` (None:
+    reference-free) is picked by row; the NLL term's ``B/N_w`` is a batch constant."""
+    sft_scale = pairs / max(chosen_tokens, 1)
+
+    def unit_loss(s: UnitStats) -> torch.Tensor:  # [k]
+        k = s.logps.shape[0] // 2
+        ref = torch.zeros_like(s.logps) if ref_logps is None else ref_logps[s.rows]
+        counts = s.num_tokens.to(s.logps.dtype)
+        stats = PairStats(
+            chosen_logps=s.logps[:k],
+            rejected_logps=s.logps[k:],
+            chosen_ref_logps=ref[:k].to(s.logps.dtype),
+            rejected_ref_logps=ref[k:].to(s.logps.dtype),
+            chosen_num_tokens=counts[:k],
+            rejected_num_tokens=counts[k:],
+            chosen_sft_logps=s.logps[:k],
+            sft_scale=sft_scale,
+        )
+        losses = combined_pair_losses(stats, config.params, config.loss_types, config.loss_weights)
+        return losses.mean()[None] if config.unit == "batch" else losses  # one batch unit
+
+    return UnitLoss(unit_loss)

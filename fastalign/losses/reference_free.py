@@ -9,10 +9,13 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _validate as V
-from ._common import PreferenceOutput, check_paired_rows, score
-from .pair_config import pair_stats
+from .. import checks
+from .._types import LogpOutput
+from ..streams import StreamInput
+from ._common import PreferenceOutput, check_paired_rows, warn_unscored_pairs
+from .pair_config import chosen_token_count, pair_stats
 from .pair_losses import PairStats, sft
+from .units import LogpOptions, PolicyTerm, UnitLoss, UnitStats, fused_loss
 
 
 @dataclass
@@ -28,14 +31,9 @@ class ReferenceFreeOutput(PreferenceOutput):
         return out
 
 
-def check_number(value, name: str, *, low: float = 0.0, high: float | None = None) -> float:
-    """A float in ``[low, high)`` (``high`` None: no upper bound); errors name it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (value >= low and (high is None or value < high) and value != float("inf")):
-        bound = f"[{low}, {high})" if high is not None else f">= {low} and finite"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return float(value)
+def check_number(value, name: str, *, low: float | None = 0.0, high: float | None = None) -> float:
+    """A finite float in ``[low, high)`` (None: unbounded); errors name it."""
+    return float(checks.check_number(value, name, low=low, high=high, high_open=True))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -72,38 +70,62 @@ def reference_free_loss(
     labels: torch.Tensor,
     pair_fn: Callable[[PairStats], PairResult],
     nll_weight: float,
-    logp_kwargs: dict,
+    *,
+    bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    options: LogpOptions,
+    name: str,
 ) -> ReferenceFreeOutput:
-    """Score the ``[2B]`` rows in one launch, then ``mean(pair_fn + nll_weight·NLL_w)``.
+    """``mean(pair_fn + nll_weight·NLL_w)`` over pairs, a pair per gradient unit (store path
+    where it fits). The NLL term is the chosen rows' per-token mean (TRL's and Liger's
+    ``nll_loss``) from the same launch; ``pair_fn`` reads sums and lengths (reference 0)."""
+    checks.check_tensor(hidden, "hidden")
+    num_pairs = check_paired_rows(labels, cu_seqlens)
+    chosen = [0]
 
-    The NLL term is the chosen rows' per-token mean (TRL's and Liger's ``nll_loss``), from
-    the same launch; ``pair_fn`` reads the sums and lengths in ``PairStats`` (reference 0).
-    """
-    V.check_tensor(hidden, "hidden")
-    num_pairs = check_paired_rows(labels, logp_kwargs.get("cu_seqlens"))
-    scored = score(
-        hidden,
-        weight,
-        labels,
-        ref_hidden=None,
-        ref_weight=None,
-        ref_logps=None,
-        reference="none",
-        logp_kwargs=logp_kwargs,
-    )
-    policy = scored.policy  # logps [2B] fp32
-    stats = pair_stats(policy.logps, None, policy.num_tokens)
-    result = pair_fn(stats)
-    nll = sft(stats, None)  # [U]; its batch mean is the per-token NLL of the chosen rows
-    losses = result.losses + nll_weight * nll if nll_weight else result.losses
-    extra = {k: v.detach() for k, v in result.extra_metrics.items()}
+    def unit_loss(s: UnitStats) -> torch.Tensor:  # [k]
+        stats = _group_stats(s, num_pairs / max(chosen[0], 1))
+        losses = pair_fn(stats).losses
+        return losses + nll_weight * sft(stats, None) if nll_weight else losses
+
+    def build(scored: list[LogpOutput]) -> list[UnitLoss]:
+        chosen[0] = chosen_token_count(
+            labels, cu_seqlens, shift=options.shift, ignore_index=options.ignore_index
+        )
+        return [UnitLoss(unit_loss)]
+
+    stream = StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
+    result = fused_loss([PolicyTerm(stream, "pair")], [], build, options)
+    policy = result.policy[0]
+    warn_unscored_pairs(policy.num_tokens, num_pairs, name, stacklevel=4)
+    stats = pair_stats(policy.logps.detach(), None, policy.num_tokens)
+    report = pair_fn(stats)
+    nll = sft(stats, None).mean()  # the per-token NLL of the chosen rows
+    extra = {k: v.detach() for k, v in report.extra_metrics.items()}
     return ReferenceFreeOutput(
-        loss=losses.mean(),
-        chosen_logps=result.chosen_logps.detach(),
-        rejected_logps=result.rejected_logps.detach(),
-        chosen_rewards=result.chosen_rewards.detach(),
-        rejected_rewards=result.rejected_rewards.detach(),
+        loss=result.loss,
+        chosen_logps=report.chosen_logps.detach(),
+        rejected_logps=report.rejected_logps.detach(),
+        chosen_rewards=report.chosen_rewards.detach(),
+        rejected_rewards=report.rejected_rewards.detach(),
         chosen_num_tokens=policy.num_tokens[:num_pairs],
         rejected_num_tokens=policy.num_tokens[num_pairs:],
-        extra_metrics={"nll_loss": nll.detach().mean(), **extra},
+        extra_metrics={"nll_loss": nll, **extra},
+    )
+
+
+def _group_stats(s: UnitStats, sft_scale: float) -> PairStats:
+    """``PairStats`` of a group of pairs (k chosen rows, then their k rejected rows)."""
+    k = s.logps.shape[0] // 2
+    counts = s.num_tokens.to(s.logps.dtype)
+    zeros = torch.zeros_like(s.logps[:k])
+    return PairStats(
+        chosen_logps=s.logps[:k],
+        rejected_logps=s.logps[k:],
+        chosen_ref_logps=zeros,
+        rejected_ref_logps=zeros,
+        chosen_num_tokens=counts[:k],
+        rejected_num_tokens=counts[k:],
+        chosen_sft_logps=s.logps[:k],
+        sft_scale=sft_scale,
     )

@@ -14,6 +14,7 @@ from .reference_free import (
     check_number,
     reference_free_loss,
 )
+from .units import LogpOptions
 
 
 def simpo_pair(
@@ -35,7 +36,16 @@ def simpo_loss_fused(
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
     nll_weight: float = 0.0,
-    **logp_kwargs,
+    bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str = "auto",
+    grad_mode: str = "auto",
+    store_budget_bytes: int | None = None,
 ) -> ReferenceFreeOutput:
     """SimPO loss ``mean(−logσ(β(s_w/n_w − s_l/n_l) − γ))`` from hidden states, no logits.
 
@@ -46,7 +56,9 @@ def simpo_loss_fused(
             reward margin γ >= 0 (Liger's name; TRL's CPO calls it ``simpo_gamma``).
         label_smoothing: ε in [0, 0.5). nll_weight: weight of the chosen rows' per-token NLL
             (Liger's ``alpha`` with ``compute_nll_loss``), from the same launch.
-        **logp_kwargs: as in ``dpo_loss_fused`` (no reference options: reference-free).
+        bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
+            backend, grad_mode, store_budget_bytes: as in ``dpo_loss_fused`` (reference-free;
+            the gradient unit is a pair).
 
     Returns:
         ``ReferenceFreeOutput``: per-pair mean log-probs ``s/n`` and rewards ``β·s/n``,
@@ -59,6 +71,7 @@ def simpo_loss_fused(
         >>> out.loss.backward(); round(out.metrics()["rewards/accuracies"] * 2) in (0, 1, 2)
         True
     """
+    options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
     gamma = check_number(gamma, "gamma")
     eps = check_number(label_smoothing, "label_smoothing", high=0.5)
@@ -67,4 +80,7 @@ def simpo_loss_fused(
     def pair_fn(stats: PairStats) -> PairResult:
         return simpo_pair(stats, beta=beta, gamma=gamma, label_smoothing=eps)
 
-    return reference_free_loss(hidden, weight, labels, pair_fn, nll_weight, logp_kwargs)
+    return reference_free_loss(
+        hidden, weight, labels, pair_fn, nll_weight, bias=bias, cu_seqlens=cu_seqlens,
+        options=options, name="simpo_loss_fused",
+    )  # fmt: skip

@@ -8,9 +8,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import _validate as V
-from ..ops import StreamInput
-from ._common import PreferenceOutput, check_paired_rows, paired_output, score, split_logp_kwargs
+from .. import checks
+from .._types import LogpOutput
+from ..streams import StreamInput
+from ._common import (
+    PreferenceOutput,
+    check_paired_rows,
+    num_sequences,
+    paired_output,
+    warn_unscored_pairs,
+)
+from .units import LogpOptions, PolicyTerm, UnitLoss, UnitStats, fused_loss
 
 SAMPLE_NAMES = {
     "hidden": "sample_hidden",
@@ -34,6 +42,23 @@ class TYPOOutput(PreferenceOutput):
         return out
 
 
+def typo_unit_losses(lam: float) -> tuple[UnitLoss, UnitLoss]:
+    """The pair term ``softplus(s_l − s_w)`` and the sample term ``−lam·s`` (per sample),
+    each with its closed-form gradient."""
+
+    def pair_margin(s: UnitStats) -> torch.Tensor:  # [k], s_l − s_w
+        k = s.logps.numel() // 2
+        return s.logps[k:] - s.logps[:k]
+
+    def pair_grad(s: UnitStats) -> torch.Tensor:
+        d = torch.sigmoid(pair_margin(s))  # softplus' = σ
+        return torch.cat([-d, d])
+
+    pairs = UnitLoss(lambda s: F.softplus(pair_margin(s)), pair_grad)
+    samples = UnitLoss(lambda s: -lam * s.logps, lambda s: torch.full_like(s.logps, -lam))
+    return pairs, samples
+
+
 def typo_loss_fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -43,7 +68,16 @@ def typo_loss_fused(
     sample_labels: torch.Tensor | None = None,
     sample_cu_seqlens: torch.Tensor | None = None,
     lam: float = 0.05,
-    **logp_kwargs,
+    bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    logit_softcap: float | None = None,
+    backend: str = "auto",
+    grad_mode: str = "auto",
+    store_budget_bytes: int | None = None,
 ) -> TYPOOutput:
     """TYPO loss ``mean(softplus(s_l − s_w)) + lam · mean(−s_sample)``.
 
@@ -51,8 +85,9 @@ def typo_loss_fused(
     ``−s_sample`` (eq. 17) is the policy's NLL of responses sampled from the reference,
     ``sample_hidden``/``sample_labels`` (``[S, T', H]``/``[S, T']``, or packed with
     ``sample_cu_seqlens``), scored by the policy in the same launch as the pairs and
-    differentiable. With ``lam=0`` the samples may be omitted. Layout and ``**logp_kwargs``
-    as in ``dpo_loss_fused``; rewards are the policy sums ``s`` (the loss is reference-free).
+    differentiable. With ``lam=0`` the samples may be omitted. Layout, the log-prob options,
+    ``grad_mode`` and ``store_budget_bytes`` as in ``dpo_loss_fused`` (gradient units: a pair,
+    and a sample); rewards are the policy sums ``s`` (the loss is reference-free).
 
     Example:
         >>> h = torch.randn(2, 5, 8, requires_grad=True); W = torch.randn(30, 8)
@@ -61,10 +96,8 @@ def typo_loss_fused(
         ...                       sample_labels=torch.randint(0, 30, (3, 4)), lam=0.1)
         >>> out.loss.backward()
     """
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-        raise TypeError(f"lam must be a number, got {type(lam).__name__}")
-    if not (lam >= 0 and lam != float("inf")):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+    options = LogpOptions.pick(locals())  # before any other local name exists
+    lam = float(checks.check_number(lam, "lam", low=0))
     if (sample_hidden is None) != (sample_labels is None):
         missing = "sample_labels" if sample_labels is None else "sample_hidden"
         raise ValueError(f"{missing} is required when the other sample argument is given")
@@ -73,43 +106,31 @@ def typo_loss_fused(
             "sample_hidden and sample_labels (responses sampled from the reference policy) "
             "are required when lam > 0; pass lam=0 to train on the pairwise term alone"
         )
-    num_pairs = check_paired_rows(labels, logp_kwargs.get("cu_seqlens"))
-    extra = []
+    num_pairs = check_paired_rows(labels, cu_seqlens)
+    terms = [
+        PolicyTerm(StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens), "pair")
+    ]
     if sample_hidden is not None:
-        V.check_tensor(sample_hidden, "sample_hidden")
-        stream_kwargs, _ = split_logp_kwargs(logp_kwargs)
-        extra.append(
-            StreamInput(
-                sample_hidden,
-                weight,
-                sample_labels,
-                bias=stream_kwargs.get("bias"),
-                cu_seqlens=sample_cu_seqlens,
-                names=SAMPLE_NAMES,
-            )
-        )
-    scored = score(
-        hidden,
-        weight,
-        labels,
-        ref_hidden=None,
-        ref_weight=None,
-        ref_logps=None,
-        reference="none",
-        extra=extra,
-        logp_kwargs=logp_kwargs,
-    )
-    logps = scored.policy.logps  # [2B] fp32
-    loss = F.softplus(logps[num_pairs:] - logps[:num_pairs]).mean()
-    sample_logps = None
-    if extra:
-        sample_logps = scored.extra[0].logps  # [S] fp32, differentiable
-        if sample_logps.numel() == 0:
+        checks.check_tensor(sample_hidden, "sample_hidden")
+        checks.check_tensor(sample_labels, "sample_labels")
+        if num_sequences(sample_labels, sample_cu_seqlens, "sample_cu_seqlens") == 0:
             raise ValueError("sample_labels holds no sequence")
-        loss = loss + lam * (-sample_logps).mean()
-    rewards = logps.detach()
-    base = paired_output(loss, scored.policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)
+        sample = StreamInput(
+            sample_hidden, weight, sample_labels, bias=bias, cu_seqlens=sample_cu_seqlens,
+            names=SAMPLE_NAMES,
+        )  # fmt: skip
+        terms.append(PolicyTerm(sample, "row"))
+    unit_losses = typo_unit_losses(lam)[: len(terms)]
+
+    def build(scored: list[LogpOutput]) -> list[UnitLoss]:
+        return list(unit_losses)
+
+    result = fused_loss(terms, [], build, options)
+    policy = result.policy[0]
+    warn_unscored_pairs(policy.num_tokens, num_pairs, "typo_loss_fused", stacklevel=3)
+    rewards = policy.logps.detach()
+    base = paired_output(result.loss, policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)
+    sample_logps = result.policy[1].logps.detach() if len(terms) > 1 else None
     return TYPOOutput(
-        **{f: getattr(base, f) for f in base.__dataclass_fields__},
-        sample_logps=None if sample_logps is None else sample_logps.detach(),
+        **{f: getattr(base, f) for f in base.__dataclass_fields__}, sample_logps=sample_logps
     )

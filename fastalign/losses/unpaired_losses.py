@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .units import UnitLoss, UnitStats
+
 
 @dataclass(frozen=True)
 class RowParams:
@@ -60,3 +62,18 @@ ROW_LOSS_TYPES: dict[str, RowLossType] = {
         RowLossType("apo_zero_unpaired", apo_zero_unpaired_rows, False),
     )
 }
+
+
+def row_unit_loss(
+    loss_type: str, ref_logps: torch.Tensor, desirable: torch.Tensor, params: RowParams
+) -> UnitLoss:
+    """The gradient-unit form (a row) of a z0-free unpaired loss; ``ref_logps``/``desirable``
+    ``[B]`` are picked by row."""
+    row_loss = ROW_LOSS_TYPES[loss_type].row_loss
+
+    def unit_loss(s: UnitStats) -> torch.Tensor:  # [n]
+        logratios = s.logps - ref_logps[s.rows]
+        zero = torch.zeros((), dtype=s.logps.dtype, device=s.logps.device)
+        return row_loss(logratios, desirable[s.rows], zero, params)
+
+    return UnitLoss(unit_loss)

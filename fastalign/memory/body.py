@@ -50,6 +50,22 @@ def layer_activation_bytes(shape: ModelShape, act: int, moe: bool, lora: int | N
     return total
 
 
+def router_loss_bytes(shape: ModelShape, tokens: int) -> int:
+    """Bytes the MoE router's load-balancing loss keeps for backward (0 for dense models).
+
+    The trainer adds it on MoE models by default, as TRL does: transformers'
+    ``load_balancing_loss_func`` softmaxes every MoE layer's router logits once more in fp32
+    (``[N, E]``, saved) and its top-k saves the int64 indices (``[N, k]``); the padding mask
+    it weights them with is one fp32 per token; the per-expert mean ``[E]`` and the token count
+    are fp32 too. Measured exactly on CPU in ``tests/test_trainer_models.py``.
+    """
+    if not shape.num_experts:
+        return 0
+    moe_layers = shape.num_layers - shape.dense_layers
+    per_layer = 4 * shape.num_experts + 8 * shape.num_experts_per_tok
+    return tokens * (moe_layers * per_layer + 4) + 4 * shape.num_experts + 4
+
+
 def body_activation_bytes(
     shape: ModelShape, tokens: int, act: int, checkpointing: bool, lora: int | None = None
 ) -> tuple[int, int]:
@@ -63,10 +79,11 @@ def body_activation_bytes(
     ]
     upcast = 4 if act < 4 else 0
     final_norm = (upcast + 2 * act) * shape.hidden_size
+    router = router_loss_bytes(shape, tokens)  # outside the layers: kept either way
     if not checkpointing:
-        return tokens * (sum(per_layer) + final_norm), 0
+        return tokens * (sum(per_layer) + final_norm) + router, 0
     # Non-reentrant checkpointing keeps each layer's input; backward re-runs one layer.
-    saved = tokens * (shape.num_layers * act * shape.hidden_size + final_norm)
+    saved = tokens * (shape.num_layers * act * shape.hidden_size + final_norm) + router
     return saved, tokens * (max(per_layer) - act * shape.hidden_size)
 
 

@@ -183,9 +183,12 @@ def triton_loss(step: Step, body: BodyBytes) -> LossBytes:
     return _fused(forward, scalars + max(in_loop, after_loop + head_grad), body)
 
 
-def store_group_tokens(step: Step, budget_bytes: int = tiles.STORE_GROUP_BUDGET_BYTES) -> int:
+def store_group_tokens(step: Step, budget_bytes: int | None = None) -> int:
     """Tokens of one store-path group: whole gradient units whose fp32 logits fit the budget
-    (0 when not even one unit fits: the loss then takes the recompute path)."""
+    (default: the library's budget for ``step.device``; 0 when not even one unit fits: the
+    loss then takes the recompute path)."""
+    if budget_bytes is None:
+        budget_bytes = tiles.store_group_budget(step.device)
     rows = step.rows
     unit_tokens = rows.unit_rows * rows.seq_len
     units = tiles.store_group_units(unit_tokens * step.shape.vocab_size * 4, budget_bytes)
@@ -198,7 +201,7 @@ def store_loss(step: Step, body: BodyBytes) -> LossBytes:
     From forward to backward it holds the fp32 grad_hidden of the scored policy rows
     ``[M, H]`` and an fp32 ``[V, H]`` lm_head gradient accumulator (HF decoders have no
     lm_head bias; one adds an fp32 ``[V]``); during the forward, one group's logits (in the
-    model dtype and fp32, ``dz`` formed in place; at most ``STORE_GROUP_BUDGET_BYTES`` of
+    model dtype and fp32, ``dz`` formed in place; at most ``store_group_budget(device)`` bytes of
     fp32) and its gathered rows, instead of recomputing the logits in backward. The backward
     scales the held gradients by ``grad_output`` into grad_hidden and the lm_head gradient
     in the model dtype.

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from .. import losses
-from .model import adapters_disabled, head_params
+from .model import adapters_disabled, add_router_loss, head_params
 from .reference import body_hidden as _hidden
 
 
@@ -37,6 +37,12 @@ class BatchLoss:
         return out
 
     def _compute(self, batch: dict, train: bool = True):
+        # The policy forward, the body's first, records the MoE router loss (TRL adds it to
+        # the loss of the policy's forward only, never the reference's or the KL pairs').
+        self.body.aux_loss = None
+        return add_router_loss(self._loss(batch, train), self.body)
+
+    def _loss(self, batch: dict, train: bool = True):
         cfg = self.config
         policy = {k: v.to(self.device) for k, v in batch["policy"].items()}
         body = self.train_body if train else self.body

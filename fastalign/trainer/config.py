@@ -57,4 +57,13 @@ class TrainConfig:
     backend: str = "auto"
     packing: bool = False  # each microbatch one row, no padding, attention kept per sequence
     progress: bool = True
+    eval_dataset: str | None = None  # file or load_dataset name: its test (else train) split
+    eval_steps: int = 0  # > 0: evaluate every eval_steps steps (metrics under eval/...)
+    kto_kl_offset: int = 1  # KTO mismatched pairs (x_i, y_(i+offset)): +1 paper, -1 TRL
+    router_aux_loss: bool = True  # MoE: add router_aux_loss_coef x load-balancing loss
+    router_aux_loss_coef: float | None = None  # None: the model config's own coefficient
+    lora_alpha: float | None = None  # None: 2 x lora_rank
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"  # or comma-separated module names
+    report_to: str = "none"  # none | tensorboard | wandb
     extra: dict = field(default_factory=dict)

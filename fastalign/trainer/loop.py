@@ -29,12 +29,13 @@ from . import checkpoint as C
 from . import data as D
 from . import policy as P
 from . import reference as R
+from . import report
 from . import validation as V
 from .compute import BatchLoss
 from .config import TrainConfig
 from .interrupt import StopRequest, agreed_signal
 from .loss_table import loss_spec
-from .model import HiddenStates, lm_head, logit_transform, prepare_packing
+from .model import HiddenStates, lm_head, logit_transform, prepare_packing, router_aux_loss
 from .validation import LOSSES, REFERENCES
 
 __all__ = ["LOSSES", "REFERENCES", "DivergedError", "TrainConfig", "Trainer"]
@@ -55,6 +56,7 @@ class Trainer(BatchLoss):
 
     def __init__(self, config: TrainConfig):
         V.check_config(config)
+        report.silence_third_party_progress()
         self.config = config
         self.spec = loss_spec(config.loss)  # what this loss needs (data, reference, rows)
         self.kind = self.spec.data
@@ -136,11 +138,14 @@ class Trainer(BatchLoss):
             cfg.max_completion_length,
             sample_column,
             packing=cfg.packing,
+            kl_offset=cfg.kto_kl_offset,
         )
         self.train_set = D.drop_empty(dataset["train"], self.collator, self.kind)
         V.check_rows_for_batch(len(self.train_set), cfg, self.world)
         self.train_set = self.train_set.add_column("index", list(range(len(self.train_set))))
         self.test_set = dataset["test"] if "test" in dataset else None
+        if cfg.eval_dataset:
+            self.test_set = V.load_eval_dataset(cfg, self.kind)
         if self.kind == "unpaired":  # KTO's class weights λ_D, λ_U from the data set
             labels = self.train_set["label"]
             n_d, n_u = sum(labels), len(labels) - sum(labels)
@@ -251,7 +256,10 @@ class Trainer(BatchLoss):
 
     def _setup_parallel(self) -> None:
         cfg = self.config
-        self.body = HiddenStates(self.model, self.packed_attention)
+        coef = cfg.router_aux_loss_coef if cfg.router_aux_loss else 0.0
+        self.body = HiddenStates(
+            self.model, self.packed_attention, router_loss=router_aux_loss(self.model, coef)
+        )
         self.ref_body = None
         if self.ref_model is not None:
             self.ref_body = HiddenStates(self.ref_model, self.ref_packed_attention)
@@ -326,7 +334,7 @@ class Trainer(BatchLoss):
             batch = self.collator(chunk)
             batch["index"] = torch.arange(start, start + len(chunk))
             out = self.compute(batch, train=False)
-            for name, value in out.metrics().items():
+            for name, value in {"loss": float(out.loss), **out.metrics()}.items():
                 totals[name] = totals.get(name, 0.0) + value * len(chunk)
             count += len(chunk)
         self.model.train()
@@ -353,27 +361,29 @@ class Trainer(BatchLoss):
         if self.before is None:
             self.before = self.evaluate()
         stream = self._stream()
-        progress = None
-        if cfg.progress and self.rank == 0:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(
-                total=cfg.max_steps, initial=self.step, desc=f"{cfg.loss}", dynamic_ncols=True
-            )
+        self.run_log = log = report.RunLog(
+            self.output_dir, cfg, self.step, rank0=self.rank == 0, window=self.window
+        )
+        after = None
         try:
             with StopRequest() as stop:
                 while self.step < cfg.max_steps:
-                    self._log(self._train_step(stream), progress)
+                    log.step(self._train_step(stream))
                     signum = agreed_signal(stop.signum, self.distributed, self.device)
                     if signum:
                         return self._stopped(signum)
+                    if (
+                        cfg.eval_steps
+                        and self.step % cfg.eval_steps == 0
+                        and (held := self.evaluate())
+                    ):
+                        log.record({**held, "step": self.step})
                     if cfg.save_steps and self.step % cfg.save_steps == 0:
                         self._save_step()
                 self.save(self.output_dir / "final")  # a signal now lets it finish
+            after = self.evaluate()
         finally:
-            if progress is not None:
-                progress.close()
-        after = self.evaluate()
+            log.close(after, self.step)
         summary = {
             **{f"before/{k}": v for k, v in self.before.items()},
             **{f"after/{k}": v for k, v in after.items()},
@@ -398,6 +408,7 @@ class Trainer(BatchLoss):
                     "written"
                 )
             (out.loss / cfg.grad_accum).backward()
+            self.run_log.add_batch(batch)  # tokens/s
             step_metrics.append({"loss": float(out.loss.detach()), **out.metrics()})
         # On FSDP's DTensor gradients this is the global norm of the sharded gradients.
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -419,25 +430,6 @@ class Trainer(BatchLoss):
             step=self.step,
         )
         return merged
-
-    def _log(self, merged: dict[str, float], progress) -> None:
-        """Progress bar, and the window's mean to ``metrics.jsonl`` every ``logging_steps``."""
-        cfg = self.config
-        self.window.append(merged)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{merged['loss']:.4f}",
-                acc=f"{merged.get('rewards/accuracies', float('nan')):.2f}",
-            )
-        if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
-            window = self.window
-            record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-            record["step"] = self.step
-            self.window = []
-            if self.rank == 0:
-                with (self.output_dir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(record) + "\n")
 
     def _stopped(self, signum: int) -> dict:
         """Save ``checkpoint-N`` after a stop signal; the summary says where."""

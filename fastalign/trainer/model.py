@@ -1,10 +1,14 @@
 """Hugging Face causal LMs as the fused losses see them: body hidden states (padded or
-packed), lm_head, and the logit transform each family's own ``forward`` applies."""
+packed), lm_head, the logit transform each family's own ``forward`` applies, the MoE
+router's load-balancing loss, and the LoRA adapter configuration."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -92,9 +96,20 @@ class HiddenStates(nn.Module):
     token attends only within its own sequence. Wrapping the model this way lets DDP/FSDP
     see a forward, while the lm_head weight is read directly by the fused loss — never the
     full logits.
+
+    ``router_loss`` (see :func:`router_aux_loss`): while ``self.aux_loss`` is None, the next
+    forward also asks the body for its router logits and leaves the load-balancing loss of
+    its real tokens there (a scalar tensor with autograd). Set ``aux_loss = None`` before the
+    policy forward whose router loss counts; later forwards (reference, KTO's mismatched
+    pairs) then skip the router logits.
     """
 
-    def __init__(self, model: nn.Module, packed_attention: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        packed_attention: str | None = None,
+        router_loss: RouterAuxLoss | None = None,
+    ):
         super().__init__()
         if packed_attention is not None and packed_attention not in PACKED_ATTENTION:
             raise ValueError(
@@ -103,6 +118,8 @@ class HiddenStates(nn.Module):
             )
         self.model = model
         self.packed_attention = packed_attention
+        self.router_loss = router_loss
+        self.aux_loss: torch.Tensor | None = None
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -119,7 +136,15 @@ class HiddenStates(nn.Module):
                 )
             kwargs["position_ids"] = position_ids
             kwargs.update(_packed_attention_kwargs(self.packed_attention, cu_seqlens, self.model))
+        record = self.router_loss is not None and self.aux_loss is None
+        if record:
+            kwargs["output_router_logits"] = True
         out = body(self.model)(**kwargs)
+        if record:
+            # A packed row has no padding (and its mask, if any, is 4-D): every token counts.
+            self.aux_loss = self.router_loss(
+                out.router_logits, attention_mask if cu_seqlens is None else None
+            )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden if cu_seqlens is None else hidden[0]  # [B, T, H] or [N, H]
 
@@ -219,3 +244,114 @@ def adapters_disabled(model):
     """The PEFT model with its adapter switched off: the reference policy for free."""
     with model.disable_adapter():
         yield model
+
+
+@dataclass(frozen=True)
+class RouterAuxLoss:
+    """A Mixture-of-Experts family's load-balancing loss (Switch Transformer, Fedus et al.
+    2021, eqs. 4-6) as its own ``ForCausalLM.forward`` computes it, and its coefficient.
+
+    ``loss_fn`` is the family's transformers ``load_balancing_loss_func``; calling the object
+    with the body's ``router_logits`` (one ``[B·T, E]`` tensor per layer) and the 2-D
+    ``attention_mask`` ``[B, T]`` (None: every token is real) gives the scalar aux loss.
+    """
+
+    coef: float
+    num_experts: int
+    top_k: int
+    loss_fn: Callable
+
+    def __call__(self, router_logits, attention_mask: torch.Tensor | None = None):
+        return self.loss_fn(router_logits, self.num_experts, self.top_k, attention_mask)
+
+
+def router_aux_loss(model, coef: float | None = None) -> RouterAuxLoss | None:
+    """The router loss TRL 1.16 adds for ``model``: None for a dense model or a zero coefficient.
+
+    As TRL's trainers: a model whose config has ``output_router_logits`` is a MoE model;
+    ``coef`` None takes the config's ``router_aux_loss_coef`` (0.0 when it declares none).
+    Raises ValueError for a nonzero ``coef`` on a dense model, or a MoE family with no
+    ``load_balancing_loss_func`` in its transformers module.
+
+    Example:
+        >>> from transformers import MixtralConfig, MixtralForCausalLM
+        >>> tiny = MixtralConfig(vocab_size=32, hidden_size=8, intermediate_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        >>> router_aux_loss(MixtralForCausalLM(tiny)).coef
+        0.001
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config.get_text_config()
+    if not hasattr(config, "output_router_logits"):
+        if coef:
+            raise ValueError(
+                f"router_aux_loss_coef={coef} but {type(inner).__name__} is not a "
+                "Mixture-of-Experts model that returns router logits"
+            )
+        return None
+    coef = float(getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef)
+    if coef == 0.0:
+        return None
+    loss_fn = getattr(sys.modules[type(inner).__module__], "load_balancing_loss_func", None)
+    num_experts = getattr(inner, "num_experts", None) or getattr(
+        config, "num_experts", getattr(config, "num_local_experts", None)
+    )
+    top_k = getattr(inner, "num_experts_per_tok", getattr(config, "num_experts_per_tok", None))
+    if loss_fn is None or num_experts is None or top_k is None:
+        raise ValueError(
+            f"{type(inner).__name__} declares a router aux loss but fastalign cannot find its "
+            "load_balancing_loss_func / num_experts / num_experts_per_tok; train with "
+            "--no-router-aux-loss"
+        )
+    return RouterAuxLoss(coef, int(num_experts), int(top_k), loss_fn)
+
+
+@dataclass
+class WithRouterLoss:
+    """A loss output with the router term added: ``loss = inner.loss + coef·aux_loss``; the
+    metrics gain ``aux_loss`` (TRL's name); other attributes are the inner output's."""
+
+    inner: object
+    loss: torch.Tensor
+    aux_loss: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.inner.metrics(), "aux_loss": float(self.aux_loss.detach())}
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["inner"], name)
+
+
+def add_router_loss(out, hidden_states: HiddenStates) -> object:
+    """``out`` with ``hidden_states``' last router loss added (``out`` itself when none)."""
+    router = hidden_states.router_loss
+    if router is None or hidden_states.aux_loss is None:
+        return out
+    aux = hidden_states.aux_loss.to(out.loss.device)
+    return WithRouterLoss(out, out.loss + router.coef * aux, aux)
+
+
+def lora_config(
+    rank: int, alpha: float | None = None, dropout: float = 0.0, targets: str = "all-linear"
+):
+    """A ``peft.LoraConfig``: ``targets`` "all-linear" (PEFT: every linear/Conv1D layer but
+    the output head, so GPT-2's fused ``c_attn`` and Phi-3's ``qkv_proj`` are adapted) or
+    comma-separated module names; ``alpha`` None → 2·rank.
+
+    Example:
+        >>> lora_config(8, targets="q_proj, v_proj").target_modules == {"q_proj", "v_proj"}
+        True
+    """
+    from peft import LoraConfig
+
+    if rank <= 0:
+        raise ValueError(f"lora rank must be > 0, got {rank}")
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"lora target modules: expected 'all-linear' or names, got {targets!r}")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear" if names == ["all-linear"] else names,
+    )

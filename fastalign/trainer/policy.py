@@ -23,14 +23,11 @@ def from_pretrained(loader, source, flag: str):
 
 
 def lora_config(config):
-    """The LoRA adapter a ``--lora-rank R`` run trains."""
-    from peft import LoraConfig
+    """The LoRA adapter a ``--lora-rank R`` run trains (see ``model.lora_config``)."""
+    from .model import lora_config as adapter
 
-    return LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=2 * config.lora_rank,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        lora_dropout=0.0,
+    return adapter(
+        config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
     )
 
 

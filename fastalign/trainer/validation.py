@@ -37,7 +37,13 @@ _RULES = {
     "label_smoothing": (lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
     "desirable_weight": (lambda v: v > 0, "a number > 0 (or unset: class balancing)"),
     "undesirable_weight": (lambda v: v > 0, "a number > 0 (or unset: class balancing)"),
+    "eval_steps": (lambda v: v >= 0, "an integer ≥ 0 (0: before and after training only)"),
+    "router_aux_loss_coef": (lambda v: v >= 0, "a number ≥ 0 (or unset: the model's own)"),
+    "lora_alpha": (lambda v: v > 0, "a number > 0 (or unset: 2 × --lora-rank)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
+# Fields whose None means "derive it" (class balancing, the model's coefficient, 2 × rank).
+_NULLABLE = {"desirable_weight", "undesirable_weight", "router_aux_loss_coef", "lora_alpha"}
 # Settings a resumed run may change; every other one must equal the checkpoint's.
 RESUME_MAY_CHANGE = {
     "output_dir",
@@ -49,6 +55,9 @@ RESUME_MAY_CHANGE = {
     "max_steps",
     "backend",
     "extra",
+    "eval_dataset",
+    "eval_steps",
+    "report_to",
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -78,7 +87,7 @@ def check_config(config) -> None:
         raise ValueError(f"unknown reference {config.reference!r}; choose {REFERENCES}")
     for name, (accepts, expected) in _RULES.items():
         value = getattr(config, name)
-        if value is None and name.endswith("_weight"):
+        if value is None and name in _NULLABLE:
             continue
         finite = isinstance(value, (int, float)) and math.isfinite(value)
         if isinstance(value, bool) or not finite or not accepts(value):
@@ -96,6 +105,11 @@ def check_config(config) -> None:
             "--loss kto needs --batch-size ≥ 2: its reference point z0 comes from mismatched "
             f"pairs within each microbatch (got --batch-size {config.batch_size})"
         )
+    if config.kto_kl_offset not in (1, -1):
+        raise ValueError(f"--kto-kl-offset must be 1 or -1, got {config.kto_kl_offset!r}")
+    from .report import check_report_to
+
+    check_report_to(config.report_to)
     if config.fsdp and "WORLD_SIZE" not in os.environ:
         raise ValueError("--fsdp shards over a process group: launch with torchrun")
     loss_spec(config.loss).check(config)
@@ -156,6 +170,16 @@ def load_dataset(source: str | None, kind: str, seed: int, text_columns: tuple[s
         if len(dataset[split]) == 0:
             raise ValueError(f"{name}: split {split!r} has no rows")
     return dataset
+
+
+def load_eval_dataset(config, kind: str):
+    """``--eval-dataset``: its ``test`` split, else its ``train`` split, checked as the
+    training data is (errors name ``--eval-dataset``)."""
+    try:
+        evaluation = load_dataset(config.eval_dataset, kind, config.seed, text_columns(config))
+    except ValueError as err:
+        raise ValueError(str(err).replace("--dataset", "--eval-dataset", 1)) from None
+    return evaluation["test" if "test" in evaluation else "train"]
 
 
 def check_file(path: Path, kind: str, text_columns: tuple[str, ...]) -> None:

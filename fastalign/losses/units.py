@@ -1,0 +1,270 @@
+"""Gradient units: a fused loss is described once and runs on the store or recompute path.
+
+The contract (for anyone adding a loss):
+
+1. Put the loss's differentiable rows in ``PolicyTerm(stream, unit)``s and its no-grad rows
+   (reference model, KTO's mismatched rows) in plain ``StreamInput``s
+   (``differentiable=False``).
+2. Write ``build(nograd) -> [UnitLoss per term]``: it receives the no-grad streams' sums
+   (detached ``LogpOutput``s, in order) and returns, per term, ``unit_loss(stats) -> [U]``
+   (each unit's loss, weights included) and optionally ``unit_grad(stats) -> [n]``, the
+   closed form of ``∂ unit_loss(stats).sum() / ∂ stats.logps`` (None: autograd on
+   ``unit_loss``, exact and cheap: it runs on ``[n]`` tensors). ``stats`` is a ``UnitStats``
+   of a *group* of whole units: ``logps`` (fp32 sums), ``num_tokens`` and ``rows`` (each
+   sequence's index in its stream, to pick per-row constants such as reference sums or
+   KTO's desirable flags). Layout: ``"row"`` units are consecutive rows; ``"pair"`` units
+   keep the concatenated layout inside the group (its k chosen rows, then their k rejected
+   rows, so ``logps[:k] - logps[k:]`` is the pair margin); ``"batch"`` is one unit holding
+   every row (a loss that couples the whole batch).
+3. ``fused_loss(terms, nograd, build, options)`` returns the loss
+   ``Σ_terms mean_over_units(unit_loss)`` and every stream's sums, on either path:
+
+   - store (``grad_mode="store"``, or ``"auto"`` when the lm_head is trainable and one unit's
+     fp32 logits fit ``store_budget_bytes``, default ``fastalign.tiles``): no-grad streams are
+     scored first, then the policy rows in groups of whole units; each group's gradient is
+     formed in the forward from its own ``g = ∂loss/∂logps`` (``fastalign.store``);
+   - recompute (``"recompute"``, a frozen lm_head, no grad mode, or a unit over the budget):
+     every stream in one launch, ``unit_loss`` on all rows with autograd, logits recomputed
+     in backward.
+
+   So ``unit_loss`` on a group must depend on that group's stats only (plus constants
+   computed in ``build``); ``"batch"`` is the way out for losses that couple units.
+
+Example (SimPO-like, reference-free, pair units)::
+
+    def build(nograd):
+        def unit_loss(s):
+            k = s.logps.numel() // 2
+            r = s.logps / s.num_tokens.clamp_min(1)
+            return -F.logsigmoid(beta * (r[:k] - r[k:]) - gamma)
+        return [UnitLoss(unit_loss)]
+    out = fused_loss([PolicyTerm(StreamInput(hidden, weight, labels), "pair")], [], build, opts)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+
+from .. import checks, tiles
+from .._types import LogitTransform, LogpOutput
+from ..ops import InputSlots, prepare_all, score_prepared, select_backend
+from ..store import StorePlan, StoreResult, StoreTerm
+from ..streams import Prepared, StreamInput, check_common
+
+UNITS = ("pair", "row", "batch")
+GRAD_MODES = ("auto", "store", "recompute")
+
+
+class UnitStats(NamedTuple):
+    """Per-sequence statistics of one group of whole units (see the module docstring)."""
+
+    logps: torch.Tensor  # [n] fp32 (fp64 for fp64 inputs) Σ_t logp_t
+    num_tokens: torch.Tensor  # [n] int64 scored tokens
+    rows: torch.Tensor  # [n] int64 index of each sequence in its stream
+
+
+@dataclass(frozen=True)
+class PolicyTerm:
+    """A differentiable stream and the gradient unit its loss is made of."""
+
+    stream: StreamInput
+    unit: str  # one of UNITS
+
+
+@dataclass(frozen=True)
+class UnitLoss:
+    """A term's per-unit loss ``[U]`` and, optionally, its closed-form gradient ``[n]``."""
+
+    unit_loss: Callable[[UnitStats], torch.Tensor]
+    unit_grad: Callable[[UnitStats], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class LogpOptions:
+    """The log-prob options every fused loss takes (see ``sequence_logps``), plus the path.
+
+    ``grad_mode``: ``"auto"`` | ``"store"`` | ``"recompute"`` (module docstring).
+    ``store_budget_bytes``: the store path's group budget; None takes
+    ``fastalign.tiles.store_group_budget(device)``.
+    """
+
+    shift: bool = False
+    ignore_index: int = -100
+    logit_scale: float = 1.0
+    temperature: float = 1.0
+    logit_softcap: float | None = None
+    backend: str = "auto"
+    grad_mode: str = "auto"
+    store_budget_bytes: int | None = None
+
+    @classmethod
+    def pick(cls, arguments: dict) -> LogpOptions:
+        """The options from a loss's own keyword arguments (``locals()`` at its top): every
+        loss lists them explicitly in its signature, under these field names."""
+        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
+
+    def transform(self) -> LogitTransform:
+        """Validate every option (named errors) and return the logit transform."""
+        checks.check_choice(self.grad_mode, "grad_mode", GRAD_MODES)
+        checks.check_number(
+            self.store_budget_bytes, "store_budget_bytes", integer=True, low=0, allow_none=True
+        )
+        return check_common(
+            shift=self.shift,
+            ignore_index=self.ignore_index,
+            logit_scale=self.logit_scale,
+            temperature=self.temperature,
+            logit_softcap=self.logit_softcap,
+            backend=self.backend,
+        )
+
+
+class FusedLoss(NamedTuple):
+    """``fused_loss``'s result: the scalar loss and every stream's sums, in order."""
+
+    loss: torch.Tensor  # scalar, differentiable
+    policy: list[LogpOutput]  # one per term
+    nograd: list[LogpOutput]  # one per no-grad stream, detached
+
+
+def fused_loss(
+    terms: list[PolicyTerm],
+    nograd: list[StreamInput],
+    build: Callable[[list[LogpOutput]], list[UnitLoss]],
+    options: LogpOptions,
+) -> FusedLoss:
+    """Evaluate a loss described by gradient units on the store or recompute path.
+
+    Every stream is validated before any work starts. See the module docstring.
+    """
+    transform = options.transform()
+    streams = [t.stream for t in terms] + list(nograd)
+    prepared = prepare_all(streams, shift=options.shift, ignore_index=options.ignore_index)
+    backend = select_backend(options.backend, prepared)
+    policy = prepared[: len(terms)]
+    groups = _store_groups(terms, policy, options) if _wants_store(terms, options) else None
+    if groups is None:
+        outputs = score_prepared(streams, prepared, transform, backend)
+        losses = build(outputs[len(terms) :])
+        loss = sum(_whole_batch_loss(unit_loss, out) for unit_loss, out in zip(losses, outputs))
+        return FusedLoss(loss, outputs[: len(terms)], outputs[len(terms) :])
+    nograd_out = []
+    if nograd:
+        # No autograd state here: tiles as large as the groups' budget (larger GEMMs).
+        chunk = _budget(options, policy[0]) // 4
+        nograd_out = score_prepared(list(nograd), prepared[len(terms) :], transform, backend, chunk)
+    losses = build(nograd_out)
+    store_terms = [
+        StoreTerm(
+            p, g, _num_units(t.unit, p.num_seqs), _unit_grads(u, _num_units(t.unit, p.num_seqs))
+        )
+        for t, p, g, u in zip(terms, policy, groups, losses)
+    ]
+    plan = StorePlan(store_terms, transform, backend)
+    loss, *sums = StoreResult.apply(plan, *InputSlots.tensors(streams[: len(terms)]))
+    outs = [LogpOutput(s, p.num_tokens) for s, p in zip(sums, policy)]
+    return FusedLoss(loss, outs, nograd_out)
+
+
+def _whole_batch_loss(unit_loss: UnitLoss, out: LogpOutput) -> torch.Tensor:
+    rows = torch.arange(out.logps.numel(), device=out.logps.device)
+    return unit_loss.unit_loss(UnitStats(out.logps, out.num_tokens, rows)).mean()
+
+
+def _num_units(unit: str, num_seqs: int) -> int:
+    return {"pair": num_seqs // 2, "row": num_seqs, "batch": 1}[unit]
+
+
+def _unit_grads(unit_loss: UnitLoss, num_units: int):
+    """``(seqs, sums, num_tokens) -> (unit losses, ∂(term loss)/∂sums)`` for the store path."""
+
+    def run(seqs: torch.Tensor, sums: torch.Tensor, num_tokens: torch.Tensor):
+        stats = UnitStats(sums, num_tokens, seqs)
+        if unit_loss.unit_grad is not None:
+            losses, g = unit_loss.unit_loss(stats), unit_loss.unit_grad(stats)
+        else:
+            with torch.enable_grad():
+                logps = sums.detach().requires_grad_()
+                losses = unit_loss.unit_loss(stats._replace(logps=logps))
+                (g,) = torch.autograd.grad(losses.sum(), logps)
+        return losses.detach(), g / num_units
+
+    return run
+
+
+def _wants_store(terms: list[PolicyTerm], options: LogpOptions) -> bool:
+    """The store path is worth trying: gradients are wanted, and (auto) the head trains."""
+    if options.grad_mode == "recompute" or not torch.is_grad_enabled():
+        return False
+    inputs = [
+        t for term in terms for t in (term.stream.hidden, term.stream.weight, term.stream.bias)
+    ]
+    if not any(t is not None and t.requires_grad for t in inputs):
+        return False
+    # A frozen lm_head has a cheaper path still: E_t in forward, no GEMM in backward.
+    return options.grad_mode == "store" or terms[0].stream.weight.requires_grad
+
+
+def _budget(options: LogpOptions, policy: Prepared) -> int:
+    """The store path's group budget in bytes: the option, or the device's default."""
+    if options.store_budget_bytes is not None:
+        return options.store_budget_bytes
+    return tiles.store_group_budget(policy.tokens.hidden.device.type)
+
+
+def _store_groups(
+    terms: list[PolicyTerm], policy: list[Prepared], options: LogpOptions
+) -> list[list[torch.Tensor]] | None:
+    """Per term, its groups of whole units (sequence ids in unit layout) under the budget;
+    None when one unit alone exceeds it (then the whole call takes the recompute path)."""
+    device = policy[0].tokens.hidden.device
+    budget = _budget(options, policy[0])
+    out = []
+    for term, p in zip(terms, policy):
+        vocab, dtype = p.tokens.weight.shape[0], p.tokens.hidden.dtype
+        element = 8 if dtype == torch.float64 else 4
+        groups = _groups(term.unit, p.num_tokens.tolist(), budget // (vocab * element), device)
+        if groups is None:
+            if options.grad_mode == "store":
+                warnings.warn(
+                    f"grad_mode='store': one gradient unit's logits exceed store_budget_bytes="
+                    f"{budget}; using the recompute path",
+                    stacklevel=4,
+                )
+            return None
+        out.append(groups)
+    return out
+
+
+def _groups(unit: str, counts: list[int], budget_rows: int, device) -> list[torch.Tensor] | None:
+    """Greedy runs of consecutive units with at most ``budget_rows`` scored tokens each."""
+    num_seqs = len(counts)
+    half = num_seqs // 2
+    sizes = {
+        "pair": [counts[u] + counts[half + u] for u in range(half)],
+        "row": counts,
+        "batch": [sum(counts)],
+    }[unit]
+    if sizes and max(sizes) > budget_rows:
+        return None
+    spans, start, total = [], 0, 0
+    for u, size in enumerate(sizes):
+        if total + size > budget_rows and u > start:
+            spans.append((start, u))
+            start, total = u, 0
+        total += size
+    if sizes:
+        spans.append((start, len(sizes)))
+
+    def ids(first: int, stop: int) -> torch.Tensor:
+        if unit == "batch":
+            return torch.arange(num_seqs, device=device)
+        span = torch.arange(first, stop, device=device)
+        return torch.cat([span, span + half]) if unit == "pair" else span
+
+    return [ids(a, b) for a, b in spans]

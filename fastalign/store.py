@@ -1,0 +1,169 @@
+"""The store path: a fused loss whose exact gradients are formed in its forward, unit by unit.
+
+When a loss's upstream gradient ``g_b = ∂loss/∂S_b`` of a sequence's log-prob sum depends
+only on a small *gradient unit* (a pair for DPO, a row for KTO), the forward walks the
+differentiable rows in groups of whole units whose ``[R, V]`` fp32 logits fit a budget: one
+GEMM gives the logits, the fold gives each token's logsumexp and target logit, the group's
+sums give ``g`` (the loss's closed form, or autograd on its small unit-loss function),
+``dz = g·(onehot − softmax)·s·mult`` is formed in place of the logits, and the rows'
+gradient and the lm_head's fp32 accumulators are filled. Backward only scales the stored
+gradients by ``grad_output`` (in place) and hands them to autograd: 6·N·H·V per policy token
+instead of the recompute path's 8. The gradients are returned from ``backward`` (DDP/FSDP
+hooks fire as usual); a second backward through the same loss raises.
+
+Held from forward to backward: ``grad_hidden`` in fp32 (each differentiable stream's hidden
+shape), one fp32 ``[V, H]`` lm_head accumulator (shared by streams on the same lm_head) and
+an fp32 ``[V]`` bias one; transient: one group's logits (≤ the budget) plus one token chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._types import Backend, BackendGrads, LogitTransform
+from .ops import InputSlots
+from .streams import Prepared, sequence_sums
+
+# (group's sequence ids [n] in unit layout, their sums [n] fp32, their token counts [n])
+#   -> (unit losses [U_group], ∂(term loss)/∂sums [n])
+UnitGrads = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class StoreTerm:
+    """One differentiable stream of a store-path loss, cut into groups of whole units."""
+
+    prepared: Prepared
+    groups: list[torch.Tensor]  # per group: int64 [n] sequence ids, unit layout
+    num_units: int
+    unit_grads: UnitGrads
+
+
+@dataclass
+class StorePlan:
+    terms: list[StoreTerm]
+    transform: LogitTransform
+    backend: Backend
+
+
+class StoreResult(torch.autograd.Function):
+    """``(loss, *sums)``: the scalar loss (differentiable) and each term's ``[B]`` sums.
+
+    Inputs after ``plan``: ``InputSlots.tensors`` of the terms' streams.
+    """
+
+    @staticmethod
+    def forward(ctx, plan: StorePlan, *tensors: torch.Tensor | None):
+        slots = InputSlots.of([t.prepared for t in plan.terms])
+        accumulators: dict[int, BackendGrads] = {}
+        loss, all_sums, grads = 0.0, [], []
+        for i, term in enumerate(plan.terms):
+            need = slots.needs(ctx, i)
+            owner = term.prepared.tokens.weight.data_ptr() not in accumulators
+            acc = _accumulators(term.prepared, need, accumulators)
+            term_loss, sums, grad_hidden = _run_term(plan, term, acc, need[0])
+            loss, all_sums = loss + term_loss, all_sums + [sums]
+            # The first stream on an lm_head returns its gradients; the others return None.
+            grads.append((grad_hidden, acc if owner else BackendGrads(None, None, None)))
+        ctx.stored = _returned_grads(plan, grads)
+        ctx.mark_non_differentiable(*all_sums)
+        return (loss.float() if loss.dtype != torch.float64 else loss, *all_sums)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, *grad_sums):
+        stored = ctx.stored
+        if stored is None:
+            raise RuntimeError(
+                "fastalign's store path hands its gradients to autograd once: a second "
+                "backward through the same loss is not supported. Recompute the loss, or "
+                "pass grad_mode='recompute' to backward through it more than once."
+            )
+        ctx.stored = None  # freed as they are handed out; scaled in place
+        out = []
+        for grad, dtype in stored:
+            if grad is not None:
+                grad = grad.mul_(grad_loss.to(grad.dtype)).to(dtype)
+            out.append(grad)
+        return (None, *out)
+
+
+def _accumulators(prepared: Prepared, need, shared: dict[int, BackendGrads]) -> BackendGrads:
+    """fp32 lm_head/bias accumulators, one per lm_head (TYPO's two streams share one; a
+    later stream must ask for the same gradients as the first, true of one loss's terms)."""
+    tokens = prepared.tokens
+    weight, bias = tokens.weight, tokens.bias
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    key = weight.data_ptr()
+    if key not in shared:
+        shared[key] = BackendGrads(
+            rows=None,
+            weight=torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None,
+            bias=(
+                torch.zeros(bias.shape, dtype=acc, device=bias.device)
+                if need[2] and bias is not None
+                else None
+            ),
+        )
+    return shared[key]
+
+
+def _returned_grads(plan: StorePlan, grads) -> list:
+    """``[(grad, dtype)]`` in ``InputSlots`` order: what backward scales and returns."""
+    out = []
+    for term, (grad_hidden, acc) in zip(plan.terms, grads):
+        tokens = term.prepared.tokens
+        out.append((grad_hidden, tokens.hidden.dtype))
+        out.append((acc.weight, tokens.weight.dtype))
+        out.append((acc.bias, None if tokens.bias is None else tokens.bias.dtype))
+    return out
+
+
+def _token_index(prepared: Prepared, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compacted tokens of sequences ``seqs`` (in that order): ``(index [R], local [R])``
+    with ``local`` each token's position in ``seqs``."""
+    counts = prepared.num_tokens[seqs]  # [n]
+    starts = torch.cumsum(prepared.num_tokens, 0) - prepared.num_tokens
+    local = torch.repeat_interleave(torch.arange(seqs.numel(), device=seqs.device), counts)
+    first = torch.repeat_interleave(starts[seqs], counts)
+    offset = torch.arange(local.numel(), device=seqs.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
+    return first + offset, local
+
+
+def _run_term(plan: StorePlan, term: StoreTerm, acc: BackendGrads, need_hidden: bool):
+    """Walk one term's groups: ``(term loss, sums [B], grad_hidden or None)``."""
+    prepared = term.prepared
+    tokens = prepared.tokens
+    dtype = torch.float64 if tokens.hidden.dtype == torch.float64 else torch.float32
+    device = tokens.hidden.device
+    sums = torch.zeros(prepared.num_seqs, dtype=dtype, device=device)
+    grad_hidden = None
+    if need_hidden:
+        grad_hidden = torch.zeros(tokens.hidden.shape, dtype=dtype, device=device)
+    unit_losses = []
+    for seqs in term.groups:
+        index, local = _token_index(prepared, seqs)
+        group = tokens.select(index)
+        rows = group.rows(0, group.num_rows)  # [R, H]
+        logits = plan.backend.group_logits(rows, group, plan.transform)
+        group_sums = sequence_sums(
+            logits.logp, local, prepared.positions[index], seqs.numel(), prepared.max_len
+        )
+        losses, g = term.unit_grads(seqs, group_sums, prepared.num_tokens[seqs])
+        unit_losses.append(losses.detach())
+        sums[seqs] = group_sums.to(dtype)
+        grad_logp = g.detach().to(dtype)[local]  # [R]
+        flag = grad_hidden if need_hidden else None
+        group_grads = BackendGrads(flag, acc.weight, acc.bias)
+        grad_rows = plan.backend.group_grads(
+            logits, rows, group, plan.transform, grad_logp, group_grads
+        )
+        del logits
+        if grad_rows is not None:
+            grad_hidden[group.index] = grad_rows.to(dtype)
+    term_loss = torch.cat(unit_losses).sum() / term.num_units
+    return term_loss, sums, grad_hidden
