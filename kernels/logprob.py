@@ -347,17 +347,13 @@ def forward(
     for members in groups.values():
         parts = [batches[i] for i in members]
         with_sq = any(log_sum_sq[i] for i in members)
-        logp, lse, expected, sq = _forward_group(
-            parts, transform, expectation[members[0]], with_sq
-        )
+        logp, lse, expected, sq = _forward_group(parts, transform, expectation[members[0]], with_sq)
         start = 0
         for i, tokens in zip(members, parts):
             stop = start + tokens.num_rows
             rows_expected = None if expected is None else expected[start:stop]
             rows_sq = sq[start:stop] if log_sum_sq[i] else None
-            results[i] = BackendResult(
-                logp[start:stop], lse[start:stop], rows_expected, rows_sq
-            )
+            results[i] = BackendResult(logp[start:stop], lse[start:stop], rows_expected, rows_sq)
             start = stop
     return results
 
