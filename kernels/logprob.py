@@ -150,6 +150,7 @@ def _fold_kernel(
     b_max = b_old_max
     b_sum = tl.load(sum_ptr + o_m, mask=m_m, other=0.0)
     b_tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=0.0)
+    b_sq = tl.zeros_like(b_sum)  # defined on every path: loop-carried when compiled
     if WRITE_SQ:
         b_sq = tl.load(sq_ptr + o_m, mask=m_m, other=0.0)
     for v0 in range(0, chunk_width, BLOCK_V):
