@@ -109,7 +109,7 @@ def _run_backend(kernel: str, problem: dict) -> dict:
     def forward():
         return _with_kernel(kernel, lambda: logprob.forward([tokens], transform)[0])
 
-    logp, lse, _ = forward()
+    logp, lse = forward()[:2]  # (logp, lse, expected, log_sum_sq)
 
     def backward():
         return _with_kernel(

@@ -75,6 +75,7 @@ class BackendResult(NamedTuple):
     logp: torch.Tensor  # [M] log-prob of each scored token
     lse: torch.Tensor  # [M] logsumexp of each token's transformed logits
     expected: torch.Tensor | None  # [M, H] E_t = softmax(z_t)·s·W (frozen head only)
+    log_sum_sq: torch.Tensor | None = None  # [M] log Σ_v p_tv² (WPO), when asked for
 
 
 class BackendGrads(NamedTuple):
@@ -103,9 +104,11 @@ class Backend(Protocol):
         transform: LogitTransform,
         expectation: list[bool] | None = None,
         chunk_elements: int | None = None,
+        log_sum_sq: list[bool] | None = None,
     ) -> list[BackendResult]:
         """Per batch, token log-probs and logsumexps (and ``E_t`` where ``expectation``);
-        ``chunk_elements``: a size hint for the logits tiles (None: the backend's own)."""
+        ``chunk_elements``: a size hint for the logits tiles (None: the backend's own);
+        ``log_sum_sq``: ``log Σ_v p²`` per token where asked (WPO; the same logits)."""
 
     def backward(
         self,

@@ -40,6 +40,22 @@ class _Plan:
     backend: Backend
     chunk_elements: int | None = None  # logits tile hint for the backend's forward
 
+    @property
+    def extras(self) -> bool:
+        """Some stream asks the fold for ``log Σ p²`` (the backends' extra output)."""
+        return any(p.log_sum_sq for p in self.streams)
+
+
+@dataclass
+class StreamScores:
+    """Per-sequence results of one stream: ``logps``/``num_tokens`` as ``LogpOutput``, and
+    the extras it asked for (``prefix_logps`` differentiable, ``log_sum_sq`` detached)."""
+
+    logps: torch.Tensor  # [B] fp32
+    num_tokens: torch.Tensor  # int64 [B]
+    prefix_logps: torch.Tensor | None = None  # [B] fp32
+    log_sum_sq: torch.Tensor | None = None  # [B] fp32
+
 
 @dataclass(frozen=True)
 class InputSlots:
@@ -122,37 +138,62 @@ class _FusedLogps(torch.autograd.Function):
             FROZEN_HEAD_FAST_PATH and slots.needs(ctx, i) == (True, False, False)
             for i in range(len(plan.streams))
         ]
+        streams = plan.streams
         results = plan.backend.forward(
-            [p.tokens for p in plan.streams], plan.transform, expectation, plan.chunk_elements
+            [p.tokens for p in streams],
+            plan.transform,
+            expectation,
+            plan.chunk_elements,
+            **({"log_sum_sq": [p.log_sum_sq for p in streams]} if plan.extras else {}),
         )
-        outputs = tuple(_sums(r.logp, p) for p, r in zip(plan.streams, results))
+        outputs = [_sums(r.logp, p) for p, r in zip(streams, results)]
+        frozen = [out for p, out in zip(streams, outputs) if not p.differentiable]
+        for p, r in zip(streams, results):  # extras: prefix sums, then log Σ p² sums
+            if p.prefix_mask is not None:
+                outputs.append(_sums(r.logp * p.prefix_mask, p))
+                frozen += [] if p.differentiable else [outputs[-1]]
+        for p, r in zip(streams, results):
+            if p.log_sum_sq:
+                outputs.append(_sums(r.log_sum_sq, p))
+                frozen.append(outputs[-1])
         ctx.plan, ctx.slots = plan, slots
-        ctx.saved = [r if p.differentiable else None for p, r in zip(plan.streams, results)]
-        ctx.mark_non_differentiable(
-            *[out for p, out in zip(plan.streams, outputs) if not p.differentiable]
-        )
-        return outputs
+        ctx.saved = [r if p.differentiable else None for p, r in zip(streams, results)]
+        ctx.mark_non_differentiable(*frozen)
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grad_outputs: torch.Tensor | None):
         plan: _Plan = ctx.plan
         grads: list[torch.Tensor | None] = []
+        prefix_grads = iter(grad_outputs[len(plan.streams) :])
         for i, (prepared, saved, grad_sum) in enumerate(zip(plan.streams, ctx.saved, grad_outputs)):
+            grad_prefix = next(prefix_grads) if prepared.prefix_mask is not None else None
             if prepared.differentiable:
                 need = ctx.slots.needs(ctx, i)
-                grads += _stream_grads(plan, prepared, saved, grad_sum, need)
+                grad_logp = _token_grads(prepared, grad_sum, grad_prefix)  # [M] or None
+                grads += _stream_grads(plan, prepared, saved, grad_logp, need)
         return (None, *grads)
 
 
-def _stream_grads(plan: _Plan, prepared: Prepared, saved, grad_sum, need) -> list:
-    """``[grad_hidden, grad_weight, grad_bias]`` of one differentiable stream (recompute)."""
+def _token_grads(prepared: Prepared, grad_sum, grad_prefix) -> torch.Tensor | None:
+    """``∂L/∂logp_t`` ``[M]`` from the upstream gradients of the sums and prefix sums."""
+    grad_logp = None if grad_sum is None else grad_sum[prepared.seq_ids]
+    if grad_prefix is not None:
+        extra = grad_prefix[prepared.seq_ids] * prepared.prefix_mask
+        grad_logp = extra if grad_logp is None else grad_logp + extra
+    return grad_logp
+
+
+def _stream_grads(plan: _Plan, prepared: Prepared, saved, grad_logp, need) -> list:
+    """``[grad_hidden, grad_weight, grad_bias]`` of one differentiable stream (recompute),
+    from ``grad_logp [M]`` (None: no gradient reached the stream)."""
     tokens = prepared.tokens
     inputs = (tokens.hidden, tokens.weight, tokens.bias)
-    if grad_sum is None or not any(need) or tokens.num_rows == 0:
+    if grad_logp is None or not any(need) or tokens.num_rows == 0:
         return [
             torch.zeros_like(t) if (n and t is not None) else None for n, t in zip(need, inputs)
         ]
-    grad_logp = grad_sum.to(saved.lse.dtype)[prepared.seq_ids]  # [M]
+    grad_logp = grad_logp.to(saved.lse.dtype)
     if saved.expected is not None:
         grad_rows = torch_backend.backward_from_expectation(
             tokens, plan.transform, saved.logp, saved.lse, saved.expected, grad_logp
@@ -196,12 +237,29 @@ def score_prepared(
     chunk_elements: int | None = None,
 ) -> list[LogpOutput]:
     """Score prepared streams in one backend launch (the recompute path's autograd)."""
+    scores = score_prepared_full(streams, prepared, transform, backend, chunk_elements)
+    return [LogpOutput(out.logps, out.num_tokens) for out in scores]
+
+
+def score_prepared_full(
+    streams: list[StreamInput],
+    prepared: list[Prepared],
+    transform: LogitTransform,
+    backend: Backend,
+    chunk_elements: int | None = None,
+) -> list[StreamScores]:
+    """``score_prepared`` with each stream's extras (``prefix_tokens``, ``log_sum_sq``)."""
     plan = _Plan(prepared, transform, backend, chunk_elements)
-    sums = _FusedLogps.apply(plan, *InputSlots.tensors(streams))
-    return [
-        LogpOutput(logps if p.differentiable else logps.detach(), p.num_tokens)
-        for p, logps in zip(prepared, sums)
-    ]
+    outputs = iter(_FusedLogps.apply(plan, *InputSlots.tensors(streams)))
+    scores = [StreamScores(next(outputs), p.num_tokens) for p in prepared]
+    for out, p in zip(scores, prepared):
+        out.logps = out.logps if p.differentiable else out.logps.detach()
+        if p.prefix_mask is not None:
+            out.prefix_logps = next(outputs)
+    for out, p in zip(scores, prepared):
+        if p.log_sum_sq:
+            out.log_sum_sq = next(outputs)
+    return scores
 
 
 def score_streams(

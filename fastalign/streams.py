@@ -7,6 +7,7 @@ the form every backend and both gradient paths (recompute, store) work on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -32,6 +33,10 @@ class StreamInput:
     cu_seqlens: torch.Tensor | None = None  # [B + 1]
     differentiable: bool = True
     names: dict[str, str] = field(default_factory=dict)
+    # Per-sequence extras from the same launch (LD-DPO, WPO): sums over each sequence's
+    # first prefix_tokens(num_tokens [B]) -> [B] scored tokens, and Σ_t log Σ_v p_tv².
+    prefix_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
+    log_sum_sq: bool = False
 
     def name(self, role: str) -> str:
         return self.names.get(role, role)
@@ -48,6 +53,8 @@ class Prepared:
     max_len: int
     num_tokens: torch.Tensor  # int64 [B]
     differentiable: bool
+    prefix_mask: torch.Tensor | None = None  # bool [M]: token in its sequence's prefix
+    log_sum_sq: bool = False
 
 
 def check_common(
@@ -198,15 +205,28 @@ def prepare(stream: StreamInput, *, shift: bool, ignore_index: int) -> Prepared:
         weight=stream.weight,
         bias=stream.bias,
     )
+    num_tokens = torch.bincount(c.seq_ids, minlength=c.num_seqs)
     return Prepared(
         tokens=tokens,
         seq_ids=c.seq_ids,
         positions=c.positions,
         num_seqs=c.num_seqs,
         max_len=max(c.max_len, 1),
-        num_tokens=torch.bincount(c.seq_ids, minlength=c.num_seqs),
+        num_tokens=num_tokens,
         differentiable=stream.differentiable,
+        prefix_mask=_prefix_mask(stream.prefix_tokens, c.seq_ids, num_tokens),
+        log_sum_sq=stream.log_sum_sq,
     )
+
+
+def _prefix_mask(prefix_tokens, seq_ids: torch.Tensor, num_tokens: torch.Tensor):
+    """bool ``[M]``: the token is among the first ``prefix_tokens(num_tokens)[b]`` scored
+    tokens of its sequence (tokens are in sequence order after compaction)."""
+    if prefix_tokens is None:
+        return None
+    starts = torch.cumsum(num_tokens, 0) - num_tokens  # [B] first token of each sequence
+    rank = torch.arange(seq_ids.numel(), device=seq_ids.device) - starts[seq_ids]
+    return rank < prefix_tokens(num_tokens).to(rank.device)[seq_ids]
 
 
 REF_NAMES = {

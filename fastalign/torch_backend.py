@@ -63,10 +63,12 @@ def forward(
     transform: LogitTransform,
     expectation: list[bool] | None = None,
     chunk_elements: int | None = None,
+    log_sum_sq: list[bool] | None = None,
 ) -> list[BackendResult]:
-    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None)``, fp32 (fp64
-    for fp64), in token chunks of ``chunk_elements`` logits (default ``CHUNK_ELEMENTS``;
-    the store path scores its no-grad streams in chunks as large as its group budget).
+    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M]
+    or None)``, fp32 (fp64 for fp64), in token chunks of ``chunk_elements`` logits (default
+    ``CHUNK_ELEMENTS``; the store path scores its no-grad streams in chunks as large as its
+    group budget). ``log_sum_sq[i]``: ``log Σ_v p_tv²`` of batch i (WPO), same logits.
 
     ``expectation[i]`` asks for batch i's ``E_t = Σ_v softmax(z_t)_v · s_tv · W_v`` (``s``
     the softcap slope, 1 without softcap): with a frozen lm_head it turns the backward into
@@ -80,7 +82,9 @@ def forward(
         weight = tokens.weight
         logp = torch.empty(num_rows, dtype=acc, device=device)
         lse = torch.empty(num_rows, dtype=acc, device=device)
-        expected = None
+        expected = sq = None
+        if log_sum_sq is not None and log_sum_sq[i]:
+            sq = torch.empty(num_rows, dtype=acc, device=device)
         if expectation is not None and expectation[i]:
             expected = torch.empty(num_rows, weight.shape[1], dtype=acc, device=device)
         step = chunk_rows(weight.shape[0], chunk_elements or CHUNK_ELEMENTS)
@@ -89,15 +93,19 @@ def forward(
             logits = _logits(tokens.rows(start, stop), tokens, transform)
             target = logits.gather(1, tokens.targets[start:stop, None]).squeeze(1)
             cap_slope = None
+            if sq is not None:  # log Σ p² = logsumexp(2z) − 2·lse, before z is overwritten
+                sq[start:stop] = torch.logsumexp(2 * logits, dim=-1)
             if expected is not None and transform.softcap is not None:
                 cap_slope = 1.0 - (logits / transform.softcap).square_()
             lse[start:stop] = _softmax_in_place(logits, normalize=expected is not None)
             logp[start:stop] = target - lse[start:stop]
+            if sq is not None:
+                sq[start:stop] -= 2 * lse[start:stop]
             if expected is not None:
                 probs = logits if cap_slope is None else logits.mul_(cap_slope)
                 expected[start:stop] = probs.to(weight.dtype) @ weight
             del logits, cap_slope
-        results.append(BackendResult(logp, lse, expected))
+        results.append(BackendResult(logp, lse, expected, sq))
     return results
 
 

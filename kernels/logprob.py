@@ -127,6 +127,7 @@ def _fold_kernel(
     tgt_ptr,  # fp32 [R] target logit, updated in place
     probs_ptr,  # [R, C] out (WRITE_PROBS): exp(z − new max)·s, the weight's dtype
     rescale_ptr,  # fp32 [R] out (WRITE_PROBS): exp(old max − new max)
+    sq_ptr,  # fp32 [R] (WRITE_SQ): running Σ exp(2(z − max)), for WPO's log Σ p², in place
     num_rows,
     chunk_start,  # vocab id of the chunk's first column
     chunk_width,
@@ -134,10 +135,12 @@ def _fold_kernel(
     softcap,
     HAS_SOFTCAP: tl.constexpr,
     WRITE_PROBS: tl.constexpr,
+    WRITE_SQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One vocab chunk into each row's online logsumexp (and the frozen head's ``p·s``).
+    """One vocab chunk into each row's online logsumexp (and the frozen head's ``p·s``, and
+    the online ``Σ exp(2(z − max))`` whose log minus twice the sum's gives ``log Σ p²``).
 
     The second pass reads a tile before writing the same tile, so ``probs`` may alias
     ``logits`` (fp32 weights).
@@ -147,12 +150,22 @@ def _fold_kernel(
     b_max = b_old_max
     b_sum = tl.load(sum_ptr + o_m, mask=m_m, other=0.0)
     b_tgt = tl.load(tgt_ptr + o_m, mask=m_m, other=0.0)
+    b_sq = tl.zeros_like(b_sum)  # defined on every path: loop-carried when compiled
+    if WRITE_SQ:
+        b_sq = tl.load(sq_ptr + o_m, mask=m_m, other=0.0)
     for v0 in range(0, chunk_width, BLOCK_V):
         o_v, m_v, m_tile, b_z = _z_tile(
             logits_ptr, o_row, m_m, v0, chunk_width, b_ptr, has_bias, multiplier, softcap,
             HAS_SOFTCAP, BLOCK_V,
         )  # fmt: skip
+        b_prev_max = b_max
         b_max, b_sum, b_tgt = _online_update(b_z, o_v, b_target, b_max, b_sum, b_tgt)
+        if WRITE_SQ:
+            b_sq = b_sq * tl.exp(2.0 * (b_prev_max - b_max)) + tl.sum(
+                tl.exp(2.0 * (b_z - b_max[:, None])), axis=1
+            )
+    if WRITE_SQ:
+        tl.store(sq_ptr + o_m, b_sq, mask=m_m)
     tl.store(max_ptr + o_m, b_max, mask=m_m)
     tl.store(sum_ptr + o_m, b_sum, mask=m_m)
     tl.store(tgt_ptr + o_m, b_tgt, mask=m_m)
@@ -319,37 +332,41 @@ def forward(
     transform: LogitTransform,
     expectation: list[bool] | None = None,
     chunk_elements: int | None = None,
+    log_sum_sq: list[bool] | None = None,
 ) -> list[BackendResult]:
-    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None)``, fp32.
-    (``chunk_elements`` is the torch backend's knob; vocab chunks here follow
-    ``CHUNK_ELEMENTS``.)
-
-    Batches that share an lm_head are scored together, one GEMM and one fold launch per
-    vocab chunk; ``expectation[i]`` (a frozen lm_head) also accumulates batch i's ``E_t``.
+    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M]
+    or None)``, fp32. (``chunk_elements`` is the torch backend's knob; vocab chunks here
+    follow ``CHUNK_ELEMENTS``.) ``log_sum_sq[i]`` asks for ``log Σ_v p_tv²`` (WPO) from the
+    same fold; batches sharing an lm_head are scored together, one GEMM per vocab chunk.
     """
     expectation = expectation or [False] * len(batches)
+    log_sum_sq = log_sum_sq or [False] * len(batches)
     groups: dict[tuple, list[int]] = {}
     for i, (tokens, wanted) in enumerate(zip(batches, expectation)):
         groups.setdefault(_group_key(tokens, wanted), []).append(i)
     results: list = [None] * len(batches)
     for members in groups.values():
         parts = [batches[i] for i in members]
-        logp, lse, expected = _forward_group(parts, transform, expectation[members[0]])
+        with_sq = any(log_sum_sq[i] for i in members)
+        logp, lse, expected, sq = _forward_group(parts, transform, expectation[members[0]], with_sq)
         start = 0
         for i, tokens in zip(members, parts):
             stop = start + tokens.num_rows
             rows_expected = None if expected is None else expected[start:stop]
-            results[i] = BackendResult(logp[start:stop], lse[start:stop], rows_expected)
+            rows_sq = sq[start:stop] if log_sum_sq[i] else None
+            results[i] = BackendResult(logp[start:stop], lse[start:stop], rows_expected, rows_sq)
             start = stop
     return results
 
 
 def _forward_group(
-    parts: list[TokenBatch], transform: LogitTransform, with_expectation: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Stacked rows of streams sharing one lm_head: ``(logp, lse, expected)`` over them."""
-    if (fused := _fused(parts[0], with_expectation)) is not None:
-        return fused.forward_group(parts, transform)
+    parts: list[TokenBatch], transform: LogitTransform, with_expectation: bool, with_sq: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Stacked rows of streams sharing one lm_head: ``(logp, lse, expected, log_sum_sq)``."""
+    # The opt-in fused-epilogue GEMM forms no log Σ p²: WPO's rows take the fold below.
+    fused = None if with_sq else _fused(parts[0], with_expectation)
+    if fused is not None:
+        return (*fused.forward_group(parts, transform), None)
     weight, bias = parts[0].weight, parts[0].bias
     hidden_size = weight.shape[1]
     device = weight.device
@@ -363,8 +380,9 @@ def _forward_group(
     if with_expectation:
         expected = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=device)
         rescale = torch.empty(num_rows, dtype=torch.float32, device=device)
+    sq_sum = torch.zeros(num_rows, dtype=torch.float32, device=device) if with_sq else None
     if num_rows == 0:
-        return target_logit, target_logit, expected
+        return target_logit, target_logit, expected, sq_sum
     blocks = _fold_blocks()
     for chunk in _vocab_chunks(rows, weight, bias, writes_out=with_expectation):
         _fold_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
@@ -377,11 +395,13 @@ def _forward_group(
             tgt_ptr=target_logit,
             probs_ptr=chunk.out,
             rescale_ptr=rescale if rescale is not None else running_sum,
+            sq_ptr=sq_sum if sq_sum is not None else running_sum,
             num_rows=num_rows,
             chunk_start=chunk.start,
             chunk_width=chunk.stop - chunk.start,
             **_transform_args(transform),
             WRITE_PROBS=with_expectation,
+            WRITE_SQ=with_sq,
             **blocks,
         )
         if expected is not None:
@@ -391,7 +411,9 @@ def _forward_group(
     lse = running_max + torch.log(running_sum)
     if expected is not None:
         expected.div_(running_sum[:, None])
-    return target_logit - lse, lse, expected
+    if sq_sum is not None:  # log Σ p² = log Σ e^{2(z−m)} − 2·log Σ e^{z−m}
+        sq_sum = torch.log(sq_sum) - 2 * torch.log(running_sum)
+    return target_logit - lse, lse, expected, sq_sum
 
 
 def backward(

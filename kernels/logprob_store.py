@@ -41,11 +41,13 @@ def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransfo
             tgt_ptr=target_logit,
             probs_ptr=logits,
             rescale_ptr=running_sum,
+            sq_ptr=running_sum,
             num_rows=num_rows,
             chunk_start=0,
             chunk_width=vocab_size,
             **_transform_args(transform),
             WRITE_PROBS=False,
+            WRITE_SQ=False,
             **blocks,
         )
     lse = running_max + torch.log(running_sum)

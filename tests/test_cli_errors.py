@@ -36,12 +36,12 @@ BAD_FLAGS = [
     (dict(learning_rate=float("nan")), "--learning-rate must be a number > 0, got nan"),
     (dict(beta=0.0), "--beta must be a number > 0"),
     (dict(save_total_limit=-1), "--save-total-limit must be"),
-    (dict(loss_type="hinge"), "--loss-type must be one of"),
+    (dict(loss_type="kto_pair"), "--loss-type must be one of"),
     (dict(reference="peft"), "--reference peft needs a LoRA adapter"),
     (dict(loss="kto", reference="precomputed"), "KTO's mismatched pairs"),
     (dict(model="./no/such/model"), "--model ./no/such/model: no such directory"),
     (dict(ref_model="/no/such/reference"), "--ref-model /no/such/reference: no such"),
-    (dict(loss="orpo"), "unknown loss 'orpo'"),
+    (dict(loss="rlhf"), "unknown loss 'rlhf'"),
 ]
 
 

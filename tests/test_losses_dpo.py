@@ -66,7 +66,7 @@ def test_dpo_packed_matches_padded():
             r"label_smoothing must be a finite number in \[0, 0.5\)",
         ),
         (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
-        (dict(loss_type="hinge"), ValueError, "loss_type must be one of"),
+        (dict(loss_type="kto_pair"), ValueError, "loss_type must be one of"),
         (dict(ref_logps=torch.zeros(5)), ValueError, r"ref_logps must have shape \[6\]"),
         (dict(ref_logps=torch.zeros(6, dtype=torch.long)), TypeError, "ref_logps must be a floa"),
         (dict(), ValueError, "give exactly one reference.*neither"),

@@ -131,8 +131,8 @@ def test_data_errors_name_the_fix(tmp_path):
         Trainer(
             TrainConfig(loss="dpo", max_completion_length=0, output_dir=str(tmp_path / "e"), **FAST)
         )
-    with pytest.raises(ValueError, match="unknown loss 'orpo'"):
-        Trainer(TrainConfig(loss="orpo", output_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="unknown loss 'rlhf'"):
+        Trainer(TrainConfig(loss="rlhf", output_dir=str(tmp_path / "o")))
 
 
 def test_model_without_lm_head_is_rejected():
@@ -158,7 +158,7 @@ def test_cli_help_and_errors(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0 and "--loss" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--loss", "orpo"])
+        main(["train", "--loss", "rlhf"])
     assert exit_info.value.code == 2
     assert main(["plot", "/nonexistent-run"]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err

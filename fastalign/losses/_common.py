@@ -212,10 +212,12 @@ def paired_loss(
     options: LogpOptions,
     make_unit_loss: Callable[[torch.Tensor | None], UnitLoss],
     name: str,
+    unit: str = "pair",
 ) -> tuple[FusedLoss, torch.Tensor | None]:
     """A pair-unit loss on the policy rows with an optional reference: ``(result, ref [2B])``.
 
-    ``make_unit_loss(ref_logps [2B] or None)`` gives the loss's ``UnitLoss``.
+    ``make_unit_loss(ref_logps [2B] or None)`` gives the loss's ``UnitLoss``; ``unit="batch"``
+    for a loss that couples the pairs (AOT's sorting).
     """
     num_pairs = check_paired_rows(labels, cu_seqlens)
     policy, nograd, ref_logps = policy_and_reference(
@@ -230,6 +232,6 @@ def paired_loss(
             ref[0] = scored[0].logps
         return [make_unit_loss(ref[0])]
 
-    result = fused_loss([PolicyTerm(policy, "pair")], nograd, build, options)
+    result = fused_loss([PolicyTerm(policy, unit)], nograd, build, options)
     warn_unscored_pairs(result.policy[0].num_tokens, num_pairs, name)
     return result, ref[0]

@@ -1,20 +1,26 @@
-"""DPO (Rafailov et al.) with its label-noise variants, on fused log-probs.
+"""DPO (Rafailov et al.) and every TRL 1.16 DPO loss type on fused log-probs.
 
 ``sigmoid``: ``−logσ(βΔ)``; with ``label_smoothing=ε > 0`` it is cDPO,
-``−(1−ε)logσ(βΔ) − ε·logσ(−βΔ)``. ``robust`` (Chowdhury et al. 2024):
-``(−(1−ε)logσ(βΔ) + ε·logσ(−βΔ)) / (1−2ε)``. ``Δ = (s_w − s_w,ref) − (s_l − s_l,ref)``.
+``−(1−ε)logσ(βΔ) − ε·logσ(−βΔ)`` (TRL and Liger ignore ε for ``sigmoid``). ``robust``
+(Chowdhury et al. 2024): ``(−(1−ε)logσ(βΔ) + ε·logσ(−βΔ)) / (1−2ε)``. The other types,
+their papers and formulas: ``pair_losses``. ``Δ = (s_w − s_w,ref) − (s_l − s_l,ref)``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import checks
-from ._common import PreferenceOutput, check_beta, paired_loss, paired_output
+from ._common import PreferenceOutput, num_sequences, paired_loss, paired_output
+from .pair_config import chosen_token_count, pair_loss_config, pair_unit_loss
+from .pair_extras import extras_pair_loss
+from .pair_losses import PAIR_LOSS_TYPES
 from .units import LogpOptions, UnitLoss, UnitStats
 
-LOSS_TYPES = ("sigmoid", "robust")
+LOSS_TYPES = tuple(PAIR_LOSS_TYPES)
 
 
 def dpo_unit_loss(
@@ -47,6 +53,26 @@ def dpo_unit_loss(
     return UnitLoss(unit_loss, unit_grad)
 
 
+def _unit_loss_for(config, labels, cu_seqlens, shift: bool, ignore_index: int):
+    """``ref -> UnitLoss``: the closed-form DPO/robust unit for a plain single type, else the
+    per-pair table (autograd on the group's small stats)."""
+    plain = config.loss_types in (("sigmoid",), ("robust",)) and config.loss_weights == (1.0,)
+    if plain and config.params.f_divergence_type == "reverse_kl":
+        params = config.params
+        return lambda ref: dpo_unit_loss(
+            ref, params.beta, config.loss_types[0], params.label_smoothing
+        )
+
+    def make(ref):
+        pairs = num_sequences(labels, cu_seqlens, "cu_seqlens") // 2
+        chosen = 0
+        if "sft" in config.loss_types:
+            chosen = chosen_token_count(labels, cu_seqlens, shift=shift, ignore_index=ignore_index)
+        return pair_unit_loss(config, ref, pairs, chosen)
+
+    return make
+
+
 def dpo_loss_fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -56,9 +82,16 @@ def dpo_loss_fused(
     ref_weight: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
+    loss_weights: Sequence[float] | None = None,
+    rpo_alpha: float | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -79,9 +112,26 @@ def dpo_loss_fused(
         weight: lm_head ``[V, H]``. labels: ``[2B, T]`` with ``ignore_index`` on prompt/pad.
         ref_hidden / ref_weight / ref_bias: the reference model's hidden states (and lm_head,
             default ``weight``/``bias``), scored with no autograd state; or
-        ref_logps: precomputed reference sums ``[2B]``. Exactly one unless ``reference_free``.
-        beta: β > 0. loss_type: ``"sigmoid"`` or ``"robust"``.
-        label_smoothing: ε in [0, 0.5) (cDPO for sigmoid, the robust loss's noise rate).
+        ref_logps: precomputed reference sums ``[2B]`` (LD-DPO weighted when ``ld_alpha`` is
+            set, as TRL precomputes them). Exactly one unless ``reference_free`` or only
+            reference-free terms (``"sft"``) are chosen.
+        beta: β > 0.
+        loss_type: one of TRL 1.16's types (``LOSS_TYPES``: sigmoid, hinge, ipo, exo_pair,
+            nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down,
+            discopop, sft, sigmoid_norm), or a list of them combined with ``loss_weights``
+            (default 1 each; MPO-style mixtures). Formulas and papers: ``pair_losses``.
+        label_smoothing: ε in [0, 0.5): cDPO for ``sigmoid`` (fastalign's convention; TRL
+            1.16 and Liger ignore it there, so a migrated TRL config with ε > 0 changes
+            meaning: set 0 to match), the flip rate of ``robust``, EXO's ε (> 0), AOT's ε.
+        rpo_alpha: weight of the chosen rows' per-token NLL (RPO; the same as appending
+            ``"sft"`` with that weight), from the same launch.
+        ld_alpha: LD-DPO's α in [0, 1]: tokens past ``min(n_w, n_l)`` count α-fold in the
+            policy and streamed reference sums (recompute path: a per-token extra).
+        use_weighting: WPO weights ``w_w·w_l``, ``w = exp(mean_t(log p_t − log Σ_v p_v²))``
+            (detached), ``log Σ p²`` from the same fold (no extra GEMM; recompute path).
+        f_divergence_type, f_alpha_divergence_coef: f-DPO's divergence (``reverse_kl``,
+            ``forward_kl``, ``js_divergence``, ``alpha_divergence``) and its α.
+        discopop_tau: DiscoPOP's τ.
         bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
             backend: as in ``sequence_logps``.
         grad_mode: ``"auto"`` (the store path when the lm_head is trainable and one pair's
@@ -103,29 +153,37 @@ def dpo_loss_fused(
         'logps/chosen'
     """
     options = LogpOptions.pick(locals())  # before any other local name exists
-    beta = check_beta(beta)
-    checks.check_choice(loss_type, "loss_type", LOSS_TYPES)
-    eps = float(
-        checks.check_number(label_smoothing, "label_smoothing", low=0, high=0.5, high_open=True)
+    config = pair_loss_config(
+        loss_type,
+        loss_weights,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        rpo_alpha=rpo_alpha,
+        ld_alpha=ld_alpha,
+        use_weighting=use_weighting,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
+        discopop_tau=discopop_tau,
     )
     checks.check_bool(reference_free, "reference_free")
-    result, ref = paired_loss(
-        hidden,
-        weight,
-        labels,
-        reference="none" if reference_free else "required",
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_logps=ref_logps,
-        ref_bias=ref_bias,
-        bias=bias,
-        cu_seqlens=cu_seqlens,
-        options=options,
-        make_unit_loss=lambda ref: dpo_unit_loss(ref, beta, loss_type, eps),
-        name="dpo_loss_fused",
-    )
-    policy = result.policy[0]
-    logratios = policy.logps.detach() if ref is None else policy.logps.detach() - ref
-    rewards = beta * logratios
+    reference = "none" if reference_free else "optional"
+    if not reference_free and config.needs_reference:
+        reference = "required"
+    refs = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps)
+    refs.update(ref_bias=ref_bias, bias=bias, cu_seqlens=cu_seqlens, options=options)
+    if config.ld_alpha is not None or config.use_weighting:
+        loss, policy, stats = extras_pair_loss(
+            hidden, weight, labels, config=config, reference=reference, **refs
+        )
+        logratios = torch.cat([stats.chosen_logratios, stats.rejected_logratios]).detach()
+    else:
+        make_unit_loss = _unit_loss_for(config, labels, cu_seqlens, shift, ignore_index)
+        result, ref = paired_loss(
+            hidden, weight, labels, reference=reference, make_unit_loss=make_unit_loss,
+            name="dpo_loss_fused", unit=config.unit, **refs,
+        )  # fmt: skip
+        loss, policy = result.loss, result.policy[0]
+        logratios = policy.logps.detach() if ref is None else policy.logps.detach() - ref
+    rewards = config.params.beta * logratios
     num_pairs = rewards.numel() // 2
-    return paired_output(result.loss, policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)
+    return paired_output(loss, policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)

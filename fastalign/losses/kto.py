@@ -4,6 +4,7 @@
 pairs ``j = (i+1) mod m`` of the microbatch (paper §4.1), detached and averaged over the data
 parallel group; loss ``λ_D(1 − σ(β(r − z0)))`` for desirable rows,
 ``λ_U(1 − σ(β(z0 − r)))`` for undesirable ones, mean over the batch.
+``loss_type="apo_zero_unpaired"`` (APO, TRL's KTO variant) needs no z0: ``unpaired_losses``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .._types import LogpOutput
 from ..streams import StreamInput, reference_stream
 from ._common import check_beta, check_logps, masked_mean, num_sequences, policy_and_reference
 from .units import LogpOptions, PolicyTerm, UnitLoss, UnitStats, fused_loss
+from .unpaired_losses import ROW_LOSS_TYPES, RowParams, row_unit_loss
 
 KL_NAMES = {
     "hidden": "kl_hidden",
@@ -299,6 +301,7 @@ def kto_loss_fused(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     process_group=None,
+    loss_type: str = "kto",
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
@@ -331,6 +334,8 @@ def kto_loss_fused(
             initialised (default: the world): the mean over every rank's mismatched pairs,
             clamped at 0 after the all-reduce (TRL averages per-rank means; the two agree
             when ranks hold equally many pairs).
+        loss_type: ``"kto"`` or ``"apo_zero_unpaired"`` (APO-zero per example, TRL's KTO
+            variant: ``λ_D(1 − σ(βr))`` / ``λ_U·σ(βr)``; no z0, so no ``kl``/``kl_*``).
         bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
             backend: as in ``sequence_logps``; grad_mode, store_budget_bytes: as in
             ``dpo_loss_fused`` (the gradient unit is a row: z0 is detached).
@@ -347,6 +352,16 @@ def kto_loss_fused(
     """
     options = LogpOptions.pick(locals())  # before any other local name exists
     beta = check_beta(beta)
+    checks.check_choice(loss_type, "loss_type", tuple(ROW_LOSS_TYPES))
+    if not ROW_LOSS_TYPES[loss_type].needs_z0:
+        given = [
+            name
+            for name, v in (("kl", kl), ("kl_hidden", kl_hidden), ("kl_ref_logps", kl_ref_logps))
+            if v is not None
+        ]
+        if given:
+            raise ValueError(f"{given[0]} is not used by loss_type {loss_type!r} (it has no z0)")
+        kl = 0.0
     weights = tuple(
         float(checks.check_number(w, name, low=0, low_open=True))
         for w, name in (
@@ -375,7 +390,9 @@ def kto_loss_fused(
             kl_policy, *kl_ref = scored[len(ref_stream) :]
             kl_ref = kl_ref[0].logps if kl_ref else kl_rows.ref_logps
             found["z0"] = _reference_point(kl_policy, kl_ref, process_group)
-        return [kto_unit_loss(found["ref"], found["z0"], desirable, beta, weights)]
+        if loss_type == "kto":
+            return [kto_unit_loss(found["ref"], found["z0"], desirable, beta, weights)]
+        return [row_unit_loss(loss_type, found["ref"], desirable, RowParams(beta, *weights))]
 
     result = fused_loss([PolicyTerm(policy, "row")], ref_stream + kl_rows.streams, build, options)
     logps = result.policy[0].logps.detach()

@@ -56,48 +56,42 @@ class BatchLoss:
         common = dict(bias=bias, shift=True, backend=cfg.backend, **self.transform)
         if "cu_seqlens" in policy:  # packed: hidden [N, H], labels [N]
             common["cu_seqlens"] = policy["cu_seqlens"]
-        ref = {}
-        if cfg.loss != "typo":
-            if self.ref_logps is not None:
-                rows = self.ref_logps["train" if train else "test"][batch["index"]]
-                ref["ref_logps"] = torch.cat([rows[:, 0], rows[:, 1]]).to(self.device)
-            else:
-                ref["ref_hidden"] = self._reference_hidden(policy).to(weight.dtype)
-                if self.ref_model is not None:  # the frozen copy's own lm_head
-                    ref["ref_weight"], ref["ref_bias"] = head_params(self.ref_model)
-        labels = policy["labels"]
-        if cfg.loss == "dpo":
-            return losses.dpo_loss_fused(
-                hidden,
-                weight,
-                labels,
-                beta=cfg.beta,
-                loss_type=cfg.loss_type,
-                label_smoothing=cfg.label_smoothing,
-                **ref,
-                **common,
-            )
-        if cfg.loss == "ipo":
-            return losses.ipo_loss_fused(hidden, weight, labels, beta=cfg.beta, **ref, **common)
-        if cfg.loss == "typo":
-            sample = {}
-            if "sample" in batch:
-                s = {k: v.to(self.device) for k, v in batch["sample"].items()}
-                sample = dict(
-                    sample_hidden=_hidden(body, s),
-                    sample_labels=s["labels"],
-                    sample_cu_seqlens=s.get("cu_seqlens"),
-                )
-            return losses.typo_loss_fused(
-                hidden, weight, labels, lam=cfg.lam if sample else 0.0, **sample, **common
-            )
-        return self._kto(batch, hidden, weight, labels, ref, common)
+        spec = self.spec  # the loss table's row: what this loss reads
+        args = [hidden, weight, policy["labels"]]
+        kwargs = {**spec.options(cfg), **common}
+        if spec.reference(cfg):
+            kwargs.update(self._reference_args(batch, policy, weight, train))
+        if spec.samples and "sample" in batch:
+            kwargs.update(self._sample_args(batch, body))
+        elif spec.samples:  # no sampled responses in this run (--lam 0)
+            kwargs["lam"] = 0.0
+        if spec.data == "unpaired":
+            return self._kto(batch, args, kwargs, spec.mismatched_rows(cfg))
+        return spec.fused(*args, **kwargs)
 
-    def _kto(self, batch, hidden, weight, labels, ref: dict, common: dict):
+    def _reference_args(self, batch: dict, policy: dict, weight, train: bool) -> dict:
+        """The reference: precomputed rows of this batch, or hidden states (and lm_head)."""
+        if self.ref_logps is not None:
+            rows = self.ref_logps["train" if train else "test"][batch["index"]]
+            return {"ref_logps": torch.cat([rows[:, 0], rows[:, 1]]).to(self.device)}
+        ref = {"ref_hidden": self._reference_hidden(policy).to(weight.dtype)}
+        if self.ref_model is not None:  # the frozen copy's own lm_head
+            ref["ref_weight"], ref["ref_bias"] = head_params(self.ref_model)
+        return ref
+
+    def _sample_args(self, batch: dict, body) -> dict:
+        """TYPO: responses sampled from the reference, scored by the policy."""
+        s = {k: v.to(self.device) for k, v in batch["sample"].items()}
+        return dict(
+            sample_hidden=_hidden(body, s),
+            sample_labels=s["labels"],
+            sample_cu_seqlens=s.get("cu_seqlens"),
+        )
+
+    def _kto(self, batch, args: list, kwargs: dict, mismatched: bool):
         """KTO on one microbatch: its mismatched pairs (``batch["kl"]``) give z0."""
-        cfg = self.config
         kl = {}
-        if "kl" in batch:
+        if mismatched and "kl" in batch:
             k = {n: v.to(self.device) for n, v in batch["kl"].items()}
             with torch.no_grad():
                 kl_hidden = _hidden(self.body, k)
@@ -107,21 +101,17 @@ class BatchLoss:
                 kl_ref_hidden=self._reference_hidden(k),
                 kl_cu_seqlens=k.get("cu_seqlens"),
             )
-        else:
+        elif mismatched:
             kl = dict(kl=0.0)
         with warnings.catch_warnings():
             # λ_D, λ_U were set on the whole data set (kto_class_weights, which warns there);
             # one microbatch's desirable/undesirable mix says nothing about that ratio.
             warnings.filterwarnings("ignore", message="λ_D·n_D/", category=UserWarning)
             return losses.kto_loss_fused(
-                hidden,
-                weight,
-                labels,
+                *args,
                 batch["desirable"].to(self.device),
-                beta=cfg.beta,
                 desirable_weight=self.desirable_weight,
                 undesirable_weight=self.undesirable_weight,
-                **ref,
+                **kwargs,
                 **kl,
-                **common,
             )

@@ -17,8 +17,21 @@ class TrainConfig:
     ref_model: str | None = None  # a separate reference checkpoint (default: copy of policy)
     lora_rank: int = 0  # > 0: train a LoRA adapter (peft) instead of all weights
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    # The loss's variant(s) and options (fastalign/trainer/loss_table.py says which loss reads
+    # which); None: the loss's default. DPO: --loss-type sigmoid,sft --loss-weights 1,0.5.
+    loss_type: str | None = None
+    loss_weights: str | None = None  # DPO: comma-separated, one per --loss-type entry
     label_smoothing: float = 0.0
+    rpo_alpha: float | None = None  # DPO: weight of the chosen rows' NLL
+    ld_alpha: float | None = None  # DPO: LD-DPO's α
+    use_weighting: bool = False  # DPO: WPO weights
+    f_divergence_type: str | None = None  # DPO: f-DPO's divergence
+    f_alpha_divergence_coef: float | None = None
+    discopop_tau: float | None = None
+    gamma: float | None = None  # SimPO's margin γ; CPO's simpo_gamma
+    nll_weight: float | None = None  # SimPO: weight of the chosen rows' NLL
+    cpo_alpha: float | None = None  # CPO: weight of the chosen rows' NLL
+    alphapo_alpha: float | None = None  # CPO: AlphaPO's reward shape
     lam: float = 0.05  # TYPO
     sample_column: str = "sample"  # TYPO: reference samples
     desirable_weight: float | None = None  # KTO; None: kto_class_weights on the data

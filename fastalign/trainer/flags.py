@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 HELP = {
-    "loss": "preference loss: dpo, ipo, kto (unpaired data) or typo",
+    "loss": "preference loss: dpo, ipo, kto (unpaired data), typo, simpo, orpo or cpo",
     "model": "policy: a local path or Hugging Face hub name (default: the embedded tiny "
     "Llama, SFT-warmed on the embedded data)",
     "dataset": ".json/.jsonl file or load_dataset name in a TRL format: prompt/chosen/"
@@ -17,8 +17,22 @@ HELP = {
     "policy)",
     "lora_rank": "> 0: train a LoRA adapter of this rank instead of all weights",
     "beta": "β: strength of the implicit KL penalty toward the reference",
-    "loss_type": "dpo: sigmoid, or robust (Chowdhury et al., with --label-smoothing)",
-    "label_smoothing": "dpo: ε, the assumed fraction of flipped preference labels",
+    "loss_type": "dpo: one of TRL's 15 types or a comma list (sigmoid,sft); kto: kto or "
+    "apo_zero_unpaired; cpo: sigmoid, hinge, ipo, simpo or alphapo (default: sigmoid / kto)",
+    "loss_weights": "dpo: comma-separated weights, one per --loss-type entry (default: 1 each)",
+    "label_smoothing": "dpo/simpo/cpo: ε (cDPO on dpo's sigmoid, where TRL ignores it; the "
+    "flip rate of robust; EXO's and AOT's ε)",
+    "rpo_alpha": "dpo: weight of the chosen rows' per-token NLL (RPO; = appending sft)",
+    "ld_alpha": "dpo: LD-DPO's α in [0, 1] for tokens past the shorter completion",
+    "use_weighting": "dpo: WPO weights from the policy's log Σ p² (same launch)",
+    "f_divergence_type": "dpo: f-DPO divergence: reverse_kl, forward_kl, js_divergence or "
+    "alpha_divergence",
+    "f_alpha_divergence_coef": "dpo: α of alpha_divergence (default: 0.5)",
+    "discopop_tau": "dpo: DiscoPOP's τ (default: 0.05)",
+    "gamma": "simpo: target margin γ; cpo: simpo_gamma (default: 0.5)",
+    "nll_weight": "simpo: weight of the chosen rows' per-token NLL (default: 0)",
+    "cpo_alpha": "cpo: weight of the chosen rows' per-token NLL (default: 1)",
+    "alphapo_alpha": "cpo: AlphaPO reward shape α (default: 0, log-prob rewards)",
     "lam": "typo: weight λ of the term on reference samples (0: no samples needed)",
     "sample_column": "typo: dataset column with reference samples (see fastalign sample)",
     "desirable_weight": "kto: λ_D (default: class balancing on the data, λ_D·n_D = λ_U·n_U; "

@@ -34,6 +34,7 @@ from . import validation as V
 from .compute import BatchLoss
 from .config import TrainConfig
 from .interrupt import StopRequest, agreed_signal
+from .loss_table import loss_spec
 from .model import HiddenStates, lm_head, logit_transform, prepare_packing, router_aux_loss
 from .validation import LOSSES, REFERENCES
 
@@ -57,7 +58,8 @@ class Trainer(BatchLoss):
         V.check_config(config)
         report.silence_third_party_progress()
         self.config = config
-        self.kind = "unpaired" if config.loss == "kto" else "paired"
+        self.spec = loss_spec(config.loss)  # what this loss needs (data, reference, rows)
+        self.kind = self.spec.data
         self.resume_state = V.check_resume(config) if config.resume_from else None
         self._init_distributed()
         if self.resume_state is not None and self.resume_state.get("world", 1) != self.world:
@@ -120,7 +122,7 @@ class Trainer(BatchLoss):
         cfg = self.config
         sample_column = None
         self.needs_default_samples = False
-        if cfg.loss == "typo" and cfg.lam > 0:
+        if self.spec.samples and cfg.lam > 0:
             if cfg.sample_column not in dataset["train"].column_names:
                 if not self.is_default:
                     raise ValueError(
@@ -144,7 +146,7 @@ class Trainer(BatchLoss):
         self.test_set = dataset["test"] if "test" in dataset else None
         if cfg.eval_dataset:
             self.test_set = V.load_eval_dataset(cfg, self.kind)
-        if cfg.loss == "kto":
+        if self.kind == "unpaired":  # KTO's class weights λ_D, λ_U from the data set
             labels = self.train_set["label"]
             n_d, n_u = sum(labels), len(labels) - sum(labels)
             weights = (1.0, 1.0) if n_d == 0 or n_u == 0 else losses.kto_class_weights(n_d, n_u)

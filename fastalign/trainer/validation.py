@@ -12,8 +12,8 @@ from pathlib import Path
 
 from . import checkpoint as C
 from . import data as D
+from .loss_table import LOSSES, loss_spec
 
-LOSSES = ("dpo", "ipo", "kto", "typo")
 REFERENCES = ("copy", "peft", "precomputed")
 
 # field: (accepts the value, what is expected). None passes for the fields that default to it.
@@ -92,14 +92,15 @@ def check_config(config) -> None:
         finite = isinstance(value, (int, float)) and math.isfinite(value)
         if isinstance(value, bool) or not finite or not accepts(value):
             raise ValueError(f"{flag(name)} must be {expected}, got {value!r}")
-    if config.reference == "precomputed" and config.loss == "kto":
+    spec = loss_spec(config.loss)
+    if config.reference == "precomputed" and spec.data == "unpaired":
         raise ValueError(
             "KTO's mismatched pairs change with every microbatch: use --reference copy or "
             "peft (precomputed reference log-probs are for dpo/ipo)"
         )
     if config.reference == "peft" and config.lora_rank == 0:
         raise ValueError("--reference peft needs a LoRA adapter: pass --lora-rank > 0")
-    if config.loss == "kto" and config.batch_size < 2:
+    if spec.mismatched_rows(config) and config.batch_size < 2:
         raise ValueError(
             "--loss kto needs --batch-size ≥ 2: its reference point z0 comes from mismatched "
             f"pairs within each microbatch (got --batch-size {config.batch_size})"
@@ -111,11 +112,7 @@ def check_config(config) -> None:
     check_report_to(config.report_to)
     if config.fsdp and "WORLD_SIZE" not in os.environ:
         raise ValueError("--fsdp shards over a process group: launch with torchrun")
-    if config.loss == "dpo":
-        from ..losses.dpo import LOSS_TYPES
-
-        if config.loss_type not in LOSS_TYPES:
-            raise ValueError(f"--loss-type must be one of {LOSS_TYPES}, got {config.loss_type!r}")
+    loss_spec(config.loss).check(config)
     for name in ("model", "ref_model"):
         if getattr(config, name) is not None:
             check_model_path(getattr(config, name), flag(name))
@@ -145,9 +142,10 @@ def check_model_path(name: str, flag_name: str) -> None:
 # ------------------------------------------------------------------ the data set
 def text_columns(config) -> tuple[str, ...]:
     """The data columns this loss reads as text (a string or chat messages per row)."""
-    if config.loss == "kto":
+    spec = loss_spec(config.loss)
+    if spec.data == "unpaired":
         return ("prompt", "completion")
-    sample = (config.sample_column,) if config.loss == "typo" and config.lam > 0 else ()
+    sample = (config.sample_column,) if spec.samples and config.lam > 0 else ()
     return ("prompt", "chosen", "rejected", *sample)
 
 

@@ -1,0 +1,83 @@
+"""LD-DPO and WPO: pair losses that read per-token extras of the fold (a prefix sum, and
+``Σ_t log Σ_v p²``), scored in one launch on the recompute path."""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from .._types import LogpOutput
+from ..ops import prepare_all, score_prepared_full, select_backend
+from ._common import check_paired_rows, policy_and_reference
+from .pair_config import PairLossConfig, pair_stats
+from .pair_losses import PairStats, combined_pair_losses, ld_weighted
+from .units import LogpOptions
+
+
+class ExtrasLoss(NamedTuple):
+    """The loss, the policy sums it read (LD-weighted), and the pairs' stats (for rewards)."""
+
+    loss: torch.Tensor  # scalar
+    policy: LogpOutput  # [2B]
+    stats: PairStats
+
+
+def shared_length(num_tokens: torch.Tensor) -> torch.Tensor:
+    """LD-DPO's public length ``min(n_w, n_l)`` for both rows of each pair: ``[2B] -> [2B]``."""
+    pairs = num_tokens.shape[0] // 2
+    shared = torch.minimum(num_tokens[:pairs], num_tokens[pairs:])
+    return torch.cat([shared, shared])
+
+
+def extras_pair_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    config: PairLossConfig,
+    reference: str,
+    ref_hidden: torch.Tensor | None,
+    ref_weight: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    options: LogpOptions,
+) -> ExtrasLoss:
+    """A ``dpo_loss_fused`` selection with ``ld_alpha`` and/or ``use_weighting``: policy and
+    reference (with their prefix sums) and the policy's ``log Σ p²`` from one launch."""
+    transform = options.transform()
+    if options.grad_mode == "store":
+        warnings.warn(
+            "grad_mode='store': ld_alpha / use_weighting read per-token extras the store path "
+            "does not form; using the recompute path",
+            stacklevel=3,
+        )
+    num_pairs = check_paired_rows(labels, cu_seqlens)
+    policy, nograd, ref_logps = policy_and_reference(
+        hidden, weight, labels, rows=2 * num_pairs, bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
+        reference=reference,
+    )  # fmt: skip
+    prefix = None if config.ld_alpha is None else shared_length
+    for stream in (policy, *nograd):
+        stream.prefix_tokens = prefix
+    policy.log_sum_sq = config.use_weighting
+    streams = [policy, *nograd]
+    prepared = prepare_all(streams, shift=options.shift, ignore_index=options.ignore_index)
+    scores = score_prepared_full(
+        streams, prepared, transform, select_backend(options.backend, prepared)
+    )
+    logps, ref = scores[0].logps, ref_logps if not nograd else scores[1].logps
+    if config.ld_alpha is not None:
+        logps = ld_weighted(scores[0].logps, scores[0].prefix_logps, config.ld_alpha)
+        if nograd:  # streamed; precomputed reference sums come LD-weighted
+            ref = ld_weighted(ref, scores[1].prefix_logps, config.ld_alpha)
+    num_tokens = scores[0].num_tokens
+    stats = pair_stats(
+        logps, ref, num_tokens, log_sum_sq=scores[0].log_sum_sq, raw_logps=scores[0].logps
+    )
+    losses = combined_pair_losses(stats, config.params, config.loss_types, config.loss_weights)
+    return ExtrasLoss(losses.mean(), LogpOutput(logps, num_tokens), stats)
