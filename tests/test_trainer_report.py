@@ -21,7 +21,6 @@ def _records(run_dir):
 
 
 def test_eval_file_every_eval_steps_and_tensorboard_get_the_same_names(tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     held_out = tmp_path / "held_out.jsonl"
@@ -54,8 +53,6 @@ def test_eval_file_every_eval_steps_and_tensorboard_get_the_same_names(tmp_path)
 
 
 def test_wandb_runs_offline(tmp_path, monkeypatch):
-    if importlib.util.find_spec("wandb") is None:
-        pytest.skip("wandb is an optional extra (pip install 'fastalign[wandb]')")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     reporter = report.Reporter("wandb", tmp_path / "run", {"loss": "kto"})
