@@ -39,7 +39,7 @@ SWEEP = [
     (256, 128, 64, 8, 8, 3, True),
     (64, 256, 64, 8, 4, 4, True),
 ]
-# (stacked rows, hidden, vocab): DPO policy+reference at N=4096 (the target), a wide H.
+# (stacked rows, hidden, vocab): DPO policy+reference at N=4096 (the DPO target shape), a wide H.
 SHAPES = [(8192, 1024, 128256), (8192, 4096, 128256)]
 PARTS = ("overhead", "sweep", "profile")
 BF16_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16 datasheet figure

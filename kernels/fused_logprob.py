@@ -11,8 +11,8 @@ Story in order:
    whose logsumexp partials fit ``PARTIAL_ELEMENTS``: one persistent GEMM launch writes a
    chunk's per-tile partials and target logits, one small launch merges them in order.
 3. ``dz_chunk``: one vocab chunk's ``dz`` in the weight's dtype from the saved logsumexp —
-   also the entry point for a loss-level path that knows ``g`` after its forward (issue 13's
-   exact fast path can call it per group instead of the GEMM + in-place dz kernel).
+   also the entry point for a loss-level path that knows ``g`` after its forward (the store
+   path, fastalign.store, can call it per group instead of the GEMM + in-place dz kernel).
 4. ``backward``: per vocab chunk, ``dz_chunk`` then cuBLAS ``grad_rows += dz·W_c`` (fp32) and
    ``grad_W[c] = dzᵀ·h``, as the GEMM+fold backend does. Deterministic: no atomics.
 

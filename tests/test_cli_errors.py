@@ -139,7 +139,7 @@ def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def assert_clean_error(proc: subprocess.CompletedProcess, message: str) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]  # after third-party progress bars (issue 14)
+    last = proc.stderr.strip().splitlines()[-1]  # after any third-party progress bars
     assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
