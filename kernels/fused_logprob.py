@@ -9,12 +9,11 @@ Story in order:
    forward must materialise ``softmax·s`` per chunk for the ``E_t`` GEMM anyway.
 2. ``forward_group``: the stacked rows of every stream sharing the lm_head, in vocab chunks
    whose logsumexp partials fit ``PARTIAL_ELEMENTS``: one persistent GEMM launch writes a
-   chunk's per-tile partials and target logits, one small launch merges them in order.
-3. ``dz_chunk``: one vocab chunk's ``dz`` in the weight's dtype from the saved logsumexp —
-   also the entry point for a loss-level path that knows ``g`` after its forward (the store
-   path, fastalign.store, can call it per group instead of the GEMM + in-place dz kernel).
-4. ``backward``: per vocab chunk, ``dz_chunk`` then cuBLAS ``grad_rows += dz·W_c`` (fp32) and
-   ``grad_W[c] = dzᵀ·h``, as the GEMM+fold backend does. Deterministic: no atomics.
+   chunk's per-part partials and target logits, one small launch merges them in order.
+3. ``dz_chunk`` / ``dz_chunks``: one vocab chunk's ``dz`` in the weight's dtype from the
+   saved logsumexp; ``logprob.backward`` takes them per chunk in place of its GEMM + dz
+   kernel and runs the same cuBLAS ``grad_rows += dz·W_c`` (fp32) and ``grad_W[c] = dzᵀ·h``.
+   Deterministic: no atomics.
 
 FLOPs as the GEMM+fold backend (2HV forward, 6HV backward per scored token); HBM traffic
 per token drops by ``8·V`` bytes forward (no fp32 logits written and read back) and by
@@ -32,7 +31,7 @@ import triton
 
 from .._types import LogitTransform, TokenBatch
 from . import fused_gemm as K
-from .logprob import _NEG_BIG, INTERPRET, _chunk_width, _mm_fp32
+from .logprob import _NEG_BIG, INTERPRET, _chunk_width
 
 KERNELS = ("gemm_fold", "fused")
 # How the mainloop loads tiles: "auto" (TMA descriptors where the hardware and the
@@ -52,14 +51,6 @@ class FusedForward(NamedTuple):
     expected: None  # the fused kernels never take a frozen lm_head
 
 
-class FusedGrads(NamedTuple):
-    """Gradients of ``Σ_t g_t · logp_t``; ``None`` where not asked for."""
-
-    rows: torch.Tensor | None  # [M, H] fp32
-    weight: torch.Tensor | None  # [V, H] the weight's dtype
-    bias: torch.Tensor | None  # [V] fp32
-
-
 class TileConfig(NamedTuple):
     """Tile shape and launch options of both fused kernels."""
 
@@ -70,6 +61,16 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int
     epilogue_split: bool = False  # the epilogue in two column halves (fewer live registers)
+
+    @property
+    def parts(self) -> int:
+        """Column parts of a tile the epilogue handles one at a time."""
+        return 2 if self.epilogue_split else 1
+
+    @property
+    def part_n(self) -> int:
+        """Columns of one epilogue part: the unit of the forward's logsumexp partials."""
+        return self.block_n // self.parts
 
 
 # 128×256×64 tiles, GROUP_M 8, 8 warps, 3 stages (the persistent-matmul tutorial's Hopper
@@ -152,34 +153,57 @@ def _transform2(transform: LogitTransform) -> _Transform2:
     )
 
 
-def _launch_args(
+def _launch(
     rows: torch.Tensor,  # [R, H]
-    weight: torch.Tensor,  # [C, H]
-    tma: bool,
+    weight_chunk: torch.Tensor,  # [C, H] lm_head rows [chunk_start, chunk_start + C)
+    bias_chunk: torch.Tensor | None,  # [C]
+    targets: torch.Tensor,  # int64 [R]
+    chunk_start: int,
     transform: LogitTransform,
-) -> dict:
-    """Keyword arguments shared by both kernels: GEMM operands, transform, tiles, grid size."""
+    tma: bool,
+    forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    backward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """One persistent ``_fused_gemm_kernel`` launch over a vocab chunk, with the forward
+    epilogue (``forward``: part maxima [P, R], part sums [P, R], target z₂ [R], written) or the
+    dz one (``backward``: lse [R], g [R], dz [R, C] written)."""
     cfg, t2 = tile_config(tma), _transform2(transform)
-    return dict(
+    num_rows, width = rows.shape[0], weight_chunk.shape[0]
+    part_max, part_sum, target2 = forward if forward is not None else (targets,) * 3
+    lse, grad_logp, dz = backward if backward is not None else (targets,) * 3
+    K._fused_gemm_kernel[(_grid(num_rows, width, cfg, rows.device),)](
+        rows=_operand(rows, tma, [cfg.block_m, cfg.block_k]),
+        weight=_operand(weight_chunk, tma, [cfg.block_n, cfg.block_k]),
+        stride_rows=rows.stride(0),
+        stride_weight=weight_chunk.stride(0),
+        b_ptr=weight_chunk if bias_chunk is None else bias_chunk,
+        has_bias=int(bias_chunk is not None),
+        targets_ptr=targets,
+        part_max_ptr=part_max,
+        part_sum_ptr=part_sum,
+        tgt_ptr=target2,
+        lse_ptr=lse,
+        grad_ptr=grad_logp,
+        out=dz if backward is None else _operand(dz, tma, [cfg.block_m, cfg.part_n]),
+        stride_out=dz.stride(0),
+        num_rows=num_rows,
+        chunk_start=chunk_start,
+        chunk_width=width,
+        hidden_size=rows.shape[1],
         scale2=t2.scale2,
         cap2=t2.cap2,
         cap_k=t2.cap_k,
+        multiplier=transform.multiplier,
+        DZ=backward is not None,
         HAS_SOFTCAP=t2.has_softcap,
-        NUM_PROGRAMS=_num_programs(rows.device),
-        rows=_operand(rows, tma, [cfg.block_m, cfg.block_k]),
-        weight=_operand(weight, tma, [cfg.block_n, cfg.block_k]),
-        stride_rows=rows.stride(0),
-        stride_weight=weight.stride(0),
-        num_rows=rows.shape[0],
-        chunk_width=weight.shape[0],
-        hidden_size=rows.shape[1],
         TMA=tma,
         DOT_FP32=INTERPRET,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
-        EPILOGUE_SPLIT=cfg.epilogue_split,
+        EPILOGUE_PARTS=cfg.parts,
+        NUM_PROGRAMS=_num_programs(rows.device),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -188,6 +212,13 @@ def _launch_args(
 def _grid(num_rows: int, width: int, cfg: TileConfig, device: torch.device) -> int:
     tiles = triton.cdiv(num_rows, cfg.block_m) * triton.cdiv(width, cfg.block_n)
     return min(_num_programs(device), tiles)
+
+
+def forward_chunk_width(num_rows: int, vocab_size: int, cfg: TileConfig) -> int:
+    """Vocab columns per forward launch: whole tiles whose partials, ``[parts, R]`` fp32
+    twice, hold about ``PARTIAL_ELEMENTS`` each."""
+    tiles = max(1, PARTIAL_ELEMENTS // (num_rows * cfg.parts))
+    return min(tiles, triton.cdiv(vocab_size, cfg.block_n)) * cfg.block_n
 
 
 def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedForward:
@@ -205,33 +236,22 @@ def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedFo
         return FusedForward(running_sum, running_sum, None)
     tma = _use_tma(rows, weight)  # chunks start on whole tiles: each as aligned as the head
     cfg = tile_config(tma)
-    tiles_per_chunk = min(
-        max(1, PARTIAL_ELEMENTS // num_rows), triton.cdiv(weight.shape[0], cfg.block_n)
-    )
-    width = tiles_per_chunk * cfg.block_n
-    part_max = torch.empty(tiles_per_chunk, num_rows, dtype=torch.float32, device=device)
+    width = forward_chunk_width(num_rows, weight.shape[0], cfg)
+    part_max = torch.empty(width // cfg.part_n, num_rows, dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
     block_r = 16 if INTERPRET else 256
     for start in range(0, weight.shape[0], width):
         stop = min(start + width, weight.shape[0])
-        chunk = weight[start:stop]  # [C, H]
-        K._lse_partials_kernel[(_grid(num_rows, stop - start, cfg, device),)](
-            **_launch_args(rows, chunk, tma, transform),
-            b_ptr=weight if bias is None else bias[start:stop],
-            has_bias=int(bias is not None),
-            targets_ptr=targets,
-            part_max_ptr=part_max,
-            part_sum_ptr=part_sum,
-            tgt_ptr=target2,
-            chunk_start=start,
-        )
+        chunk_bias = None if bias is None else bias[start:stop]
+        partials = (part_max, part_sum, target2)
+        _launch(rows, weight[start:stop], chunk_bias, targets, start, transform, tma, partials)
         K._merge_partials_kernel[(triton.cdiv(num_rows, block_r),)](
             part_max_ptr=part_max,
             part_sum_ptr=part_sum,
             max_ptr=running_max,
             sum_ptr=running_sum,
             num_rows=num_rows,
-            num_tiles=triton.cdiv(stop - start, cfg.block_n),
+            num_parts=triton.cdiv(stop - start, cfg.part_n),
             BLOCK_R=block_r,
         )
     lse2 = running_max + torch.log2(running_sum)
@@ -265,59 +285,31 @@ def dz_chunk(
         buf = dz_buffer(rows.shape[0], 4096, weight)
         dz = dz_chunk(rows, weight[:4096], None, targets, 0, lse, g, LogitTransform(), buf)
     """
-    num_rows, width = rows.shape[0], weight_chunk.shape[0]
-    dz = buffer[:, :width]
+    dz = buffer[:, : weight_chunk.shape[0]]
     tma = _use_tma(rows, weight_chunk, dz)
-    cfg = tile_config(tma)
-    K._dz_kernel[(_grid(num_rows, width, cfg, rows.device),)](
-        **_launch_args(rows, weight_chunk, tma, transform),
-        b_ptr=weight_chunk if bias_chunk is None else bias_chunk,
-        has_bias=int(bias_chunk is not None),
-        targets_ptr=targets,
-        lse_ptr=lse,
-        grad_ptr=grad_logp,
-        dz=_operand(dz, tma, [cfg.block_m, cfg.block_n // (2 if cfg.epilogue_split else 1)]),
-        stride_dz=dz.stride(0),
-        chunk_start=chunk_start,
-        multiplier=transform.multiplier,
-    )
+    grads = (lse, grad_logp, dz)
+    _launch(rows, weight_chunk, bias_chunk, targets, chunk_start, transform, tma, backward=grads)
     return dz
 
 
-def backward(
-    tokens: TokenBatch,
+def dz_chunks(
+    rows: torch.Tensor,  # [M, H] the weight's dtype
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # int64 [M]
+    lse: torch.Tensor,  # fp32 [M]
+    grad_logp: torch.Tensor,  # fp32 [M]
     transform: LogitTransform,
-    lse: torch.Tensor,  # [M] fp32
-    grad_logp: torch.Tensor,  # [M] fp32
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> FusedGrads:
-    """``(grad_rows [M, H] fp32, grad_weight [V, H], grad_bias [V] fp32)``, as
-    ``logprob.backward`` but with each chunk's ``dz`` from ``dz_chunk`` (no logits in HBM)."""
-    weight, bias = tokens.weight, tokens.bias
-    vocab_size, hidden_size = weight.shape
-    num_rows, device = tokens.num_rows, weight.device
-    rows = tokens.rows(0, num_rows).contiguous()  # [M, H]
-    targets = tokens.targets.long().contiguous()
-    lse, grad_logp = lse.float().contiguous(), grad_logp.float().contiguous()
-    grad_rows = None
-    if need_hidden:
-        grad_rows = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=device)
-    grad_weight = torch.empty_like(weight) if need_weight else None
-    grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=device) if need_bias else None
-    width = _chunk_width(num_rows, vocab_size)
-    buffer = dz_buffer(num_rows, width, weight)
+):
+    """Per vocab chunk of ``logprob``'s width, ``(start, stop, dz [M, C])`` from ``dz_chunk``
+    (one scratch buffer, overwritten chunk after chunk)."""
+    vocab_size = weight.shape[0]
+    width = _chunk_width(rows.shape[0], vocab_size)
+    buffer = dz_buffer(rows.shape[0], width, weight)
     for start in range(0, vocab_size, width):
         stop = min(start + width, vocab_size)
         chunk_bias = None if bias is None else bias[start:stop]
         dz = dz_chunk(
             rows, weight[start:stop], chunk_bias, targets, start, lse, grad_logp, transform, buffer
         )  # [M, C]
-        if grad_rows is not None:
-            grad_rows.add_(_mm_fp32(dz, weight[start:stop]))
-        if grad_weight is not None:
-            torch.mm(dz.T, rows, out=grad_weight[start:stop])
-        if grad_bias is not None:
-            grad_bias[start:stop] = dz.float().sum(0)
-    return FusedGrads(grad_rows, grad_weight, grad_bias)
+        yield start, stop, dz

@@ -302,6 +302,7 @@ def _vocab_chunks(
             out = torch.empty_like(logits, dtype=weight.dtype)
         chunk_bias, has_bias = (weight, 0) if bias is None else (bias[start:stop], 1)
         yield _VocabChunk(start, stop, chunk_weight, logits, out, chunk_bias, has_bias)
+        del logits, out  # before the next chunk's GEMM: one chunk at a time
 
 
 def _fused(tokens: TokenBatch, with_expectation: bool):
@@ -427,30 +428,50 @@ def backward(
 ) -> BackendGrads:
     """``(grad_rows [M, H] fp32, grad_weight [V, H] weight's dtype, grad_bias [V] fp32)``.
 
-    Vocab chunk by chunk: recompute the logits, form ``dz`` in the weight's dtype (tensor
-    cores for the two GEMMs), accumulate ``grad_rows`` in fp32 and write each chunk's rows of
+    Vocab chunk by chunk: ``dz`` in the weight's dtype (``_dz_chunks``; tensor cores for the
+    two GEMMs), accumulate ``grad_rows`` in fp32 and write each chunk's rows of
     ``grad_weight`` once (cuBLAS sums over the tokens in fp32). Deterministic.
     """
-    if (fused := _fused(tokens, False)) is not None:
-        return fused.backward(
-            tokens, transform, lse, grad_logp, need_hidden, need_weight, need_bias
-        )
-    weight, bias = tokens.weight, tokens.bias
+    weight = tokens.weight
     vocab_size, hidden_size = weight.shape
     device = weight.device
     num_rows = tokens.num_rows
-    rows = tokens.rows(0, num_rows)  # [M, H]
-    targets = tokens.targets.long().contiguous()
-    lse = lse.float().contiguous()
-    grad_logp = grad_logp.float().contiguous()
+    rows = tokens.rows(0, num_rows)  # [M, H], gathered: contiguous
     grad_rows = None
     if need_hidden:
         grad_rows = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=device)
     grad_weight = torch.empty_like(weight) if need_weight else None
     grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=device) if need_bias else None
+    inputs = (rows, tokens, transform, lse.float().contiguous(), grad_logp.float().contiguous())
+    for start, stop, dz in _dz_chunks(*inputs):  # dz [M, C], the weight's dtype
+        if grad_rows is not None:
+            grad_rows.add_(_mm_fp32(dz, weight[start:stop]))
+        if grad_weight is not None:
+            torch.mm(dz.T, rows.to(dz.dtype), out=grad_weight[start:stop])
+        if grad_bias is not None:
+            grad_bias[start:stop] = dz.float().sum(0)
+        del dz
+    return BackendGrads(grad_rows, grad_weight, grad_bias)
+
+
+def _dz_chunks(
+    rows: torch.Tensor,  # [M, H]
+    tokens: TokenBatch,
+    transform: LogitTransform,
+    lse: torch.Tensor,  # [M] fp32
+    grad_logp: torch.Tensor,  # [M] fp32
+):
+    """Per vocab chunk, ``(start, stop, dz [M, C])`` in the weight's dtype: the fused dz GEMM
+    where it applies (``fused_logprob.dz_chunks``), else a cuBLAS GEMM recomputes the chunk's
+    logits and ``_grad_logits_kernel`` turns them into ``dz``."""
+    weight, bias = tokens.weight, tokens.bias
+    targets = tokens.targets.long().contiguous()
+    if (fused := _fused(tokens, False)) is not None:
+        yield from fused.dz_chunks(rows, weight, bias, targets, lse, grad_logp, transform)
+        return
     blocks = _fold_blocks()
     for chunk in _vocab_chunks(rows, weight, bias, writes_out=True):
-        _grad_logits_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
+        _grad_logits_kernel[(triton.cdiv(rows.shape[0], blocks["BLOCK_M"]),)](
             logits_ptr=chunk.logits,
             targets_ptr=targets,
             lse_ptr=lse,
@@ -459,22 +480,15 @@ def backward(
             has_bias=chunk.has_bias,
             dz_ptr=chunk.out,
             dz_row_stride=chunk.stop - chunk.start,
-            num_rows=num_rows,
+            num_rows=rows.shape[0],
             chunk_start=chunk.start,
             chunk_width=chunk.stop - chunk.start,
             **_transform_args(transform),
             HALF_IN_PLACE=False,
             **blocks,
         )
-        dz = chunk.out  # [M, C], the weight's dtype
-        if grad_rows is not None:
-            grad_rows.add_(_mm_fp32(dz, chunk.weight))
-        if grad_weight is not None:
-            torch.mm(dz.T, rows.to(dz.dtype), out=grad_weight[chunk.start : chunk.stop])
-        if grad_bias is not None:
-            grad_bias[chunk.start : chunk.stop] = dz.float().sum(0)
-        del chunk, dz
-    return BackendGrads(grad_rows, grad_weight, grad_bias)
+        yield chunk.start, chunk.stop, chunk.out
+        del chunk  # before the next chunk's GEMM
 
 
 # The store path's two steps live beside the recompute path's, in their own module.

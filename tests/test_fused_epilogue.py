@@ -31,17 +31,18 @@ def fused(monkeypatch):
     """Select the fused kernels and count their launches (rows per forward launch)."""
     monkeypatch.setattr(logprob, "CUDA_KERNEL", "fused")
     launches = []
-    kernel = fused_logprob.K._lse_partials_kernel
+    kernel = fused_logprob.K._fused_gemm_kernel
 
     class Counting:
         def __getitem__(self, grid):
             def launch(**kwargs):
-                launches.append(kwargs["num_rows"])
+                if not kwargs["DZ"]:
+                    launches.append(kwargs["num_rows"])
                 return kernel[grid](**kwargs)
 
             return launch
 
-    monkeypatch.setattr(fused_logprob.K, "_lse_partials_kernel", Counting())
+    monkeypatch.setattr(fused_logprob.K, "_fused_gemm_kernel", Counting())
     return launches
 
 
@@ -53,7 +54,7 @@ def _tokens(hidden, weight, targets, bias=None) -> TokenBatch:
 def _edge_targets(num_rows: int, vocab: int) -> torch.Tensor:
     """Random targets, the first ones on vocab-tile and forward-chunk edges."""
     cfg = fused_logprob.tile_config()
-    chunk = max(1, fused_logprob.PARTIAL_ELEMENTS // num_rows) * cfg.block_n
+    chunk = fused_logprob.forward_chunk_width(num_rows, vocab, cfg)
     edges = [0, cfg.block_n - 1, cfg.block_n, 2 * cfg.block_n - 1, chunk - 1, chunk, vocab - 1]
     targets = torch.randint(0, vocab, (num_rows,))
     edges = [e for e in edges if e < vocab]

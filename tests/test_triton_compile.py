@@ -113,18 +113,16 @@ FUSED_SCRIPT = textwrap.dedent(
         PTXAS = triton.knobs.nvidia.ptxas.path
     FLOATS = ("scale2", "cap2", "cap_k", "multiplier")
 
-    def argument_type(name, dtype, tma):
+    def argument_type(name, dtype, tma, dz):
         cfg = TILES[tma]
         blocks = {"rows": (cfg.block_m, cfg.block_k), "weight": (cfg.block_n, cfg.block_k),
-                  "dz": (cfg.block_m, cfg.block_n // (2 if cfg.epilogue_split else 1))}
-        if name in blocks and tma:
+                  "out": (cfg.block_m, cfg.part_n)}
+        if name in blocks and tma and (dz or name != "out"):
             return f"tensordesc<{dtype}[{blocks[name][0]}, {blocks[name][1]}]>"
-        if name in blocks:
+        if name in blocks or name == "b_ptr":
             return "*" + dtype
         if name == "targets_ptr":
             return "*i64"
-        if name == "b_ptr":
-            return "*" + dtype
         if name.endswith("_ptr"):
             return "*fp32"
         return "fp32" if name in FLOATS else "i32"
@@ -140,12 +138,12 @@ FUSED_SCRIPT = textwrap.dedent(
         registers = re.findall(r"Used (\\d+) registers", log.stderr)
         return sum(int(a) + int(b) for a, b in found), int(registers[0]), arch
 
-    def compile_gemm(fn, dtype, tma, softcap):
-        cfg = TILES[tma]
-        constexprs = dict(HAS_SOFTCAP=softcap, TMA=tma, DOT_FP32=False, BLOCK_M=cfg.block_m,
-                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                          EPILOGUE_SPLIT=cfg.epilogue_split, NUM_PROGRAMS=132)
-        signature = {n: "constexpr" if n in constexprs else argument_type(n, dtype, tma)
+    def compile_gemm(dz, dtype, tma, softcap):
+        cfg, fn = TILES[tma], K._fused_gemm_kernel
+        constexprs = dict(DZ=dz, HAS_SOFTCAP=softcap, TMA=tma, DOT_FP32=False,
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                          GROUP_M=cfg.group_m, EPILOGUE_PARTS=cfg.parts, NUM_PROGRAMS=132)
+        signature = {n: "constexpr" if n in constexprs else argument_type(n, dtype, tma, dz)
                      for n in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, signature, constexprs),
                                 target=GPUTarget("cuda", 90, 32),
@@ -157,14 +155,14 @@ FUSED_SCRIPT = textwrap.dedent(
                     arch=arch, shared=kernel.metadata.shared)
 
     report = {}
-    for fn in (K._lse_partials_kernel, K._dz_kernel):
+    for epilogue in ("lse", "dz"):
         for dtype, tma, softcap in (("bf16", True, True), ("bf16", True, False),
                                     ("fp16", True, True), ("bf16", False, True)):
-            name = f"{fn.__name__}/{dtype}/{'tma' if tma else 'pointer'}/softcap={softcap}"
-            report[name] = compile_gemm(fn, dtype, tma, softcap)
+            name = f"{epilogue}/{dtype}/{'tma' if tma else 'pointer'}/softcap={softcap}"
+            report[name] = compile_gemm(epilogue == "dz", dtype, tma, softcap)
     merge = triton.compile(ASTSource(K._merge_partials_kernel, dict(
         part_max_ptr="*fp32", part_sum_ptr="*fp32", max_ptr="*fp32", sum_ptr="*fp32",
-        num_rows="i32", num_tiles="i32", BLOCK_R="constexpr"), dict(BLOCK_R=256)),
+        num_rows="i32", num_parts="i32", BLOCK_R="constexpr"), dict(BLOCK_R=256)),
         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     report["merge"] = dict(spill_bytes=spills(merge.asm["ptx"])[0], shared=merge.metadata.shared)
     print(json.dumps(report))
