@@ -127,59 +127,43 @@ def _slope(b_z2, m_n, cap2):
 
 
 @triton.jit
-def _epilogue(
-    b_acc,  # fp32 [BLOCK_M, BLOCK_N] rows·Wᵀ of the columns [off_n, off_n + BLOCK_N)
-    off_m,
+def _store_tile(out, stride_out, b_out, off_m, off_n, o_m, m_m, o_n, m_n, TMA: tl.constexpr):
+    """``b_out`` into ``out`` at ``[off_m, off_n]`` in out's dtype: one TMA store (the unit
+    clips rows and columns past the end) or masked pointer stores."""
+    if TMA:
+        out.store([off_m, off_n], b_out.to(out.dtype))
+    else:
+        p_out = out + o_m.to(tl.int64)[:, None] * stride_out + o_n[None, :]
+        tl.store(p_out, b_out.to(out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _partials(
+    b_z2,  # fp32 [BLOCK_M, PART_N] z₂ of the columns o_n = [off_n, off_n + PART_N)
     off_n,
+    o_m,
+    m_m,
+    o_n,
     b_target,  # [BLOCK_M] target columns relative to the chunk
-    b_lse2,  # [BLOCK_M] base-2 logsumexp (DZ)
-    b_g,  # [BLOCK_M] upstream gradient (DZ)
-    b_ptr,
-    has_bias,
     part_max_ptr,
     part_sum_ptr,
     tgt_ptr,
-    out,
-    stride_out,
     num_rows,
     chunk_width,
-    scale2,
-    cap2,
-    cap_k,
-    multiplier,
-    DZ: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PART_N: tl.constexpr,
 ):
-    """One epilogue part (see ``_fused_gemm_kernel``): DZ, ``g·(onehot − exp2(z₂ − lse₂))·s·mult``
-    into ``out``; else the part's ``(max, Σ exp2(z₂ − max))`` partials, the target's z₂ where
-    the part holds it. The max is floored at a finite −1e30 so that padding adds exactly 0."""
-    o_m = off_m + tl.arange(0, BLOCK_M)
-    m_m = o_m < num_rows
-    o_n = off_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < chunk_width
-    b_z2 = _logits2(b_acc, b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
-    if DZ:
-        b_onehot = (o_n[None, :] == b_target[:, None]).to(tl.float32)
-        b_dz = b_g[:, None] * (b_onehot - tl.exp2(b_z2 - b_lse2[:, None]))
-        if HAS_SOFTCAP:
-            b_dz = b_dz * _slope(b_z2, m_n, cap2)
-        b_dz = b_dz * multiplier
-        if TMA:
-            out.store([off_m, off_n], b_dz.to(out.dtype))
-        else:
-            p_out = out + o_m.to(tl.int64)[:, None] * stride_out + o_n[None, :]
-            tl.store(p_out, b_dz.to(out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
-    else:
-        b_max = tl.maximum(tl.max(b_z2, axis=1), -1.0e30)
-        o_part = (off_n // BLOCK_N).to(tl.int64) * num_rows + o_m
-        tl.store(part_max_ptr + o_part, b_max, mask=m_m)
-        tl.store(part_sum_ptr + o_part, tl.sum(tl.exp2(b_z2 - b_max[:, None]), axis=1), mask=m_m)
-        b_tgt = tl.sum(tl.where(o_n[None, :] == b_target[:, None], b_z2, 0.0), axis=1)
-        m_here = (b_target >= off_n) & (b_target < tl.minimum(off_n + BLOCK_N, chunk_width))
-        tl.store(tgt_ptr + o_m, b_tgt, mask=m_m & m_here)
+    """Store the part's ``(max, Σ exp2(z₂ − max))`` per row and the target's z₂ where the part
+    holds it; returns ``exp2(z₂ − max)``. The max is floored at a finite −1e30 so that a
+    part of padding columns adds exactly 0."""
+    b_max = tl.maximum(tl.max(b_z2, axis=1), -1.0e30)
+    b_e = tl.exp2(b_z2 - b_max[:, None])
+    o_part = (off_n // PART_N).to(tl.int64) * num_rows + o_m
+    tl.store(part_max_ptr + o_part, b_max, mask=m_m)
+    tl.store(part_sum_ptr + o_part, tl.sum(b_e, axis=1), mask=m_m)
+    b_tgt = tl.sum(tl.where(o_n[None, :] == b_target[:, None], b_z2, 0.0), axis=1)
+    m_here = (b_target >= off_n) & (b_target < tl.minimum(off_n + PART_N, chunk_width))
+    tl.store(tgt_ptr + o_m, b_tgt, mask=m_m & m_here)
+    return b_e
 
 
 @triton.jit
@@ -196,7 +180,7 @@ def _fused_gemm_kernel(
     tgt_ptr,  # fp32 [R] out (forward): z₂ of the target, written by the part that holds it
     lse_ptr,  # fp32 [R] (DZ) natural-log logsumexp of each row
     grad_ptr,  # fp32 [R] (DZ) g, the upstream gradient of each row's logp
-    out,  # [R, C] out (DZ), the weight's dtype: descriptor (block [BLOCK_M, part]) or pointer
+    out,  # [R, C] out (DZ or STORE), weight's dtype: descriptor (block [BLOCK_M, part]) or pointer
     stride_out,
     num_rows,
     chunk_start,  # vocab id of the chunk's first column
@@ -207,6 +191,7 @@ def _fused_gemm_kernel(
     cap_k,
     multiplier,
     DZ: tl.constexpr,
+    STORE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     TMA: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -217,23 +202,22 @@ def _fused_gemm_kernel(
     EPILOGUE_PARTS: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):
-    """Persistent GEMM over (row tile, vocab tile) of one vocab chunk; the epilogue works on
+    """Persistent GEMM over (row tile, vocab tile) of one vocab chunk; the epilogue takes
     ``EPILOGUE_PARTS`` (1 or 2) column parts of each tile in turn.
 
-    Forward (``DZ`` off): only logsumexp partials leave, ``8·BLOCK_M`` bytes per part instead
-    of ``4·BLOCK_M·BLOCK_N`` of logits. Backward (``DZ``): ``dz = g·(onehot − softmax(z))·s·mult``
-    in the weight's dtype, ``s`` the softcap slope ``1 − (z/c)²``; the logits are recomputed
-    in registers and never stored.
+    Forward: logsumexp partials per (row, part), ``8·BLOCK_M`` bytes per part instead of
+    ``4·BLOCK_M·BLOCK_N`` of logits; with ``STORE`` (the store path) also
+    ``exp2(z₂ − part max)·s`` into ``out``, in ``[0, 1]``. ``DZ``: ``dz = g·(onehot −
+    softmax(z))·s·mult`` into ``out``, ``s`` the softcap slope ``1 − (z/c)²``.
     """
     num_pid_m = tl.cdiv(num_rows, BLOCK_M)
     num_pid_n = tl.cdiv(chunk_width, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
         b_acc = _mainloop(
             rows, weight, stride_rows, stride_weight, num_rows, chunk_width, hidden_size,
-            off_m, off_n, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+            off_m, pid_n * BLOCK_N, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         o_m = off_m + tl.arange(0, BLOCK_M)
         m_m = o_m < num_rows
@@ -241,20 +225,31 @@ def _fused_gemm_kernel(
         if DZ:
             b_lse2 = tl.load(lse_ptr + o_m, mask=m_m, other=0.0) * 1.4426950408889634
             b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
-        else:
-            b_lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused by the forward epilogue
-            b_g = b_lse2
         if EPILOGUE_PARTS == 2:
             b_parts = _halves(b_acc, BLOCK_M, BLOCK_N)
         else:
             b_parts = (b_acc,)
         for i in tl.static_range(EPILOGUE_PARTS):
-            _epilogue(
-                b_parts[i], off_m, off_n + i * (BLOCK_N // EPILOGUE_PARTS), b_target, b_lse2,
-                b_g, b_ptr, has_bias, part_max_ptr, part_sum_ptr, tgt_ptr, out, stride_out,
-                num_rows, chunk_width, scale2, cap2, cap_k, multiplier, DZ, HAS_SOFTCAP, TMA,
-                BLOCK_M, BLOCK_N // EPILOGUE_PARTS,
-            )  # fmt: skip
+            off_n = pid_n * BLOCK_N + i * (BLOCK_N // EPILOGUE_PARTS)
+            o_n = off_n + tl.arange(0, BLOCK_N // EPILOGUE_PARTS)
+            m_n = o_n < chunk_width
+            b_z2 = _logits2(b_parts[i], b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
+            if DZ:
+                b_out = b_g[:, None] * (
+                    (o_n[None, :] == b_target[:, None]).to(tl.float32)
+                    - tl.exp2(b_z2 - b_lse2[:, None])
+                )
+            else:
+                b_out = _partials(
+                    b_z2, off_n, o_m, m_m, o_n, b_target, part_max_ptr, part_sum_ptr, tgt_ptr,
+                    num_rows, chunk_width, BLOCK_N // EPILOGUE_PARTS,
+                )  # fmt: skip
+            if HAS_SOFTCAP and (DZ or STORE):
+                b_out = b_out * _slope(b_z2, m_n, cap2)
+            if DZ:
+                b_out = b_out * multiplier
+            if DZ or STORE:
+                _store_tile(out, stride_out, b_out, off_m, off_n, o_m, m_m, o_n, m_n, TMA)
 
 
 @triton.jit

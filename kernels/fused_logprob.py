@@ -78,8 +78,9 @@ class TileConfig(NamedTuple):
 # for sm_90a, checked by tests/test_triton_compile.py); without the split the dz epilogue
 # spills ~700 B at these tiles. benchmarks/fused_bench.py sweeps others; unmeasured so far.
 GPU_CONFIG = TileConfig(128, 256, 64, 8, 8, 3, True)
-# The pointer-load fall-back (unaligned rows, no TMA): 128×128×32, 2 stages, no spills.
-POINTER_CONFIG = TileConfig(128, 128, 32, 8, 8, 2, True)
+# The pointer-load fall-back (unaligned rows, no TMA): 128×64×32, 2 stages, no spills in any
+# epilogue (at 128×128 the store path's forward epilogue spills 144 B).
+POINTER_CONFIG = TileConfig(128, 64, 32, 8, 8, 2, True)
 INTERPRET_CONFIG = TileConfig(16, 32, 16, 2, 1, 1)
 
 
@@ -163,14 +164,17 @@ def _launch(
     tma: bool,
     forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     backward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    probs: torch.Tensor | None = None,
 ) -> None:
     """One persistent ``_fused_gemm_kernel`` launch over a vocab chunk, with the forward
-    epilogue (``forward``: part maxima [P, R], part sums [P, R], target z₂ [R], written) or the
-    dz one (``backward``: lse [R], g [R], dz [R, C] written)."""
+    epilogue (``forward``: part maxima [P, R], part sums [P, R], target z₂ [R], written; with
+    ``probs`` [R, C] the store path's ``exp2(z₂ − part max)·s`` too) or the dz one
+    (``backward``: lse [R], g [R], dz [R, C] written)."""
     cfg, t2 = tile_config(tma), _transform2(transform)
     num_rows, width = rows.shape[0], weight_chunk.shape[0]
     part_max, part_sum, target2 = forward if forward is not None else (targets,) * 3
-    lse, grad_logp, dz = backward if backward is not None else (targets,) * 3
+    lse, grad_logp, dz = backward if backward is not None else (targets, targets, probs)
+    out = targets if dz is None else _operand(dz, tma, [cfg.block_m, cfg.part_n])
     K._fused_gemm_kernel[(_grid(num_rows, width, cfg, rows.device),)](
         rows=_operand(rows, tma, [cfg.block_m, cfg.block_k]),
         weight=_operand(weight_chunk, tma, [cfg.block_n, cfg.block_k]),
@@ -184,8 +188,8 @@ def _launch(
         tgt_ptr=target2,
         lse_ptr=lse,
         grad_ptr=grad_logp,
-        out=dz if backward is None else _operand(dz, tma, [cfg.block_m, cfg.part_n]),
-        stride_out=dz.stride(0),
+        out=out,
+        stride_out=0 if dz is None else dz.stride(0),
         num_rows=num_rows,
         chunk_start=chunk_start,
         chunk_width=width,
@@ -195,6 +199,7 @@ def _launch(
         cap_k=t2.cap_k,
         multiplier=transform.multiplier,
         DZ=backward is not None,
+        STORE=probs is not None,
         HAS_SOFTCAP=t2.has_softcap,
         TMA=tma,
         DOT_FP32=INTERPRET,

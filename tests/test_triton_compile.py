@@ -113,11 +113,11 @@ FUSED_SCRIPT = textwrap.dedent(
         PTXAS = triton.knobs.nvidia.ptxas.path
     FLOATS = ("scale2", "cap2", "cap_k", "multiplier")
 
-    def argument_type(name, dtype, tma, dz):
+    def argument_type(name, dtype, tma, writes_out):
         cfg = TILES[tma]
         blocks = {"rows": (cfg.block_m, cfg.block_k), "weight": (cfg.block_n, cfg.block_k),
                   "out": (cfg.block_m, cfg.part_n)}
-        if name in blocks and tma and (dz or name != "out"):
+        if name in blocks and tma and (writes_out or name != "out"):
             return f"tensordesc<{dtype}[{blocks[name][0]}, {blocks[name][1]}]>"
         if name in blocks or name == "b_ptr":
             return "*" + dtype
@@ -138,12 +138,14 @@ FUSED_SCRIPT = textwrap.dedent(
         registers = re.findall(r"Used (\\d+) registers", log.stderr)
         return sum(int(a) + int(b) for a, b in found), int(registers[0]), arch
 
-    def compile_gemm(dz, dtype, tma, softcap):
+    def compile_gemm(epilogue, dtype, tma, softcap):
         cfg, fn = TILES[tma], K._fused_gemm_kernel
-        constexprs = dict(DZ=dz, HAS_SOFTCAP=softcap, TMA=tma, DOT_FP32=False,
+        dz, store = epilogue == "dz", epilogue == "lse+store"
+        constexprs = dict(DZ=dz, STORE=store, HAS_SOFTCAP=softcap, TMA=tma, DOT_FP32=False,
                           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                           GROUP_M=cfg.group_m, EPILOGUE_PARTS=cfg.parts, NUM_PROGRAMS=132)
-        signature = {n: "constexpr" if n in constexprs else argument_type(n, dtype, tma, dz)
+        signature = {n: "constexpr" if n in constexprs
+                     else argument_type(n, dtype, tma, writes_out=dz or store)
                      for n in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, signature, constexprs),
                                 target=GPUTarget("cuda", 90, 32),
@@ -155,11 +157,11 @@ FUSED_SCRIPT = textwrap.dedent(
                     arch=arch, shared=kernel.metadata.shared)
 
     report = {}
-    for epilogue in ("lse", "dz"):
+    for epilogue in ("lse", "dz", "lse+store"):
         for dtype, tma, softcap in (("bf16", True, True), ("bf16", True, False),
                                     ("fp16", True, True), ("bf16", False, True)):
             name = f"{epilogue}/{dtype}/{'tma' if tma else 'pointer'}/softcap={softcap}"
-            report[name] = compile_gemm(epilogue == "dz", dtype, tma, softcap)
+            report[name] = compile_gemm(epilogue, dtype, tma, softcap)
     merge = triton.compile(ASTSource(K._merge_partials_kernel, dict(
         part_max_ptr="*fp32", part_sum_ptr="*fp32", max_ptr="*fp32", sum_ptr="*fp32",
         num_rows="i32", num_parts="i32", BLOCK_R="constexpr"), dict(BLOCK_R=256)),
@@ -227,7 +229,7 @@ def test_fused_kernels_use_wgmma_and_tma_without_spills():
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == 9, sorted(report)
+    assert len(report) == 13, sorted(report)
     for name, info in report.items():
         assert info["spill_bytes"] == 0, f"{name} spills: {info}"
         assert 0 <= info["shared"] <= SM90_SHARED_LIMIT, f"{name}: {info}"
