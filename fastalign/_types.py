@@ -87,11 +87,15 @@ class BackendGrads(NamedTuple):
 
 
 class GroupLogits(NamedTuple):
-    """One store-path group: its transformed logits, kept until its gradient is formed."""
+    """One store-path group: what its forward kept until its gradient is formed."""
 
-    logits: torch.Tensor  # [R, V] fp32, z after bias and transform
+    logits: torch.Tensor  # [R, V] what the backend keeps of the logits (see part_max)
     logp: torch.Tensor  # [R] fp32
     lse: torch.Tensor  # [R] fp32
+    # The fused-GEMM kernels' store path: base-2 max of each part_width-column part of the
+    # vocabulary [P, R] fp32, and ``logits`` holds exp2(z₂ − part max)·s in the weight's dtype.
+    part_max: torch.Tensor | None = None
+    part_width: int = 0
 
 
 class Backend(Protocol):

@@ -276,3 +276,50 @@ def _merge_partials_kernel(
         b_max = b_new
     tl.store(max_ptr + o_r, b_max, mask=m_r)
     tl.store(sum_ptr + o_r, b_sum, mask=m_r)
+
+
+@triton.jit
+def _store_dz_kernel(
+    probs_ptr,  # [R, V] weight's dtype: exp2(z₂ − part max)·s in, dz out (in place)
+    stride_probs,
+    part_max_ptr,  # fp32 [P, R] base-2 max of each PART_N-column part of the vocabulary
+    targets_ptr,  # int64 [R]
+    lse_ptr,  # fp32 [R] natural-log logsumexp
+    logp_ptr,  # fp32 [R] log-prob of the target
+    grad_ptr,  # fp32 [R] g
+    num_rows,
+    vocab_size,
+    softcap,
+    multiplier,
+    HAS_SOFTCAP: tl.constexpr,
+    PART_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """The store path's ``dz = g·(onehot − p)·s·mult`` in place of what the forward kept.
+
+    Off the target ``p·s = kept·exp2(part max − lse₂)``, a product: one more rounding to the
+    weight's dtype than ``dz`` itself. At the target ``g·s_y·(1 − p_y)·mult`` comes from the
+    fp32 ``logp`` (``z_y = logp + lse``), so ``1 − p_y`` cancels nothing that was rounded.
+    """
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < num_rows
+    b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1)
+    b_lse = tl.load(lse_ptr + o_m, mask=m_m, other=0.0)
+    b_logp = tl.load(logp_ptr + o_m, mask=m_m, other=0.0)
+    b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0) * multiplier
+    b_dz_target = b_g * (1.0 - tl.exp(b_logp))
+    if HAS_SOFTCAP:
+        b_ratio = (b_logp + b_lse) / softcap
+        b_dz_target = b_dz_target * (1.0 - b_ratio * b_ratio)
+    b_lse2 = b_lse * 1.4426950408889634
+    for v0 in range(0, vocab_size, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_tile = m_m[:, None] & (o_v < vocab_size)[None, :]
+        p_probs = probs_ptr + o_m.to(tl.int64)[:, None] * stride_probs + o_v[None, :]
+        b_kept = tl.load(p_probs, mask=m_tile, other=0.0).to(tl.float32)
+        o_part = (o_v // PART_N).to(tl.int64)[None, :] * num_rows + o_m[:, None]
+        b_part_max = tl.load(part_max_ptr + o_part, mask=m_tile, other=0.0)
+        b_dz = -b_g[:, None] * (b_kept * tl.exp2(b_part_max - b_lse2[:, None]))
+        b_dz = tl.where(o_v[None, :] == b_target[:, None], b_dz_target[:, None], b_dz)
+        tl.store(p_probs, b_dz.to(probs_ptr.dtype.element_ty), mask=m_tile)

@@ -29,9 +29,9 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .._types import LogitTransform, TokenBatch
+from .._types import GroupLogits, LogitTransform, TokenBatch
 from . import fused_gemm as K
-from .logprob import _NEG_BIG, INTERPRET, _chunk_width
+from .logprob import _NEG_BIG, INTERPRET, _chunk_width, _fold_blocks
 
 KERNELS = ("gemm_fold", "fused")
 # How the mainloop loads tiles: "auto" (TMA descriptors where the hardware and the
@@ -228,28 +228,50 @@ def forward_chunk_width(num_rows: int, vocab_size: int, cfg: TileConfig) -> int:
 
 def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedForward:
     """``(logp [R], lse [R], None)`` fp32 over the stacked rows of streams sharing an lm_head."""
-    weight, bias = parts[0].weight, parts[0].bias
+    weight = parts[0].weight
     gathered = [p.rows(0, p.num_rows) for p in parts]
     rows = (gathered[0] if len(gathered) == 1 else torch.cat(gathered)).contiguous()  # [R, H]
     del gathered
     targets = torch.cat([p.targets for p in parts]).long().contiguous()  # [R]
+    tma = _use_tma(rows, weight)  # chunks start on whole tiles: each as aligned as the head
+    width = forward_chunk_width(rows.shape[0], weight.shape[0], tile_config(tma))
+    stats = _forward(rows, weight, parts[0].bias, targets, transform, tma, width)
+    return FusedForward(stats.logp, stats.lse, None)
+
+
+class _ForwardStats(NamedTuple):
+    logp: torch.Tensor  # [R] fp32
+    lse: torch.Tensor  # [R] fp32
+    part_max: torch.Tensor  # [P, R] fp32 base-2 max of each epilogue part of the last chunk
+
+
+def _forward(
+    rows: torch.Tensor,  # [R, H] contiguous
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # int64 [R]
+    transform: LogitTransform,
+    tma: bool,
+    width: int,  # vocab columns per launch, whole tiles
+    probs: torch.Tensor | None = None,  # [R, V] out (store path): exp2(z₂ − part max)·s
+) -> _ForwardStats:
+    """Per vocab chunk one GEMM launch writes the partials, one small launch merges them."""
     num_rows, device = rows.shape[0], weight.device
+    cfg = tile_config(tma)
     running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
     running_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
     target2 = torch.empty(num_rows, dtype=torch.float32, device=device)
-    if num_rows == 0:
-        return FusedForward(running_sum, running_sum, None)
-    tma = _use_tma(rows, weight)  # chunks start on whole tiles: each as aligned as the head
-    cfg = tile_config(tma)
-    width = forward_chunk_width(num_rows, weight.shape[0], cfg)
     part_max = torch.empty(width // cfg.part_n, num_rows, dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
     block_r = 16 if INTERPRET else 256
-    for start in range(0, weight.shape[0], width):
+    for start in range(0, weight.shape[0] if num_rows else 0, width):
         stop = min(start + width, weight.shape[0])
         chunk_bias = None if bias is None else bias[start:stop]
-        partials = (part_max, part_sum, target2)
-        _launch(rows, weight[start:stop], chunk_bias, targets, start, transform, tma, partials)
+        chunk_probs = None if probs is None else probs[:, start:stop]
+        _launch(
+            rows, weight[start:stop], chunk_bias, targets, start, transform, tma,
+            (part_max, part_sum, target2), probs=chunk_probs,
+        )  # fmt: skip
         K._merge_partials_kernel[(triton.cdiv(num_rows, block_r),)](
             part_max_ptr=part_max,
             part_sum_ptr=part_sum,
@@ -260,7 +282,56 @@ def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedFo
             BLOCK_R=block_r,
         )
     lse2 = running_max + torch.log2(running_sum)
-    return FusedForward((target2 - lse2) * math.log(2.0), lse2 * math.log(2.0), None)
+    return _ForwardStats((target2 - lse2) * math.log(2.0), lse2 * math.log(2.0), part_max)
+
+
+def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> GroupLogits:
+    """Store path, fused: ONE persistent GEMM launch over the whole vocabulary writes the
+    group's logsumexp partials, its target logits and ``exp2(z₂ − part max)·s`` (in ``[0, 1]``:
+    the weight's dtype keeps its full relative precision) into an ``[R, V]`` buffer in the
+    weight's dtype, which ``group_dz`` turns into ``dz`` in place once ``g`` is known. No fp32
+    logits: half the memory of the GEMM+fold store path's buffer, and no fold pass."""
+    weight = tokens.weight
+    rows = rows.contiguous()  # [R, H]
+    num_rows, vocab_size = rows.shape[0], weight.shape[0]
+    probs = dz_buffer(num_rows, vocab_size, weight)[:, :vocab_size]  # [R, V]
+    tma = _use_tma(rows, weight, probs)
+    cfg = tile_config(tma)
+    width = triton.cdiv(vocab_size, cfg.block_n) * cfg.block_n  # the whole vocabulary
+    targets = tokens.targets.long().contiguous()
+    stats = _forward(rows, weight, tokens.bias, targets, transform, tma, width, probs)
+    return GroupLogits(probs, stats.logp, stats.lse, stats.part_max, cfg.part_n)
+
+
+def group_dz(
+    group: GroupLogits,  # from group_logits
+    tokens: TokenBatch,
+    transform: LogitTransform,
+    grad_logp: torch.Tensor,  # [R] fp32
+) -> torch.Tensor:
+    """``dz [R, V]`` in the weight's dtype, in place of ``group.logits`` (one row-wise launch
+    of ``_store_dz_kernel``)."""
+    probs = group.logits
+    num_rows, vocab_size = probs.shape
+    if num_rows:
+        blocks = _fold_blocks()
+        K._store_dz_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
+            probs_ptr=probs,
+            stride_probs=probs.stride(0),
+            part_max_ptr=group.part_max,
+            targets_ptr=tokens.targets.long().contiguous(),
+            lse_ptr=group.lse.float().contiguous(),
+            logp_ptr=group.logp.float().contiguous(),
+            grad_ptr=grad_logp.float().contiguous(),
+            num_rows=num_rows,
+            vocab_size=vocab_size,
+            softcap=transform.softcap or 1.0,
+            multiplier=transform.multiplier,
+            HAS_SOFTCAP=transform.softcap is not None,
+            PART_N=group.part_width,
+            **blocks,
+        )
+    return probs
 
 
 def dz_buffer(num_rows: int, width: int, weight: torch.Tensor) -> torch.Tensor:

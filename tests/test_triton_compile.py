@@ -103,7 +103,7 @@ FUSED_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastalign.kernels import fused_gemm as K, fused_logprob as F
+    from fastalign.kernels import fused_gemm as K, fused_logprob as F, logprob as L
 
     TILES = {True: F.tile_config(True), False: F.tile_config(False)}  # TRITON_INTERPRET=0
     try:
@@ -167,6 +167,19 @@ FUSED_SCRIPT = textwrap.dedent(
         num_rows="i32", num_parts="i32", BLOCK_R="constexpr"), dict(BLOCK_R=256)),
         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     report["merge"] = dict(spill_bytes=spills(merge.asm["ptx"])[0], shared=merge.metadata.shared)
+    fold = L._fold_blocks()
+    for dtype in ("bf16", "fp16"):  # the store path's in-place dz, row-wise
+        constexprs = dict(HAS_SOFTCAP=True, PART_N=TILES[True].part_n, BLOCK_M=fold["BLOCK_M"],
+                          BLOCK_V=fold["BLOCK_V"])
+        signature = {n: "constexpr" if n in constexprs else "*" + dtype if n == "probs_ptr"
+                     else "*i64" if n == "targets_ptr" else "*fp32" if n.endswith("_ptr")
+                     else "fp32" if n in ("softcap", "multiplier") else "i32"
+                     for n in K._store_dz_kernel.arg_names}
+        store_dz = triton.compile(ASTSource(K._store_dz_kernel, signature, constexprs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=fold["num_warps"]))
+        report[f"store_dz/{dtype}"] = dict(spill_bytes=spills(store_dz.asm["ptx"])[0],
+                                           shared=store_dz.metadata.shared)
     print(json.dumps(report))
     """
 )
@@ -215,9 +228,11 @@ TOKEN_STATS_SCRIPT = textwrap.dedent(
 
 
 def test_fused_kernels_use_wgmma_and_tma_without_spills():
-    """The fused-epilogue GEMMs on sm_90a: ``wgmma`` (no ``mma.sync`` fall-back), TMA tile loads
+    """The fused-epilogue GEMMs on sm_90a (forward, dz, and the store path's forward that also
+    keeps ``exp2(z₂ − part max)·s``): ``wgmma`` (no ``mma.sync`` fall-back), TMA tile loads
     (``cp.async.bulk.tensor``) on the descriptor path, and no register spills in ptxas's
-    report, at the tile configuration the host code launches.
+    report, at the tile configuration the host code launches; the merge and the store path's
+    row-wise dz kernel: no spills.
 
     The pointer-load variant (rows not 16-byte aligned) is checked at its own, smaller tiles.
     """
@@ -229,11 +244,11 @@ def test_fused_kernels_use_wgmma_and_tma_without_spills():
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == 13, sorted(report)
+    assert len(report) == 15, sorted(report)
     for name, info in report.items():
         assert info["spill_bytes"] == 0, f"{name} spills: {info}"
         assert 0 <= info["shared"] <= SM90_SHARED_LIMIT, f"{name}: {info}"
-        if name == "merge":
+        if name == "merge" or name.startswith("store_dz/"):
             continue
         assert info["arch"] == "sm_90a" and info["wgmma"] and not info["mma_sync"], name
         assert info["tma"] == ("/tma/" in name), f"{name}: TMA loads {info['tma']}"
