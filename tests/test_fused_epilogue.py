@@ -312,9 +312,8 @@ def test_store_path_group_matches_float64(
 def _store_loss(loss: str, x: dict) -> tuple[torch.Tensor, ...]:
     """``(loss, grad hidden, grad weight, grad bias)`` of a store-path loss on Triton."""
     leaves = [x[k].detach().requires_grad_() for k in ("hidden", "weight", "bias")]
-    common = dict(
-        bias=leaves[2], logit_softcap=4.0, temperature=0.9, backend="triton", grad_mode="store"
-    )
+    options = dict(logit_softcap=4.0, temperature=0.9, backend="triton", grad_mode="store")
+    common = dict(bias=leaves[2], **options)
     if loss == "dpo":  # policy on the store path, reference through the fused forward
         out = fastalign.dpo_loss_fused(
             *leaves[:2], x["labels"], ref_hidden=x["ref_hidden"], beta=0.3, **common
