@@ -437,6 +437,42 @@ def _forward_group(
     return target_logit - lse, lse, expected, sq_sum
 
 
+def _dz_chunks(
+    rows: torch.Tensor,  # [M, H]
+    tokens: TokenBatch,
+    transform: LogitTransform,
+    lse: torch.Tensor,  # [M] fp32
+    grad_logp: torch.Tensor,  # [M] fp32
+):
+    """Per vocab chunk, ``(start, stop, dz [M, C])`` in the weight's dtype: the fused dz GEMM
+    where it applies (``fused_logprob.dz_chunks``), else a cuBLAS GEMM recomputes the chunk's
+    logits and ``_grad_logits_kernel`` turns them into ``dz``."""
+    weight, bias = tokens.weight, tokens.bias
+    targets = tokens.targets.long().contiguous()
+    if (fused := _fused(tokens, False)) is not None:
+        yield from fused.dz_chunks(rows, weight, bias, targets, lse, grad_logp, transform)
+        return
+    blocks = _fold_blocks()
+    for chunk in _vocab_chunks(rows, weight, bias, writes_out=True):
+        _grad_logits_kernel[(triton.cdiv(rows.shape[0], blocks["BLOCK_M"]),)](
+            logits_ptr=chunk.logits,
+            targets_ptr=targets,
+            lse_ptr=lse,
+            grad_ptr=grad_logp,
+            **chunk.bias,
+            dz_ptr=chunk.out,
+            dz_row_stride=chunk.stop - chunk.start,
+            num_rows=rows.shape[0],
+            chunk_start=chunk.start,
+            chunk_width=chunk.stop - chunk.start,
+            **_transform_args(transform),
+            HALF_IN_PLACE=False,
+            **blocks,
+        )
+        yield chunk.start, chunk.stop, chunk.out
+        del chunk  # before the next chunk's GEMM
+
+
 # The recompute path's backward and the store path's two steps live in their own modules.
 from .logprob_backward import backward  # noqa: E402, F401
 from .logprob_store import group_grads, group_logits  # noqa: E402, F401

@@ -8,17 +8,9 @@ Re-exported by ``kernels.logprob``, the backend module the host code sees.
 from __future__ import annotations
 
 import torch
-import triton
 
 from .._types import BackendGrads, LogitTransform, TokenBatch
-from .logprob import (
-    _fold_blocks,
-    _fused,
-    _grad_logits_kernel,
-    _mm_fp32,
-    _transform_args,
-    _vocab_chunks,
-)
+from .logprob import _dz_chunks, _mm_fp32
 
 
 def backward(
@@ -56,39 +48,3 @@ def backward(
             grad_bias[start:stop] = dz.float().sum(0)
         del dz
     return BackendGrads(grad_rows, grad_weight, grad_bias)
-
-
-def _dz_chunks(
-    rows: torch.Tensor,  # [M, H]
-    tokens: TokenBatch,
-    transform: LogitTransform,
-    lse: torch.Tensor,  # [M] fp32
-    grad_logp: torch.Tensor,  # [M] fp32
-):
-    """Per vocab chunk, ``(start, stop, dz [M, C])`` in the weight's dtype: the fused dz GEMM
-    where it applies (``fused_logprob.dz_chunks``), else a cuBLAS GEMM recomputes the chunk's
-    logits and ``_grad_logits_kernel`` turns them into ``dz``."""
-    weight, bias = tokens.weight, tokens.bias
-    targets = tokens.targets.long().contiguous()
-    if (fused := _fused(tokens, False)) is not None:
-        yield from fused.dz_chunks(rows, weight, bias, targets, lse, grad_logp, transform)
-        return
-    blocks = _fold_blocks()
-    for chunk in _vocab_chunks(rows, weight, bias, writes_out=True):
-        _grad_logits_kernel[(triton.cdiv(rows.shape[0], blocks["BLOCK_M"]),)](
-            logits_ptr=chunk.logits,
-            targets_ptr=targets,
-            lse_ptr=lse,
-            grad_ptr=grad_logp,
-            **chunk.bias,
-            dz_ptr=chunk.out,
-            dz_row_stride=chunk.stop - chunk.start,
-            num_rows=rows.shape[0],
-            chunk_start=chunk.start,
-            chunk_width=chunk.stop - chunk.start,
-            **_transform_args(transform),
-            HALF_IN_PLACE=False,
-            **blocks,
-        )
-        yield chunk.start, chunk.stop, chunk.out
-        del chunk  # before the next chunk's GEMM
