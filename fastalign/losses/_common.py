@@ -11,8 +11,9 @@ import torch
 from .. import checks
 from .._types import LogpOutput
 from ..ops import score_streams  # noqa: F401  (the trainer scores plain NLL through it)
+from ..options import LogpOptions
 from ..streams import StreamInput, reference_stream
-from .units import FusedLoss, LogpOptions, PolicyTerm, UnitLoss, fused_loss
+from .units import FusedLoss, PolicyTerm, UnitLoss, fused_loss
 
 
 def check_reference(
@@ -74,15 +75,7 @@ def policy_and_reference(
     policy = StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
     if ref_hidden is None:
         return policy, [], ref_logps
-    ref = reference_stream(
-        ref_hidden,
-        ref_weight,
-        ref_bias,
-        weight=weight,
-        bias=bias,
-        labels=labels,
-        cu_seqlens=cu_seqlens,
-    )
+    ref = reference_stream(ref_hidden, ref_weight, ref_bias, policy=policy)
     return policy, [ref], ref_logps
 
 

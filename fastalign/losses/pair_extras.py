@@ -9,11 +9,11 @@ from typing import NamedTuple
 import torch
 
 from .._types import LogpOutput
-from ..ops import prepare_all, score_prepared_full, select_backend
+from ..ops import score_streams_full
+from ..options import LogpOptions
 from ._common import check_paired_rows, policy_and_reference
 from .pair_config import PairLossConfig, pair_stats
 from .pair_losses import PairStats, combined_pair_losses, ld_weighted
-from .units import LogpOptions
 
 
 class ExtrasLoss(NamedTuple):
@@ -48,7 +48,6 @@ def extras_pair_loss(
 ) -> ExtrasLoss:
     """A ``dpo_loss_fused`` selection with ``ld_alpha`` and/or ``use_weighting``: policy and
     reference (with their prefix sums) and the policy's ``log Σ p²`` from one launch."""
-    transform = options.transform()
     if options.grad_mode == "store":
         warnings.warn(
             "grad_mode='store': ld_alpha / use_weighting read per-token extras the store path "
@@ -65,11 +64,7 @@ def extras_pair_loss(
     for stream in (policy, *nograd):
         stream.prefix_tokens = prefix
     policy.log_sum_sq = config.use_weighting
-    streams = [policy, *nograd]
-    prepared = prepare_all(streams, shift=options.shift, ignore_index=options.ignore_index)
-    scores = score_prepared_full(
-        streams, prepared, transform, select_backend(options.backend, prepared)
-    )
+    scores = score_streams_full([policy, *nograd], options)
     logps, ref = scores[0].logps, ref_logps if not nograd else scores[1].logps
     if config.ld_alpha is not None:
         logps = ld_weighted(scores[0].logps, scores[0].prefix_logps, config.ld_alpha)
