@@ -4,8 +4,8 @@ Story in order: each stream is validated and compacted (``streams.prepare``), a 
 picked (Triton on CUDA, chunked torch elsewhere), every stream of a call runs in one backend
 forward (``_FusedLogps``), token log-probs are reduced to per-sequence sums
 deterministically, and backward recomputes logits tile by tile. Public wrappers:
-``sequence_logps`` and ``policy_ref_logps``; the losses call ``score_streams`` (or, for the
-store path, ``fastalign.store``).
+``sequence_logps`` and ``policy_ref_logps`` (through ``score_streams``); the losses call
+``score_prepared`` from ``fastalign.losses.units`` (or, for the store path, ``fastalign.store``).
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ class StreamScores:
     num_tokens: torch.Tensor  # int64 [B]
     prefix_logps: torch.Tensor | None = None  # [B] fp32
     log_sum_sq: torch.Tensor | None = None  # [B] fp32
+
+    def sums(self) -> LogpOutput:
+        """The per-sequence sums and counts alone."""
+        return LogpOutput(self.logps, self.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -235,20 +239,9 @@ def score_prepared(
     transform: LogitTransform,
     backend: Backend,
     chunk_elements: int | None = None,
-) -> list[LogpOutput]:
-    """Score prepared streams in one backend launch (the recompute path's autograd)."""
-    scores = score_prepared_full(streams, prepared, transform, backend, chunk_elements)
-    return [LogpOutput(out.logps, out.num_tokens) for out in scores]
-
-
-def score_prepared_full(
-    streams: list[StreamInput],
-    prepared: list[Prepared],
-    transform: LogitTransform,
-    backend: Backend,
-    chunk_elements: int | None = None,
 ) -> list[StreamScores]:
-    """``score_prepared`` with each stream's extras (``prefix_tokens``, ``log_sum_sq``)."""
+    """Score prepared streams in one backend launch (the recompute path's autograd), with
+    each stream's extras (``prefix_tokens``, ``log_sum_sq``)."""
     plan = _Plan(prepared, transform, backend, chunk_elements)
     outputs = iter(_FusedLogps.apply(plan, *InputSlots.tensors(streams)))
     scores = [StreamScores(next(outputs), p.num_tokens) for p in prepared]
@@ -262,25 +255,20 @@ def score_prepared_full(
     return scores
 
 
-def score_streams_full(streams: list[StreamInput], options: LogpOptions) -> list[StreamScores]:
-    """Score several streams in one backend launch, with each stream's extras.
+def score_streams(
+    streams: list[StreamInput], options: LogpOptions | None = None
+) -> list[StreamScores]:
+    """Score several streams in one backend launch: the building block of the ops, of the
+    LD-DPO/WPO losses and of plain NLL in the trainer.
 
     Returns one ``StreamScores`` per stream, in order. Differentiable streams carry autograd
     to their ``hidden``, ``weight`` and ``bias``; the others are detached. Always the
-    recompute path: ``options.grad_mode`` is the losses' (``fastalign.losses.units``).
+    recompute path (``options.grad_mode`` is the losses': ``fastalign.losses.units``).
     """
+    options = LogpOptions.of(options)
     prepared = prepare_all(streams, options)
     backend = select_backend(options.backend, prepared)
-    return score_prepared_full(streams, prepared, options.transform(), backend)
-
-
-def score_streams(
-    streams: list[StreamInput], options: LogpOptions | None = None
-) -> list[LogpOutput]:
-    """``score_streams_full`` as one ``LogpOutput`` per stream; the building block of the
-    ops, and of plain NLL in the trainer."""
-    scores = score_streams_full(streams, LogpOptions.of(options))
-    return [LogpOutput(out.logps, out.num_tokens) for out in scores]
+    return score_prepared(streams, prepared, options.transform(), backend)
 
 
 def sequence_logps(
@@ -331,7 +319,7 @@ def sequence_logps(
         [StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)],
         LogpOptions.of(options).for_op("sequence_logps"),
     )
-    return out
+    return out.sums()
 
 
 def policy_ref_logps(
@@ -364,4 +352,4 @@ def policy_ref_logps(
     policy_out, ref_out = score_streams(
         [policy, ref], LogpOptions.of(options).for_op("policy_ref_logps")
     )
-    return policy_out, ref_out
+    return policy_out.sums(), ref_out.sums()

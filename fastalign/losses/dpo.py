@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 from .. import checks
 from ..options import LogpOptions
-from ._common import PreferenceOutput, num_sequences, paired_loss, paired_output
+from ._common import (
+    PreferenceOutput,
+    num_sequences,
+    paired_loss,
+    paired_output,
+    policy_and_reference,
+)
 from .pair_config import chosen_token_count, pair_loss_config, pair_unit_loss
 from .pair_extras import extras_pair_loss
 from .pair_losses import PAIR_LOSS_TYPES
@@ -162,18 +168,19 @@ def dpo_loss_fused(
     reference = "none" if reference_free else "optional"
     if not reference_free and config.needs_reference:
         reference = "required"
-    refs = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps)
-    refs.update(ref_bias=ref_bias, bias=bias, cu_seqlens=cu_seqlens, options=options)
+    streams = policy_and_reference(
+        hidden, weight, labels, rows=None, bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
+        reference=reference,
+    )  # fmt: skip
     if config.ld_alpha is not None or config.use_weighting:
-        loss, policy, stats = extras_pair_loss(
-            hidden, weight, labels, config=config, reference=reference, **refs
-        )
+        loss, policy, stats = extras_pair_loss(streams, config=config, options=options)
         logratios = torch.cat([stats.chosen_logratios, stats.rejected_logratios]).detach()
     else:
         make_unit_loss = _unit_loss_for(config, labels, cu_seqlens, options)
         result, ref = paired_loss(
-            hidden, weight, labels, reference=reference, make_unit_loss=make_unit_loss,
-            name="dpo_loss_fused", unit=config.unit, **refs,
+            streams, options=options, make_unit_loss=make_unit_loss, name="dpo_loss_fused",
+            unit=config.unit,
         )  # fmt: skip
         loss, policy = result.loss, result.policy[0]
         logratios = policy.logps.detach() if ref is None else policy.logps.detach() - ref

@@ -6,7 +6,13 @@ import torch
 
 from .. import checks
 from ..options import LogpOptions
-from ._common import PreferenceOutput, check_beta, paired_loss, paired_output
+from ._common import (
+    PreferenceOutput,
+    check_beta,
+    paired_loss,
+    paired_output,
+    policy_and_reference,
+)
 from .units import UnitLoss, UnitStats
 
 
@@ -61,17 +67,13 @@ def ipo_loss_fused(
     options = LogpOptions.of(options)
     beta = check_beta(beta)
     checks.check_bool(length_normalize, "length_normalize")
-    result, ref = paired_loss(
-        hidden,
-        weight,
-        labels,
+    streams = policy_and_reference(
+        hidden, weight, labels, rows=None, bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
         reference="required",
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_logps=ref_logps,
-        ref_bias=ref_bias,
-        bias=bias,
-        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    result, ref = paired_loss(
+        streams,
         options=options,
         make_unit_loss=lambda ref: ipo_unit_loss(ref, beta, length_normalize),
         name="ipo_loss_fused",

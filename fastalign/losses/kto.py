@@ -353,7 +353,7 @@ def kto_loss_fused(
         kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps, kl_cu_seqlens,
         weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias, device=labels.device,
     )  # fmt: skip
-    policy, ref_stream, ref_logps = policy_and_reference(
+    policy, ref_stream, ref_logps, _ = policy_and_reference(
         hidden, weight, labels, rows=desirable.numel(), bias=bias, cu_seqlens=cu_seqlens,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
         reference="required", ref_head_used=kl is None and kl_ref_hidden is not None,

@@ -110,7 +110,7 @@ def fused_loss(
     policy = prepared[: len(terms)]
     groups = _store_groups(terms, policy, options) if _wants_store(terms, options) else None
     if groups is None:
-        outputs = score_prepared(streams, prepared, transform, backend)
+        outputs = [out.sums() for out in score_prepared(streams, prepared, transform, backend)]
         losses = build(outputs[len(terms) :])
         loss = sum(_whole_batch_loss(unit_loss, out) for unit_loss, out in zip(losses, outputs))
         return FusedLoss(loss, outputs[: len(terms)], outputs[len(terms) :])
@@ -118,7 +118,8 @@ def fused_loss(
     if nograd:
         # No autograd state here: tiles as large as the groups' budget (larger GEMMs).
         chunk = _budget(options, policy[0]) // 4
-        nograd_out = score_prepared(list(nograd), prepared[len(terms) :], transform, backend, chunk)
+        scores = score_prepared(list(nograd), prepared[len(terms) :], transform, backend, chunk)
+        nograd_out = [out.sums() for out in scores]
     losses = build(nograd_out)
     store_terms = [
         StoreTerm(
