@@ -226,13 +226,10 @@ def test_store_matches_formula_and_recompute(case, backend, device):
 
 def _dpo(x, **options):
     """DPO on ``x`` with these ``LogpOptions`` fields."""
+    options = fastalign.LogpOptions(**options)
+    args = (x["hidden"], x["weight"], x["labels"])
     return fastalign.dpo_loss_fused(
-        x["hidden"],
-        x["weight"],
-        x["labels"],
-        ref_hidden=x["ref_hidden"],
-        bias=x["bias"],
-        options=fastalign.LogpOptions(**options),
+        *args, ref_hidden=x["ref_hidden"], bias=x["bias"], options=options
     )
 
 

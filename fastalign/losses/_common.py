@@ -17,35 +17,6 @@ from ..streams import StreamInput, reference_stream
 from .units import FusedLoss, PolicyTerm, UnitLoss, fused_loss
 
 
-def check_reference(
-    *,
-    ref_hidden: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
-    ref_weight: torch.Tensor | None,
-    ref_bias: torch.Tensor | None,
-    reference: str,
-    ref_head_used: bool = False,
-) -> None:
-    """``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
-    ``"optional"`` (at most one) or ``"none"`` (neither accepted). ``ref_weight``/``ref_bias``
-    need a streamed reference: ``ref_hidden``, or another stream (``ref_head_used``)."""
-    given = [
-        name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None
-    ]
-    if reference == "required" and len(given) != 1:
-        raise ValueError(
-            "give exactly one reference: ref_hidden (streamed in the same launch) or "
-            f"ref_logps (precomputed); got {' and '.join(given) if given else 'neither'}"
-        )
-    if reference != "required" and len(given) > 1:
-        raise ValueError("give at most one of ref_hidden and ref_logps, not both")
-    if reference == "none" and given:
-        raise ValueError(f"{given[0]} is not used by this loss (it is reference-free)")
-    for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
-        if value is not None and ref_hidden is None and not ref_head_used:
-            raise ValueError(f"{name} was given without ref_hidden")
-
-
 class PolicyAndReference(NamedTuple):
     """The policy rows as a stream and their reference: streamed or precomputed."""
 
@@ -75,20 +46,30 @@ def policy_and_reference(
     reference: str,
     ref_head_used: bool = False,
 ) -> PolicyAndReference:
-    """Check the reference arguments (see ``check_reference``) and build the streams.
+    """Check the reference arguments and build the streams.
 
+    ``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
+    ``"optional"`` (at most one) or ``"none"`` (neither accepted). ``ref_weight``/``ref_bias``
+    need a streamed reference: ``ref_hidden``, or another stream (``ref_head_used``).
     ``rows``: the policy's sequence count (``ref_logps`` must be ``[rows]``), or None for
     the paired layout, checked here (``check_paired_rows``; then ``rows = 2B``)."""
     if rows is None:
         rows = 2 * check_paired_rows(labels, cu_seqlens)
-    check_reference(
-        ref_hidden=ref_hidden,
-        ref_logps=ref_logps,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
-        reference=reference,
-        ref_head_used=ref_head_used,
-    )
+    given = [
+        name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None
+    ]
+    if reference == "required" and len(given) != 1:
+        raise ValueError(
+            "give exactly one reference: ref_hidden (streamed in the same launch) or "
+            f"ref_logps (precomputed); got {' and '.join(given) if given else 'neither'}"
+        )
+    if reference != "required" and len(given) > 1:
+        raise ValueError("give at most one of ref_hidden and ref_logps, not both")
+    if reference == "none" and given:
+        raise ValueError(f"{given[0]} is not used by this loss (it is reference-free)")
+    for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+        if value is not None and ref_hidden is None and not ref_head_used:
+            raise ValueError(f"{name} was given without ref_hidden")
     if ref_logps is not None:
         ref_logps = check_logps(ref_logps, "ref_logps", rows, labels.device)
     policy = StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
