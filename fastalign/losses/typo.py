@@ -80,8 +80,8 @@ def typo_loss_fused(
     ``sample_hidden``/``sample_labels`` (``[S, T', H]``/``[S, T']``, or packed with
     ``sample_cu_seqlens``), scored by the policy in the same launch as the pairs and
     differentiable. With ``lam=0`` the samples may be omitted. Layout and ``options`` (a
-    ``LogpOptions``) as in ``dpo_loss_fused`` (gradient units: a pair,
-    and a sample); rewards are the policy sums ``s`` (the loss is reference-free).
+    ``LogpOptions``) as in ``dpo_loss_fused`` (gradient units: a pair, and a sample); rewards
+    are the policy sums ``s`` (the loss is reference-free).
 
     Example:
         >>> h = torch.randn(2, 5, 8, requires_grad=True); W = torch.randn(30, 8)
