@@ -105,13 +105,14 @@ def _with_kernel(kernel: str, fn):
 
 def _run_backend(kernel: str, problem: dict) -> dict:
     """One backend's forward and backward on ``problem``: outputs and median milliseconds."""
-    from fastalign._types import LogitTransform
+    from fastalign._types import ForwardRequest, LogitTransform
     from fastalign.kernels import logprob
 
     tokens, grad, transform = problem["tokens"], problem["grad"], LogitTransform()
 
     def forward():
-        return _with_kernel(kernel, lambda: logprob.forward([tokens], transform)[0])
+        request = ForwardRequest(tokens)
+        return _with_kernel(kernel, lambda: logprob.forward([request], transform)[0])
 
     logp, lse = forward()[:2]  # (logp, lse, expected, log_sum_sq)
 

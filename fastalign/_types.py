@@ -69,6 +69,14 @@ class TokenBatch:
         return self.hidden[tuple(i[start:stop] for i in self.index)]
 
 
+class ForwardRequest(NamedTuple):
+    """One stream's tokens for a backend's forward, and what else is asked of them."""
+
+    tokens: TokenBatch
+    expectation: bool = False  # E_t = softmax(z_t)·s·W (frozen lm_head: no recompute later)
+    log_sum_sq: bool = False  # log Σ_v p_tv² (WPO), from the same logits
+
+
 class BackendResult(NamedTuple):
     """A backend's forward for one stream; fp32 (fp64 for fp64 inputs)."""
 
@@ -104,15 +112,12 @@ class Backend(Protocol):
 
     def forward(
         self,
-        batches: list[TokenBatch],
+        requests: list[ForwardRequest],
         transform: LogitTransform,
-        expectation: list[bool] | None = None,
         chunk_elements: int | None = None,
-        log_sum_sq: list[bool] | None = None,
     ) -> list[BackendResult]:
-        """Per batch, token log-probs and logsumexps (and ``E_t`` where ``expectation``);
-        ``chunk_elements``: a size hint for the logits tiles (None: the backend's own);
-        ``log_sum_sq``: ``log Σ_v p²`` per token where asked (WPO; the same logits)."""
+        """Per request, its tokens' log-probs and logsumexps (and what it asks for);
+        ``chunk_elements``: a size hint for the logits tiles (None: the backend's own)."""
 
     def backward(
         self,

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .. import tiles
-from .._types import BackendResult, LogitTransform, TokenBatch
+from .._types import BackendResult, ForwardRequest, LogitTransform, TokenBatch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Sentinel for "no logit seen yet": finite, so exp(sentinel − m) is 0 and never NaN. A
@@ -364,32 +364,27 @@ def _group_key(tokens: TokenBatch, wants_expectation: bool) -> tuple:
 
 
 def forward(
-    batches: list[TokenBatch],
-    transform: LogitTransform,
-    expectation: list[bool] | None = None,
-    chunk_elements: int | None = None,
-    log_sum_sq: list[bool] | None = None,
+    requests: list[ForwardRequest], transform: LogitTransform, chunk_elements: int | None = None
 ) -> list[BackendResult]:
-    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M]
+    """Per request, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M]
     or None)``, fp32. (``chunk_elements`` is the torch backend's knob; vocab chunks here
-    follow ``CHUNK_ELEMENTS``.) ``log_sum_sq[i]`` asks for ``log Σ_v p_tv²`` (WPO) from the
-    same fold; batches sharing an lm_head are scored together, one GEMM per vocab chunk.
+    follow ``CHUNK_ELEMENTS``.) ``log_sum_sq`` (WPO's ``log Σ_v p_tv²``) comes from the same
+    fold; requests sharing an lm_head are scored together, one GEMM per vocab chunk.
     """
-    expectation = expectation or [False] * len(batches)
-    log_sum_sq = log_sum_sq or [False] * len(batches)
     groups: dict[tuple, list[int]] = {}
-    for i, (tokens, wanted) in enumerate(zip(batches, expectation)):
-        groups.setdefault(_group_key(tokens, wanted), []).append(i)
-    results: list = [None] * len(batches)
+    for i, request in enumerate(requests):
+        groups.setdefault(_group_key(request.tokens, request.expectation), []).append(i)
+    results: list = [None] * len(requests)
     for members in groups.values():
-        parts = [batches[i] for i in members]
-        with_sq = any(log_sum_sq[i] for i in members)
-        logp, lse, expected, sq = _forward_group(parts, transform, expectation[members[0]], with_sq)
+        parts = [requests[i].tokens for i in members]
+        with_sq = any(requests[i].log_sum_sq for i in members)
+        with_expectation = requests[members[0]].expectation
+        logp, lse, expected, sq = _forward_group(parts, transform, with_expectation, with_sq)
         start = 0
         for i, tokens in zip(members, parts):
             stop = start + tokens.num_rows
             rows_expected = None if expected is None else expected[start:stop]
-            rows_sq = sq[start:stop] if log_sum_sq[i] else None
+            rows_sq = sq[start:stop] if requests[i].log_sum_sq else None
             results[i] = BackendResult(logp[start:stop], lse[start:stop], rows_expected, rows_sq)
             start = stop
     return results
