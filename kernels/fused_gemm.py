@@ -13,14 +13,18 @@ Story in order:
    the TMA descriptors too, so both loaders are tested on CPU.
 3. ``_logits2``: the logit transform in base-2 units, ``z₂ = log2(e)·softcap(mult·(acc + b))``
    with ``log2(e)`` folded into the multiplier and the softcap's tanh written with ``exp2``.
-4. ``_epilogue``, one column part of a tile at a time (``EPILOGUE_PARTS``): forward, per
-   (row, part) the max and the sum of ``exp2(z₂ − max)``, and the target logit from the one
-   part that holds it; every value is written by exactly one part, so no atomics and no
-   logits in HBM. Backward (``DZ``): ``dz = g·(onehot − exp2(z₂ − lse₂))·s·mult`` in the
-   weight's dtype, stored through TMA.
-5. ``_fused_gemm_kernel``: the persistent loop (tile order, mainloop, row targets) with
-   either epilogue; ``_merge_partials_kernel`` folds one vocab chunk's partials, part by part
-   in a fixed order, into each row's running (max, sum): deterministic.
+4. ``_fused_gemm_kernel``: the persistent loop (tile order, mainloop, row targets), then the
+   epilogue on one column part of the tile at a time (``EPILOGUE_PARTS``). Forward
+   (``_partials``): per (row, part) the max and the sum of ``exp2(z₂ − max)``, and the
+   target logit from the one part that holds it; every value is written by exactly one
+   part, so no atomics and no logits in HBM. ``STORE`` (the store path's forward) also keeps
+   ``exp2(z₂ − part max)·s``, in ``[0, 1]``, in the weight's dtype. ``DZ`` (backward):
+   ``dz = g·(onehot − exp2(z₂ − lse₂))·s·mult`` in the weight's dtype. Tiles leave through
+   TMA stores (``_store_tile``) or masked pointer stores.
+5. ``_merge_partials_kernel`` folds one vocab chunk's partials, part by part in a fixed
+   order, into each row's running (max, sum): deterministic.
+6. ``_store_dz_kernel`` (store path, once ``g`` is known): ``dz`` in place of what ``STORE``
+   kept, ``p·s = kept·exp2(part max − lse₂)``; the target column from the fp32 log-prob.
 
 Ideas from QuACK's GEMM with an online-logsumexp epilogue (``lse_target_epi``, no stored
 logits; Dao-AILab/quack) and Triton's persistent TMA matmul tutorial (09-persistent-matmul);

@@ -14,6 +14,16 @@ Story in order:
    saved logsumexp; ``logprob.backward`` takes them per chunk in place of its GEMM + dz
    kernel and runs the same cuBLAS ``grad_rows += dz·W_c`` (fp32) and ``grad_W[c] = dzᵀ·h``.
    Deterministic: no atomics.
+4. ``group_logits`` / ``group_dz`` (the store path, ``fastalign.store``, through
+   ``logprob_store``): per group ONE launch over the whole vocabulary writes the partials,
+   the target logits and ``exp2(z₂ − part max)·s`` in the weight's dtype (no fp32 logits:
+   half the GEMM+fold store path's buffer, and no fold pass); once the loss gives ``g``,
+   ``_store_dz_kernel`` turns that into ``dz`` in place. Not ``dz`` straight from the forward
+   epilogue: ``g`` of a row depends on the logsumexp of every token of its gradient unit,
+   which no tile knows before the whole group's GEMM is done. Exactness: ``p·s`` off the
+   target goes through the weight's dtype once before ``dz`` is rounded to it (two roundings,
+   ≤ 2 units of roundoff, vs one on the recompute path); the target column is formed from
+   the fp32 log-prob, so ``1 − p_y`` cancels nothing rounded.
 
 FLOPs as the GEMM+fold backend (2HV forward, 6HV backward per scored token); HBM traffic
 per token drops by ``8·V`` bytes forward (no fp32 logits written and read back) and by
