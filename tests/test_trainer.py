@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 import fastalign  # noqa: E402
+from fastalign.trainer.default import tiny_config  # noqa: E402
 from fastalign.trainer.loop import DivergedError, TrainConfig, Trainer  # noqa: E402
 from fastalign.trainer.model import HiddenStates, head_params, lm_head, logit_transform  # noqa: E402
 from tests.trainer_helpers import one_thread  # noqa: E402, F401
@@ -181,14 +182,9 @@ def test_scores_match_the_models_own_logits(family):
     import transformers
 
     config_name, model_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(
-        vocab_size=61,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        **extra,
+    config_class = getattr(transformers, config_name)
+    config = tiny_config(
+        vocab_size=61, hidden_size=16, num_attention_heads=2, config_class=config_class, **extra
     )
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).eval()
