@@ -85,30 +85,16 @@ def make_inputs(pairs, seq_len, hidden_size, vocab, dtype, device="cpu"):
 
 def fused(name, x, backend, shift, grad_mode="auto"):
     common = dict(bias=x["bias"], shift=shift, backend=backend, grad_mode=grad_mode)
+    policy = (x["hidden"], x["weight"], x["labels"])
     if name == "dpo":
         return fastalign.dpo_loss_fused(
-            x["hidden"],
-            x["weight"],
-            x["labels"],
-            ref_hidden=x["ref_hidden"],
-            beta=0.3,
-            label_smoothing=0.1,
-            **common,
+            *policy, ref_hidden=x["ref_hidden"], beta=0.3, label_smoothing=0.1, **common
         )
     if name == "ipo":
-        return fastalign.ipo_loss_fused(
-            x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], beta=0.5, **common
-        )
+        return fastalign.ipo_loss_fused(*policy, ref_hidden=x["ref_hidden"], beta=0.5, **common)
     if name == "typo":
-        return fastalign.typo_loss_fused(
-            x["hidden"],
-            x["weight"],
-            x["labels"],
-            sample_hidden=x["sample_hidden"],
-            sample_labels=x["sample_labels"],
-            lam=0.3,
-            **common,
-        )
+        samples = dict(sample_hidden=x["sample_hidden"], sample_labels=x["sample_labels"])
+        return fastalign.typo_loss_fused(*policy, **samples, lam=0.3, **common)
     return kto_streamed(x, ref_hidden=x["ref_hidden"], **common)
 
 
