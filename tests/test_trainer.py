@@ -100,6 +100,29 @@ def test_precomputed_reference_equals_streamed(tmp_path):
     assert trainer.ref_model is None
 
 
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "cpo", "typo"])
+def test_reference_free_losses_make_no_reference(loss, tmp_path, monkeypatch):
+    """A loss that never reads a reference gets none: no copy made, saved or held (one model's
+    parameters), and the run is the one a forced reference copy gives, step for step."""
+    from fastalign.trainer import reference as R
+
+    copies = []
+    frozen_copy = R.frozen_copy
+    monkeypatch.setattr(R, "frozen_copy", lambda *a: copies.append(1) or frozen_copy(*a))
+    config = dict(loss=loss, max_steps=2, **FAST)
+    lean = Trainer(TrainConfig(output_dir=str(tmp_path / "lean"), **config))
+    assert lean.ref_model is None and lean.ref_logps is None and not copies
+    assert not (tmp_path / "lean" / "reference").exists()
+    lean.train()
+    monkeypatch.setattr(Trainer, "_needs_reference", lambda self: True)  # the old behaviour
+    forced = Trainer(TrainConfig(output_dir=str(tmp_path / "forced"), **config))
+    assert copies == [1] and (tmp_path / "forced" / "reference").exists()
+    size = sum(p.numel() for p in lean.model.parameters())
+    assert sum(p.numel() for p in forced.ref_model.parameters()) == size
+    forced.train()
+    assert losses_of(tmp_path / "lean") == losses_of(tmp_path / "forced")
+
+
 def test_nan_loss_stops_without_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(
         TrainConfig(loss="dpo", max_steps=5, save_steps=1, output_dir=str(tmp_path), **FAST)

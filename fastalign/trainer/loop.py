@@ -228,7 +228,14 @@ class Trainer(BatchLoss):
             backend=cfg.backend,
         )
 
+    def _needs_reference(self) -> bool:
+        """Whether the loss reads a reference policy (the loss table's verdict)."""
+        return self.spec.reference(self.config)
+
     def _setup_reference(self) -> None:
+        if not self._needs_reference():  # reference-free: no copy made, loaded or saved
+            self.reference, self.ref_model, self.ref_logps = R.Reference(), None, None
+            return
         record = self.resume_state["reference"] if self.resume_state else None
         splits = {"train": self.train_set}
         if self.test_set is not None:
