@@ -225,3 +225,62 @@ def test_scores_match_the_models_own_logits(family):
             hidden, weight, labels, bias=bias, shift=True, **logit_transform(config)
         ).logps
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def _two_forwards(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the same batch twice, in training mode (dropout, if on, differs)."""
+    model.train()
+    ids = torch.randint(4, 18, (2, 8))
+    with torch.no_grad():
+        return tuple(model(input_ids=ids).logits for _ in range(2))
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_off_by_default_as_trl(disable, tmp_path):
+    """A model whose config has attention dropout 0.5: the trainer turns it off in the policy
+    and the reference (TRL's disable_dropout=True), unless disable_dropout=False."""
+    from transformers import LlamaForCausalLM
+
+    from fastalign.trainer.default import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    LlamaForCausalLM(tiny_config(tokenizer, attention_dropout=0.5)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    config = TrainConfig(
+        loss="dpo", model=str(tmp_path / "m"), max_steps=1, output_dir=str(tmp_path / "run"),
+        disable_dropout=disable, **FAST,
+    )  # fmt: skip
+    trainer = Trainer(config)
+    for model in (trainer.model, trainer.ref_model):
+        first, second = _two_forwards(model)
+        assert torch.equal(first, second) == disable
+
+
+def test_disable_dropout_reaches_every_dropout_module():
+    """GPT-2 keeps its dropout in nn.Dropout modules (embedding, attention, residual)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastalign.trainer.policy import disable_dropout
+
+    config = GPT2Config(vocab_size=18, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config)  # resid/embd/attn dropout 0.1 each
+    first, second = _two_forwards(model)
+    assert not torch.equal(first, second)
+    assert disable_dropout(model) == 1 + 2 * 3  # embd; per layer attn, resid (attn), resid (mlp)
+    first, second = _two_forwards(model)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert disable_dropout(model) == 0
+
+
+def test_cli_no_disable_dropout_flag():
+    import subprocess
+    import sys
+
+    from tests.trainer_helpers import child_env
+
+    command = [sys.executable, "-m", "fastalign.cli", "train", "--help"]
+    proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    help_text = " ".join(proc.stdout.split())
+    assert "--disable-dropout, --no-disable-dropout" in help_text
+    assert "as TRL's disable_dropout=True" in help_text

@@ -186,6 +186,8 @@ class Trainer(BatchLoss):
             )
         if self.is_default and resume is None and cfg.sft_warmup_steps > 0:
             self._sft_warmup()
+        if cfg.disable_dropout:  # before LoRA: an explicit --lora-dropout still applies
+            P.disable_dropout(self.model)
         if cfg.lora_rank > 0:
             self.model = P.with_lora(self.model, cfg, resume)
 
@@ -247,6 +249,8 @@ class Trainer(BatchLoss):
         if self.ref_model is not None:
             self._place(self.ref_model)
             self.ref_model.eval().requires_grad_(False)
+            if self.config.disable_dropout:  # --ref-model or a reloaded copy: as the policy
+                P.disable_dropout(self.ref_model)
             self.ref_packed_attention = self._prepare_packing(self.ref_model)
 
     def _score(self, split) -> torch.Tensor:
