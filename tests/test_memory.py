@@ -120,6 +120,8 @@ def test_reference_free_losses_score_the_policy_rows_alone(loss, grad_mode):
         assert parts["reference weights"] == parts["reference forward"] == 0
         assert est.total(path) < dpo.total(path)
     assert not any("reference: a frozen copy" in note for note in est.assumptions)
+    nll_note = [note for note in est.assumptions if "chosen rows' NLL" in note]
+    assert len(nll_note) == (loss != "simpo")
 
 
 def test_cli_reference_free_losses_subprocess():

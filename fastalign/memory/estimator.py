@@ -217,6 +217,11 @@ def assumptions(step: Step) -> list[str]:
         )
     if step.separate_reference:
         notes.append("reference: a frozen copy of the policy in the compute dtype")
+    if step.loss in ("orpo", "cpo"):
+        notes.append(
+            f"{step.loss} eager: the chosen rows' NLL read from the same log_softmax (TRL's "
+            "trainer runs a second cross_entropy over the chosen logits: not counted)"
+        )
     path = grad_path(step)
     notes.append(f"fused gradient path: {path} (grad_mode={step.grad_mode!r})")
     if path != "store" and tiles.store_wanted(step.grad_mode, step.head_trainable):
