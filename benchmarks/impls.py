@@ -141,18 +141,18 @@ def compiled(case, x):
 
 
 # ----------------------------------------------------------------------------- fastalign
-def _fastalign_loss(case: str, x: dict, grad_mode: str = "auto", **options) -> torch.Tensor:
-    """The loss of ``case`` through fastalign's public API; ``options`` go to every call,
-    ``grad_mode`` to the losses (the log-prob cases have one path: their upstream gradient is
+def _fastalign_loss(case: str, x: dict, grad_mode: str = "auto") -> torch.Tensor:
+    """The loss of ``case`` through fastalign's public API (``backend="auto"``); ``grad_mode``
+    goes to the losses (the log-prob cases have one path: their upstream gradient is
     unknown)."""
     weight = x["weight"].detach() if case == FROZEN else x["weight"]
     policy = (x["hidden"], weight, x["labels"])
     if case in ("logps", FROZEN):
-        return fastalign.sequence_logps(*policy, **options).logps.sum()
+        return fastalign.sequence_logps(*policy).logps.sum()
     if case == "policy_ref":
-        scored, ref = fastalign.policy_ref_logps(*policy, x["ref_hidden"], **options)
+        scored, ref = fastalign.policy_ref_logps(*policy, x["ref_hidden"])
         return (scored.logps - ref.logps).sum()
-    options = dict(options, grad_mode=grad_mode)
+    options = dict(options=fastalign.LogpOptions(grad_mode=grad_mode))
     if case == "typo":
         samples = dict(sample_hidden=x["kl_hidden"], sample_labels=x["labels"], lam=LAM)
         return fastalign.typo_loss_fused(*policy, **samples, **options).loss
@@ -165,14 +165,13 @@ def _fastalign_loss(case: str, x: dict, grad_mode: str = "auto", **options) -> t
     return losses[case](*policy, **options).loss
 
 
-def fastalign_impl(case, x, **options):
+def fastalign_impl(case, x, grad_mode: str = "auto"):
     """fastalign's default (``backend="auto"``; the losses' ``grad_mode="auto"`` takes the
-    store path where one gradient unit fits the budget); ``options``: extra keyword arguments
-    of every call, e.g. a variant column's ``grad_mode="recompute"``."""
-    options = dict(backend="auto", **options)
+    store path where one gradient unit fits the budget); ``grad_mode``: a variant column's,
+    e.g. ``"recompute"``."""
 
     def run():
-        _fastalign_loss(case, x, **options).backward()
+        _fastalign_loss(case, x, grad_mode).backward()
 
     return run
 

@@ -116,16 +116,13 @@ def _fused_loss(setup, policy, ref, input_ids, kl_ids, desirable):
 
     weight = policy.lm_head.weight
     hidden = _hidden(policy, input_ids)
+    options = fastalign.LogpOptions(shift=True, grad_mode=setup.grad_mode)
     if setup.loss == "typo":
         # the pairwise term alone, as the eager path computes it (no sampled rows)
-        return fastalign.typo_loss_fused(
-            hidden, weight, input_ids, shift=True, lam=0.0, grad_mode=setup.grad_mode
-        ).loss
+        return fastalign.typo_loss_fused(hidden, weight, input_ids, lam=0.0, options=options).loss
     with torch.no_grad():
         ref_hidden = _hidden(ref, input_ids)
-    common = dict(
-        ref_hidden=ref_hidden, ref_weight=ref.lm_head.weight, shift=True, grad_mode=setup.grad_mode
-    )
+    common = dict(ref_hidden=ref_hidden, ref_weight=ref.lm_head.weight, options=options)
     if setup.loss != "kto":
         return fastalign.dpo_loss_fused(hidden, weight, input_ids, **common).loss
     with torch.no_grad():

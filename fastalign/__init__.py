@@ -1,45 +1,22 @@
 """fastalign: fused preference-alignment losses that never materialise full logits."""
 
+from . import losses
 from ._types import LogitTransform, LogpOutput
-from .losses import (
-    KTOOutput,
-    PreferenceOutput,
-    ReferenceFreeOutput,
-    TYPOOutput,
-    cpo_loss_fused,
-    dpo_loss_fused,
-    ipo_loss_fused,
-    kto_class_weights,
-    kto_loss_fused,
-    mismatched_pairs,
-    orpo_loss_fused,
-    simpo_loss_fused,
-    typo_loss_fused,
-)
+from .losses import *  # noqa: F403  (the fused losses and their outputs: losses.__all__)
 from .ops import policy_ref_logps, sequence_logps
+from .options import LogpOptions
 from .token_ops import TOKEN_OUTPUTS, TokenLogpsOutput, token_logps
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "LogitTransform",
+    "LogpOptions",
+    "LogpOutput",
     "TOKEN_OUTPUTS",
     "TokenLogpsOutput",
-    "token_logps",
-    "KTOOutput",
-    "LogitTransform",
-    "LogpOutput",
-    "PreferenceOutput",
-    "ReferenceFreeOutput",
-    "TYPOOutput",
-    "cpo_loss_fused",
-    "dpo_loss_fused",
-    "ipo_loss_fused",
-    "kto_class_weights",
-    "kto_loss_fused",
-    "mismatched_pairs",
-    "orpo_loss_fused",
     "policy_ref_logps",
     "sequence_logps",
-    "simpo_loss_fused",
-    "typo_loss_fused",
+    "token_logps",
+    *losses.__all__,
 ]

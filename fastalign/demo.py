@@ -37,7 +37,8 @@ def _run_one(path: str, num_seqs: int, seq_len: int, vocab: int, hidden_size: in
         if path == "eager":
             logps = eager_logps(hidden, weight, labels).logps
         else:
-            logps = fastalign.sequence_logps(hidden, weight, labels, backend="torch").logps
+            options = fastalign.LogpOptions(backend="torch")
+            logps = fastalign.sequence_logps(hidden, weight, labels, options=options).logps
         logps.sum().backward()
         return logps.detach()
 

@@ -4,8 +4,8 @@ Story in order: each stream is validated and compacted (``streams.prepare``), a 
 picked (Triton on CUDA, chunked torch elsewhere), every stream of a call runs in one backend
 forward (``_FusedLogps``), token log-probs are reduced to per-sequence sums
 deterministically, and backward recomputes logits tile by tile. Public wrappers:
-``sequence_logps`` and ``policy_ref_logps``; the losses call ``score_streams`` (or, for the
-store path, ``fastalign.store``).
+``sequence_logps`` and ``policy_ref_logps`` (through ``score_streams``); the losses call
+``score_prepared`` from ``fastalign.losses.units`` (or, for the store path, ``fastalign.store``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 
 from . import checks, torch_backend
 from ._types import Backend, LogitTransform, LogpOutput
+from .options import LogpOptions
 from .streams import (  # noqa: F401  (StreamInput, reference_stream: part of this module's API)
     REF_NAMES,
     Prepared,
     StreamInput,
-    check_common,
     prepare,
     reference_stream,
     sequence_sums,
@@ -55,6 +55,10 @@ class StreamScores:
     num_tokens: torch.Tensor  # int64 [B]
     prefix_logps: torch.Tensor | None = None  # [B] fp32
     log_sum_sq: torch.Tensor | None = None  # [B] fp32
+
+    def sums(self) -> LogpOutput:
+        """The per-sequence sums and counts alone."""
+        return LogpOutput(self.logps, self.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -220,9 +224,9 @@ def _stream_grads(plan: _Plan, prepared: Prepared, saved, grad_logp, need) -> li
     ]
 
 
-def prepare_all(streams: list[StreamInput], *, shift: bool, ignore_index: int) -> list[Prepared]:
+def prepare_all(streams: list[StreamInput], options: LogpOptions) -> list[Prepared]:
     """Validate and compact every stream; all must live on the first one's device."""
-    prepared = [prepare(s, shift=shift, ignore_index=ignore_index) for s in streams]
+    prepared = [prepare(s, shift=options.shift, ignore_index=options.ignore_index) for s in streams]
     device = prepared[0].tokens.hidden.device
     for s, p in zip(streams, prepared):
         checks.check_same_device(p.tokens.hidden, s.name("hidden"), device)
@@ -235,20 +239,9 @@ def score_prepared(
     transform: LogitTransform,
     backend: Backend,
     chunk_elements: int | None = None,
-) -> list[LogpOutput]:
-    """Score prepared streams in one backend launch (the recompute path's autograd)."""
-    scores = score_prepared_full(streams, prepared, transform, backend, chunk_elements)
-    return [LogpOutput(out.logps, out.num_tokens) for out in scores]
-
-
-def score_prepared_full(
-    streams: list[StreamInput],
-    prepared: list[Prepared],
-    transform: LogitTransform,
-    backend: Backend,
-    chunk_elements: int | None = None,
 ) -> list[StreamScores]:
-    """``score_prepared`` with each stream's extras (``prefix_tokens``, ``log_sum_sq``)."""
+    """Score prepared streams in one backend launch (the recompute path's autograd), with
+    each stream's extras (``prefix_tokens``, ``log_sum_sq``)."""
     plan = _Plan(prepared, transform, backend, chunk_elements)
     outputs = iter(_FusedLogps.apply(plan, *InputSlots.tensors(streams)))
     scores = [StreamScores(next(outputs), p.num_tokens) for p in prepared]
@@ -263,30 +256,19 @@ def score_prepared_full(
 
 
 def score_streams(
-    streams: list[StreamInput],
-    *,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
-) -> list[LogpOutput]:
-    """Score several streams in one backend launch; the building block of every loss.
+    streams: list[StreamInput], options: LogpOptions | None = None
+) -> list[StreamScores]:
+    """Score several streams in one backend launch: the building block of the ops, of the
+    LD-DPO/WPO losses and of plain NLL in the trainer.
 
-    Returns one ``LogpOutput`` per stream, in order. Differentiable streams carry autograd
-    to their ``hidden``, ``weight`` and ``bias``; the others are detached.
+    Returns one ``StreamScores`` per stream, in order. Differentiable streams carry autograd
+    to their ``hidden``, ``weight`` and ``bias``; the others are detached. Always the
+    recompute path (``options.grad_mode`` is the losses': ``fastalign.losses.units``).
     """
-    transform = check_common(
-        shift=shift,
-        ignore_index=ignore_index,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        backend=backend,
-    )
-    prepared = prepare_all(streams, shift=shift, ignore_index=ignore_index)
-    return score_prepared(streams, prepared, transform, select_backend(backend, prepared))
+    options = LogpOptions.of(options)
+    prepared = prepare_all(streams, options)
+    backend = select_backend(options.backend, prepared)
+    return score_prepared(streams, prepared, options.transform(), backend)
 
 
 def sequence_logps(
@@ -296,16 +278,11 @@ def sequence_logps(
     *,
     bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
+    options: LogpOptions | None = None,
 ) -> LogpOutput:
     """Per-sequence sums of token log-probs, computed in tiles without full logits.
 
-    For every scored token t (``labels[t] != ignore_index``) of sequence b:
+    For every scored token t (``labels[t] != options.ignore_index``) of sequence b:
     ``z_t = softcap(logit_scale · (hidden_t · weightᵀ + bias) / temperature)``,
     ``logp_t = z_t[labels_t] − logsumexp(z_t)`` in fp32, and ``logps[b] = Σ_t logp_t``.
 
@@ -314,14 +291,14 @@ def sequence_logps(
             fp32 (or fp64 on the torch backend); any strides, never copied.
         weight: lm_head ``[V, H]``, same dtype as ``hidden``.
         labels: ``[B, T]`` / ``[N]`` integer token ids; ``ignore_index`` marks positions
-            not scored (prompt, padding). ``hidden[..., t, :]`` scores ``labels[..., t]``.
+            not scored (prompt, padding). ``hidden[..., t, :]`` scores ``labels[..., t]``
+            (``labels[..., t + 1]`` with ``shift``).
         bias: optional lm_head bias ``[V]``.
         cu_seqlens: ``[B + 1]`` sequence boundaries for packed ``[N, H]`` input.
-        shift: apply the Hugging Face shift (``hidden[:, :-1]`` scores ``labels[:, 1:]``,
-            within each sequence when packed) without copying.
-        logit_scale, temperature, logit_softcap: logit transform; defaults are the identity.
-        backend: ``"auto"`` (Triton on CUDA, chunked torch elsewhere), ``"triton"`` (also
-            on CPU under ``TRITON_INTERPRET=1``) or ``"torch"``.
+        options: a ``LogpOptions`` (None: the defaults): ``shift``, ``ignore_index``, the
+            logit transform (``logit_scale``, ``temperature``, ``logit_softcap``; defaults
+            are the identity) and ``backend``. This op always recomputes logits in backward:
+            ``grad_mode``/``store_budget_bytes`` other than the defaults raise ValueError.
 
     Returns:
         ``LogpOutput(logps, num_tokens)``: fp32 ``[B]`` sums (differentiable w.r.t.
@@ -334,17 +311,15 @@ def sequence_logps(
         >>> out = sequence_logps(h, W, y)
         >>> out.logps.shape, out.num_tokens.tolist()
         (torch.Size([2]), [3, 3])
+        >>> hf = sequence_logps(h, W, y, options=LogpOptions(shift=True, temperature=0.7))
+        >>> hf.num_tokens.tolist()  # hidden[:, t] scores y[:, t + 1]
+        [3, 3]
     """
     (out,) = score_streams(
         [StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)],
-        shift=shift,
-        ignore_index=ignore_index,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        backend=backend,
+        LogpOptions.of(options).for_op("sequence_logps"),
     )
-    return out
+    return out.sums()
 
 
 def policy_ref_logps(
@@ -357,19 +332,14 @@ def policy_ref_logps(
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
+    options: LogpOptions | None = None,
 ) -> tuple[LogpOutput, LogpOutput]:
     """Policy and reference log-prob sums of the same sequences, in one launch.
 
     The reference stream (``ref_hidden``, with ``ref_weight``/``ref_bias`` defaulting to the
     policy's ``weight``/``bias``) produces sums only: no autograd state, detached output.
-    Shapes and other arguments as in :func:`sequence_logps`; ``ref_hidden`` has the shape
-    of ``hidden`` and shares ``labels``.
+    Shapes and other arguments (``options`` included) as in :func:`sequence_logps`;
+    ``ref_hidden`` has the shape of ``hidden`` and shares ``labels``.
 
     Example:
         >>> h, h_ref = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
@@ -377,24 +347,9 @@ def policy_ref_logps(
         >>> policy, ref = policy_ref_logps(h, W, y, h_ref)
         >>> (policy.logps - ref.logps).sum().backward()
     """
-    policy, ref = score_streams(
-        [
-            StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens),
-            reference_stream(
-                ref_hidden,
-                ref_weight,
-                ref_bias,
-                weight=weight,
-                bias=bias,
-                labels=labels,
-                cu_seqlens=cu_seqlens,
-            ),
-        ],
-        shift=shift,
-        ignore_index=ignore_index,
-        logit_scale=logit_scale,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        backend=backend,
+    policy = StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
+    ref = reference_stream(ref_hidden, ref_weight, ref_bias, policy=policy)
+    policy_out, ref_out = score_streams(
+        [policy, ref], LogpOptions.of(options).for_op("policy_ref_logps")
     )
-    return policy, ref
+    return policy_out.sums(), ref_out.sums()

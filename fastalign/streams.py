@@ -8,13 +8,13 @@ the form every backend and both gradient paths (recompute, store) work on.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 
 from . import checks
-from ._types import LogitTransform, TokenBatch
+from ._types import TokenBatch
 
 
 @dataclass
@@ -41,6 +41,16 @@ class StreamInput:
     def name(self, role: str) -> str:
         return self.names.get(role, role)
 
+    def frozen(self) -> StreamInput:
+        """This stream scored without autograd state: tensors detached, not differentiable."""
+        return replace(
+            self,
+            hidden=self.hidden.detach(),
+            weight=self.weight.detach(),
+            bias=None if self.bias is None else self.bias.detach(),
+            differentiable=False,
+        )
+
 
 @dataclass
 class Prepared:
@@ -55,23 +65,6 @@ class Prepared:
     differentiable: bool
     prefix_mask: torch.Tensor | None = None  # bool [M]: token in its sequence's prefix
     log_sum_sq: bool = False
-
-
-def check_common(
-    *, shift, ignore_index, logit_scale, temperature, logit_softcap, backend
-) -> LogitTransform:
-    """Validate the keyword arguments every entry point shares; return the logit transform."""
-    checks.check_bool(shift, "shift")
-    checks.check_number(ignore_index, "ignore_index", integer=True)
-    checks.check_number(logit_scale, "logit_scale", nonzero=True)
-    checks.check_number(temperature, "temperature", low=0, low_open=True)
-    checks.check_number(logit_softcap, "logit_softcap", low=0, low_open=True, allow_none=True)
-    checks.check_choice(backend, "backend", checks.BACKENDS)
-    return LogitTransform(
-        logit_scale=float(logit_scale),
-        temperature=float(temperature),
-        softcap=None if logit_softcap is None else float(logit_softcap),
-    )
 
 
 def _check_tensors(stream: StreamInput, ignore_index: int) -> None:
@@ -243,13 +236,11 @@ def reference_stream(
     ref_weight: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
     *,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
+    policy: StreamInput,
     names: dict[str, str] | None = None,
 ) -> StreamInput:
-    """The frozen reference stream: its weight (and bias) default to the policy's."""
+    """The frozen reference stream of ``policy``'s sequences (its labels and cu_seqlens):
+    its weight (and bias) default to the policy's."""
     names = names or REF_NAMES
     checks.check_tensor(ref_hidden, names["hidden"])
     if ref_weight is not None:
@@ -257,16 +248,15 @@ def reference_stream(
     if ref_bias is not None:
         checks.check_tensor(ref_bias, names["bias"])
     if ref_weight is None:
-        ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+        ref_weight, ref_bias = policy.weight, policy.bias if ref_bias is None else ref_bias
     return StreamInput(
-        ref_hidden.detach(),
-        ref_weight.detach(),
-        labels,
-        bias=None if ref_bias is None else ref_bias.detach(),
-        cu_seqlens=cu_seqlens,
-        differentiable=False,
+        ref_hidden,
+        ref_weight,
+        policy.labels,
+        bias=ref_bias,
+        cu_seqlens=policy.cu_seqlens,
         names=names,
-    )
+    ).frozen()
 
 
 def sequence_sums(

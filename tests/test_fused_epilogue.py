@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import fastalign
+from fastalign import LogpOptions
 from fastalign._types import LogitTransform, TokenBatch
 from fastalign.kernels import fused_logprob, logprob
 from tests.reference import naive_sequence_logps
 
+TRITON = LogpOptions(backend="triton")
 TRANSFORMS = {
     "identity": LogitTransform(),
     "scaled": LogitTransform(logit_scale=1.3, temperature=0.7),
@@ -147,7 +149,9 @@ def test_dz_matches_float64(
 
 def _loss_and_grads(hidden, weight, bias, labels, upstream, **kwargs):
     leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias)]
-    out = fastalign.sequence_logps(*leaves[:2], labels, bias=leaves[2], backend="triton", **kwargs)
+    out = fastalign.sequence_logps(
+        *leaves[:2], labels, bias=leaves[2], options=LogpOptions(backend="triton", **kwargs)
+    )
     return (out.logps, *torch.autograd.grad(out.logps, leaves, upstream))
 
 
@@ -182,10 +186,10 @@ def test_streams_sharing_a_head_are_stacked(device, fused):
     weight = (torch.randn(150, 16) / 4).to(device, torch.float16).requires_grad_()
     labels = torch.randint(0, 150, (3, 6)).to(device)
     labels[0, :4] = -100
-    policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, backend="triton")
+    policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, options=TRITON)
     stacked = 2 * int((labels != -100).sum())
     assert fused and all(rows == stacked for rows in fused)
-    alone = fastalign.sequence_logps(ref_hidden, weight, labels, backend="triton")
+    alone = fastalign.sequence_logps(ref_hidden, weight, labels, options=TRITON)
     torch.testing.assert_close(ref.logps, alone.logps, rtol=1e-5, atol=1e-5)
 
 
@@ -206,7 +210,7 @@ def test_nan_row_stays_in_its_sequence(device, fused):
     hidden[1, 2, 0] = float("nan")
     weight = torch.randn(70, 16).to(device, torch.bfloat16)
     labels = torch.randint(0, 70, (3, 5)).to(device)
-    out = fastalign.sequence_logps(hidden, weight, labels, backend="triton")
+    out = fastalign.sequence_logps(hidden, weight, labels, options=TRITON)
     assert fused and torch.isnan(out.logps[1]) and torch.isfinite(out.logps[[0, 2]]).all()
 
 
@@ -218,7 +222,7 @@ def test_groups_the_fused_kernels_do_not_take_keep_gemm_fold(device, fused):
         torch.randn(60, 16, device=device, requires_grad=True),  # fp32
         torch.randn(60, 16, device=device).bfloat16(),  # frozen head
     ):
-        out = fastalign.sequence_logps(hidden.to(weight.dtype), weight, labels, backend="triton")
+        out = fastalign.sequence_logps(hidden.to(weight.dtype), weight, labels, options=TRITON)
         out.logps.sum().backward()
     assert not fused
 

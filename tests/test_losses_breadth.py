@@ -37,8 +37,7 @@ def test_each_type_end_to_end(backend, grad_mode, loss_type, device):
         beta=0.3,
         loss_type=loss_type,
         label_smoothing=eps,
-        backend=backend,
-        grad_mode=grad_mode,
+        options=fastalign.LogpOptions(backend=backend, grad_mode=grad_mode),
     )
     s, n = R.logps64(hidden, weight, labels)
     ref, _ = R.logps64(ref_hidden, weight.detach(), labels)
@@ -71,7 +70,7 @@ def test_ld_alpha_wpo_and_rpo_together(backend, reference, device):
         rpo_alpha=0.7,
         ld_alpha=0.4,
         use_weighting=True,
-        backend=backend,
+        options=fastalign.LogpOptions(backend=backend),
         **refs[reference],
     )
     n = (labels != -100).sum(1)
@@ -107,9 +106,8 @@ def test_sft_alone_needs_no_reference(monkeypatch):
     launch of one stream."""
     hidden, _, weight, labels = _inputs("cpu")
     launches = R.record_launches(monkeypatch)
-    out = fastalign.dpo_loss_fused(
-        hidden, weight, labels, loss_type="sft", backend="torch", grad_mode="recompute"
-    )
+    options = fastalign.LogpOptions(backend="torch", grad_mode="recompute")
+    out = fastalign.dpo_loss_fused(hidden, weight, labels, loss_type="sft", options=options)
     s, n = R.logps64(hidden, weight, labels)
     R.assert_loss_and_grads(out.loss, -s[:3].sum() / n[:3].sum(), [hidden, weight])
     assert launches == [1]
@@ -146,7 +144,12 @@ def test_every_plain_type_takes_the_store_path(monkeypatch, kwargs):
         else 0.0,
     )
     recompute = fastalign.dpo_loss_fused(
-        hidden, weight, labels, ref_hidden=ref_hidden, grad_mode="recompute", **kwargs
+        hidden,
+        weight,
+        labels,
+        ref_hidden=ref_hidden,
+        options=fastalign.LogpOptions(grad_mode="recompute"),
+        **kwargs,
     )
     want = torch.autograd.grad(recompute.loss, [hidden, weight])
     groups = _forbid_recompute(monkeypatch)
@@ -165,6 +168,6 @@ def test_ld_alpha_and_wpo_take_the_recompute_path_in_one_launch(monkeypatch):
     with pytest.warns(UserWarning, match="ld_alpha / use_weighting"):
         fastalign.dpo_loss_fused(
             hidden, weight, labels, ref_hidden=ref_hidden, rpo_alpha=1.0, use_weighting=True,
-            ld_alpha=0.5, grad_mode="store",
+            ld_alpha=0.5, options=fastalign.LogpOptions(grad_mode="store"),
         ).loss.backward()  # fmt: skip
     assert launches == [2]  # policy and reference streams, one backend forward

@@ -84,7 +84,8 @@ def make_inputs(pairs, seq_len, hidden_size, vocab, dtype, device="cpu"):
 
 
 def fused(name, x, backend, shift, grad_mode="auto"):
-    common = dict(bias=x["bias"], shift=shift, backend=backend, grad_mode=grad_mode)
+    options = fastalign.LogpOptions(shift=shift, backend=backend, grad_mode=grad_mode)
+    common = dict(bias=x["bias"], options=options)
     policy = (x["hidden"], x["weight"], x["labels"])
     if name == "dpo":
         return fastalign.dpo_loss_fused(
@@ -230,7 +231,8 @@ def test_reference_lm_head_with_its_own_bias(backend, device):
     """ref_weight/ref_bias score the reference (and KTO's mismatched reference rows)."""
     x = make_inputs(3, 7, 17, 97, torch.float32, device)
     ref_weight, ref_bias = (torch.randn(97, 17) / 4).to(device), torch.randn(97).to(device)
-    head = dict(ref_weight=ref_weight, ref_bias=ref_bias, bias=x["bias"], backend=backend)
+    head = dict(ref_weight=ref_weight, ref_bias=ref_bias, bias=x["bias"])
+    head["options"] = fastalign.LogpOptions(backend=backend)
     s, _ = truth_logps(x["hidden"], x["weight"], x["bias"], x["labels"], False)
     ref, _ = truth_logps(x["ref_hidden"], ref_weight, ref_bias, x["labels"], False)
     kl_policy, _ = truth_logps(x["kl_hidden"], x["weight"], x["bias"], x["kl_labels"], False)
@@ -304,7 +306,12 @@ def test_reference_lm_head_with_its_own_bias(backend, device):
             ValueError,
             r"weight must be .* \(the last dim of sample_hidden\)",
         ),
-        ("dpo", dict(ref_logps=torch.zeros(6), backend="cuda"), ValueError, "backend"),
+        (
+            "dpo",
+            dict(ref_logps=torch.zeros(6), options=dict(backend="cuda")),
+            ValueError,
+            "backend",
+        ),
         ("dpo", dict(ref_logps=torch.zeros(6), cu_seqlens=[0, 7]), TypeError, "cu_seqlens must"),
         (
             "kto",
@@ -322,6 +329,8 @@ def test_errors_name_the_argument(loss, kwargs, error, match):
     x = make_inputs(3, 7, 17, 97, torch.float32)
     hidden, weight, labels = x["hidden"], x["weight"], x["labels"]
     with pytest.raises(error, match=match):
+        if "options" in kwargs:  # the LogpOptions fields, built inside the raises block
+            kwargs = {**kwargs, "options": fastalign.LogpOptions(**kwargs["options"])}
         if loss == "dpo":
             fastalign.dpo_loss_fused(hidden, weight, labels, **kwargs)
         elif loss == "ipo":

@@ -29,7 +29,7 @@ def test_dpo_matches_formula(backend, loss_type, eps, reference, device):
         beta=0.3,
         loss_type=loss_type,
         label_smoothing=eps,
-        backend=backend,
+        options=fastalign.LogpOptions(backend=backend),
         **kwargs,
     )
     ref_used = torch.zeros_like(s) if reference == "free" else ref_s.detach()

@@ -23,7 +23,7 @@ def test_ipo_matches_formula(backend, length_normalize, reference, device):
         labels,
         beta=0.5,
         length_normalize=length_normalize,
-        backend=backend,
+        options=fastalign.LogpOptions(backend=backend),
         **kwargs,
     )
     naive = R.ipo(s, ref_s.detach(), n, 0.5, length_normalize)

@@ -59,7 +59,7 @@ def test_kto_matches_formula(backend, reference, device):
         beta=0.4,
         desirable_weight=1.3,
         undesirable_weight=1.0,
-        backend=backend,
+        options=fastalign.LogpOptions(backend=backend),
         **refs,
     )
     naive, z0 = R.kto(s, ref_s.detach(), desirable, kl_s.detach(), kl_ref_s.detach(), 0.4, 1.3, 1.0)
@@ -120,7 +120,7 @@ def test_all_streams_share_one_launch(monkeypatch):
         kl_hidden=kl_hidden,
         kl_labels=kl_labels,
         kl_ref_hidden=kl_ref_hidden,
-        grad_mode="recompute",
+        options=fastalign.LogpOptions(grad_mode="recompute"),
     )
     assert calls == [4]  # policy, reference, mismatched policy, mismatched reference
     out.loss.backward()

@@ -86,19 +86,20 @@ def _cpo_reference_args(case):
 @pytest.mark.parametrize("family", ["simpo", "simpo_nll", "orpo", *range(len(CPO_CASES))])
 def test_matches_float64_formula(backend, family, device):
     hidden, weight, labels = _inputs(device)
+    options = fastalign.LogpOptions(backend=backend)
     if family in ("simpo", "simpo_nll"):
         nll_weight = 0.5 if family == "simpo_nll" else 0.0
         out = fastalign.simpo_loss_fused(
             hidden, weight, labels, beta=2.0, gamma=0.4, label_smoothing=0.1,
-            nll_weight=nll_weight, backend=backend,
+            nll_weight=nll_weight, options=options,
         )  # fmt: skip
         want = simpo64(hidden, weight, labels, 2.0, 0.4, 0.1, nll_weight)
     elif family == "orpo":
-        out = fastalign.orpo_loss_fused(hidden, weight, labels, beta=0.2, backend=backend)
+        out = fastalign.orpo_loss_fused(hidden, weight, labels, beta=0.2, options=options)
         want = orpo64(hidden, weight, labels, 0.2)
     else:
         case = CPO_CASES[family]
-        out = fastalign.cpo_loss_fused(hidden, weight, labels, beta=0.2, backend=backend, **case)
+        out = fastalign.cpo_loss_fused(hidden, weight, labels, beta=0.2, options=options, **case)
         want = cpo64(hidden, weight, labels, 0.2, *_cpo_reference_args(case))
     R.assert_loss_and_grads(out.loss, want, [hidden, weight])
 
@@ -128,7 +129,9 @@ def test_matches_liger_fused_op(family, ours_kwargs, liger_name, liger_kwargs):
     hidden and lm_head, the log-probs it reads, rewards and NLL."""
     hidden, weight, labels = _inputs()
     fused = getattr(fastalign, f"{family}_loss_fused")
-    out = fused(hidden, weight, labels, backend="torch", **ours_kwargs)
+    out = fused(
+        hidden, weight, labels, options=fastalign.LogpOptions(backend="torch"), **ours_kwargs
+    )
     liger_loss, aux = _liger(liger_name)(compiled=False, **liger_kwargs)(weight, hidden, labels)
     torch.testing.assert_close(out.loss, liger_loss, rtol=1e-5, atol=1e-6)
     ours = torch.autograd.grad(out.loss, [hidden, weight])
@@ -190,7 +193,8 @@ def test_kto_apo_zero_unpaired(backend, device):
     desirable = torch.tensor([True, False, True, True, False, False], device=device)
     out = fastalign.kto_loss_fused(
         hidden, weight, labels, desirable, ref_hidden=ref_hidden, beta=0.3,
-        desirable_weight=1.2, loss_type="apo_zero_unpaired", backend=backend,
+        desirable_weight=1.2, loss_type="apo_zero_unpaired",
+        options=fastalign.LogpOptions(backend=backend),
     )  # fmt: skip
     s, _ = R.logps64(hidden, weight, labels)
     ref, _ = R.logps64(ref_hidden, weight.detach(), labels)
@@ -266,7 +270,7 @@ def test_store_path_equals_recompute(monkeypatch, name):
         def call(**kw):
             return fn(hidden, weight, labels, **kw)
 
-    recompute = call(grad_mode="recompute")
+    recompute = call(options=fastalign.LogpOptions(grad_mode="recompute"))
     want = torch.autograd.grad(recompute.loss, [hidden, weight])
     monkeypatch.setattr(torch_backend, "backward", None)  # any recompute would fail
     out = call()

@@ -73,13 +73,14 @@ CASES = {
 }
 
 
-def call(loss, opts, x, backend, grad_mode, **extra):
+def call(loss, opts, x, backend, grad_mode):
     """The fused loss of a case: its output and the gradient leaves."""
     opts = dict(opts)
-    common = dict(backend=backend, grad_mode=grad_mode, **extra)
+    options = dict(backend=backend, grad_mode=grad_mode)
     for key in ("shift", *TRANSFORM):
         if key in opts:
-            common[key] = opts.pop(key)
+            options[key] = opts.pop(key)
+    common = dict(options=fastalign.LogpOptions(**options))
     if opts.pop("bias", False):
         common["bias"] = x["bias"]
     if opts.pop("packed", False):
@@ -223,9 +224,12 @@ def test_store_matches_formula_and_recompute(case, backend, device):
         close(g, r, 1e-5, f"grad {name} store vs recompute")
 
 
-def _dpo(x, **kw):
+def _dpo(x, **options):
+    """DPO on ``x`` with these ``LogpOptions`` fields."""
+    options = fastalign.LogpOptions(**options)
+    args = (x["hidden"], x["weight"], x["labels"])
     return fastalign.dpo_loss_fused(
-        x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], bias=x["bias"], **kw
+        *args, ref_hidden=x["ref_hidden"], bias=x["bias"], options=options
     )
 
 

@@ -62,7 +62,13 @@ def test_loss_metrics_and_gradients_match_trl(case):
 
     hidden, ref_hidden, weight, labels = _inputs()
     out = fastalign.dpo_loss_fused(
-        hidden, weight, labels, ref_hidden=ref_hidden, beta=0.1, backend="torch", **case
+        hidden,
+        weight,
+        labels,
+        ref_hidden=ref_hidden,
+        beta=0.1,
+        options=fastalign.LogpOptions(backend="torch"),
+        **case,
     )
     ours = torch.autograd.grad(out.loss, [hidden, weight])
     token_logps = naive_token_logps(hidden.double(), weight.double(), labels)

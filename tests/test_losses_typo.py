@@ -26,7 +26,7 @@ def test_typo_matches_formula(backend, lam, device):
         sample_hidden=sample_hidden,
         sample_labels=sample_labels,
         lam=lam,
-        backend=backend,
+        options=fastalign.LogpOptions(backend=backend),
     )
     R.assert_loss_and_grads(out.loss, R.typo(s, sample_s, lam), [hidden, weight, sample_hidden])
     torch.testing.assert_close(out.sample_logps.double(), sample_s.detach(), rtol=1e-4, atol=1e-5)
@@ -41,7 +41,7 @@ def test_samples_scored_in_the_same_launch(monkeypatch):
         labels,
         sample_hidden=torch.randn(2, 4, 17),
         sample_labels=torch.randint(0, 97, (2, 4)),
-        grad_mode="recompute",
+        options=fastalign.LogpOptions(grad_mode="recompute"),
     )
     assert calls == [2]
 

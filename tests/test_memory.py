@@ -236,10 +236,10 @@ def test_estimated_path_is_the_path_the_losses_take(grad_mode, head_trains, fits
     falls_back = grad_mode == "store" and not fits  # asked for and refused: a warning
     warns = pytest.warns(UserWarning, match="exceed store_budget_bytes")
     with warns if falls_back else contextlib.nullcontext():
+        options = fastalign.LogpOptions(grad_mode=grad_mode, store_budget_bytes=budget)
         out = fastalign.dpo_loss_fused(
-            hidden, weight, labels, ref_hidden=torch.randn(4, 6, 16), grad_mode=grad_mode,
-            store_budget_bytes=budget,
-        )  # fmt: skip
+            hidden, weight, labels, ref_hidden=torch.randn(4, 6, 16), options=options
+        )
     out.loss.backward()
     taken = "store" if stored else ("recompute" if head_trains else "frozen")
     seq_len = 128 if fits else 4096  # a Llama-3.1-8B pair's logits: under / over 1 GiB

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastalign
-from fastalign import torch_backend
+from fastalign import LogpOptions, torch_backend
 from tests.reference import naive_sequence_logps
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -82,7 +82,8 @@ def test_forward_and_grads_match_float64(dtype, shape, vocab, hidden_size, packe
         shape, vocab, hidden_size, dtype, packed=packed, bias=bias
     )
     leaves = [t.requires_grad_() for t in (hidden, weight) + ((b,) if bias else ())]
-    out = fastalign.sequence_logps(hidden, weight, labels, bias=b, cu_seqlens=cu, **kwargs)
+    options = LogpOptions(**kwargs)
+    out = fastalign.sequence_logps(hidden, weight, labels, bias=b, cu_seqlens=cu, options=options)
     assert out.logps.dtype == torch.float32
     truth, count = naive_sequence_logps(
         hidden.detach().double(),
@@ -151,7 +152,7 @@ def test_strided_views_are_scored_without_copy(monkeypatch):
     monkeypatch.setattr(
         torch.Tensor, "contiguous", lambda t, *a, **k: calls.append(t.shape) or original(t, *a, **k)
     )
-    shifted = fastalign.sequence_logps(base, weight, labels, shift=True)
+    shifted = fastalign.sequence_logps(base, weight, labels, options=LogpOptions(shift=True))
     monkeypatch.undo()
     assert not any(s == base.shape for s in calls)
     explicit = fastalign.sequence_logps(base[:, :-1].clone(), weight, labels[:, 1:].clone())
@@ -182,9 +183,8 @@ def test_gradcheck_float64():
     labels[0, 0] = -100
 
     def fn(h, w, b):
-        return fastalign.sequence_logps(
-            h, w, labels, bias=b, logit_softcap=3.0, temperature=0.9, logit_scale=1.2
-        ).logps
+        options = LogpOptions(logit_softcap=3.0, temperature=0.9, logit_scale=1.2)
+        return fastalign.sequence_logps(h, w, labels, bias=b, options=options).logps
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
@@ -253,12 +253,13 @@ def test_frozen_head_fast_path_matches_general_path(monkeypatch, dtype, kwargs):
     hidden.requires_grad_()
     upstream = torch.randn(3)
     trainable = weight.clone().requires_grad_()
-    general = fastalign.sequence_logps(hidden, trainable, labels, bias=bias, **kwargs)
+    options = LogpOptions(**kwargs)
+    general = fastalign.sequence_logps(hidden, trainable, labels, bias=bias, options=options)
     (g_general,) = torch.autograd.grad(general.logps, [hidden], upstream)
 
     # The fast path must not recompute logits: the general backward is never called.
     monkeypatch.setattr(torch_backend, "backward", _no_recompute)
-    fast = fastalign.sequence_logps(hidden, weight, labels, bias=bias, **kwargs)
+    fast = fastalign.sequence_logps(hidden, weight, labels, bias=bias, options=options)
     (g_fast,) = torch.autograd.grad(fast.logps, [hidden], upstream)
     torch.testing.assert_close(fast.logps, general.logps.detach(), rtol=0, atol=0)
     h64 = hidden.detach().double().requires_grad_()
@@ -302,7 +303,8 @@ def test_fp16_logits_above_fp16_max_stay_finite(backend):
     weight[0] = 2048.0  # logit of token 0: 4 · 16 · 2048 = 131072 > 65504
     weight[1:] = torch.randn(4, 4).half()
     labels = torch.tensor([[0, 1, 2]])
-    out = fastalign.sequence_logps(hidden, weight.requires_grad_(), labels, backend=backend)
+    options = LogpOptions(backend=backend)
+    out = fastalign.sequence_logps(hidden, weight.requires_grad_(), labels, options=options)
     truth = naive_sequence_logps(hidden.double(), weight.double(), labels)[0]
     assert torch.isfinite(out.logps).all()
     torch.testing.assert_close(out.logps.double(), truth, rtol=1e-3, atol=1e-2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastalign
-from fastalign import tiles, torch_backend
+from fastalign import LogpOptions, tiles, torch_backend
 from fastalign.kernels import logprob
 from fastalign.memory import loss as memory_loss
 
@@ -48,7 +48,7 @@ def test_torch_backend_tile_is_the_estimated_tile(monkeypatch, vocab, num_tokens
     hidden = torch.randn(1, num_tokens, hidden_size, requires_grad=True)
     weight = torch.randn(vocab, hidden_size, requires_grad=True)
     labels = torch.randint(0, vocab, (1, num_tokens))
-    out = fastalign.sequence_logps(hidden, weight, labels, backend="torch")
+    out = fastalign.sequence_logps(hidden, weight, labels, options=LogpOptions(backend="torch"))
     out.logps.sum().backward()
     rows = max(shape[0] for shape in seen)
     assert rows == min(tiles.chunk_rows(vocab), num_tokens)
@@ -74,7 +74,7 @@ def test_triton_backend_chunk_is_the_estimated_chunk(monkeypatch, device, vocab,
     hidden = torch.randn(1, num_tokens, 16, device=device, requires_grad=True)
     weight = torch.randn(vocab, 16, device=device, requires_grad=True)
     labels = torch.randint(0, vocab, (1, num_tokens), device=device)
-    out = fastalign.sequence_logps(hidden, weight, labels, backend="triton")
+    out = fastalign.sequence_logps(hidden, weight, labels, options=LogpOptions(backend="triton"))
     out.logps.sum().backward()
     assert seen
     budget = dict(chunk_elements=logprob.CHUNK_ELEMENTS, align=logprob.VOCAB_ALIGN)

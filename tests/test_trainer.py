@@ -12,9 +12,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 import fastalign  # noqa: E402
+from fastalign import LogpOptions  # noqa: E402
 from fastalign.trainer.default import tiny_config  # noqa: E402
 from fastalign.trainer.loop import DivergedError, TrainConfig, Trainer  # noqa: E402
-from fastalign.trainer.model import HiddenStates, head_params, lm_head, logit_transform  # noqa: E402
+from fastalign.trainer.model import HiddenStates, head_params, lm_head  # noqa: E402
 from tests.trainer_helpers import one_thread  # noqa: E402, F401
 
 FAST = dict(sft_warmup_steps=5, batch_size=4, logging_steps=1, progress=False)
@@ -222,7 +223,7 @@ def test_scores_match_the_models_own_logits(family):
         hidden = HiddenStates(model)(ids, mask)
         weight, bias = head_params(model)
         got = fastalign.sequence_logps(
-            hidden, weight, labels, bias=bias, shift=True, **logit_transform(config)
+            hidden, weight, labels, bias=bias, options=LogpOptions.from_config(config, shift=True)
         ).logps
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import fastalign
+from fastalign import LogpOptions
 from fastalign.kernels import logprob
 from tests.reference import naive_sequence_logps
 from tests.test_ops import ATOL, CASES, assert_near_truth, eager_same_dtype, make_case
 
+TRITON = LogpOptions(backend="triton")
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
@@ -29,7 +31,12 @@ def test_forward_and_grads_match_float64(device, dtype, shape, vocab, hidden_siz
     )
     leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
     out = fastalign.sequence_logps(
-        hidden, weight, labels, bias=bias, cu_seqlens=cu, backend="triton", **kwargs
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        cu_seqlens=cu,
+        options=LogpOptions(backend="triton", **kwargs),
     )
     cpu = [t.detach().cpu() for t in (hidden, weight, bias)]
     labels_cpu, cu_cpu = labels.cpu(), None if cu is None else cu.cpu()
@@ -65,7 +72,9 @@ def test_fp16_and_non_contiguous_hidden(device):
     weight = (torch.randn(130, 21, device=device) / 5).half()
     labels = torch.randint(0, 130, (3, 9), device=device)
     for h in (hidden, strided_h):
-        ours = fastalign.sequence_logps(h, weight, labels, shift=True, backend="triton")
+        ours = fastalign.sequence_logps(
+            h, weight, labels, options=LogpOptions(shift=True, backend="triton")
+        )
         truth, _ = naive_sequence_logps(
             h.double().cpu(), weight.double().cpu(), labels.cpu(), shift=True
         )
@@ -75,11 +84,12 @@ def test_fp16_and_non_contiguous_hidden(device):
 
 def test_triton_matches_torch_backend(device):
     hidden, weight, labels, bias, _ = to(device, *make_case((4, 13), 300, 40, torch.float32))
-    kwargs = dict(bias=bias, logit_softcap=6.0, temperature=0.9)
+    kwargs = dict(logit_softcap=6.0, temperature=0.9)
     leaves = [hidden.requires_grad_(), weight.requires_grad_()]
     results = []
     for backend in ("triton", "torch"):
-        out = fastalign.sequence_logps(hidden, weight, labels, backend=backend, **kwargs)
+        options = LogpOptions(backend=backend, **kwargs)
+        out = fastalign.sequence_logps(hidden, weight, labels, bias=bias, options=options)
         results.append((out.logps, *torch.autograd.grad(out.logps.sum(), leaves)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -90,12 +100,12 @@ def test_all_ignored_and_empty(device):
     weight = torch.randn(50, 16, device=device, requires_grad=True)
     labels = torch.full((3, 4), -100, device=device)
     labels[2, 1] = 3
-    out = fastalign.sequence_logps(hidden, weight, labels, backend="triton")
+    out = fastalign.sequence_logps(hidden, weight, labels, options=TRITON)
     assert out.logps[:2].tolist() == [0.0, 0.0] and out.num_tokens.tolist() == [0, 0, 1]
     out.logps.sum().backward()
     assert torch.isfinite(hidden.grad).all() and hidden.grad[:2].abs().sum() == 0
     nothing = fastalign.sequence_logps(
-        hidden, weight, torch.full((3, 4), -100, device=device), backend="triton"
+        hidden, weight, torch.full((3, 4), -100, device=device), options=TRITON
     )
     assert nothing.logps.tolist() == [0.0, 0.0, 0.0]
 
@@ -107,7 +117,7 @@ def test_nan_row_stays_in_its_sequence(device):
         hidden,
         torch.randn(70, 16, device=device),
         torch.randint(0, 70, (3, 5), device=device),
-        backend="triton",
+        options=TRITON,
     )
     assert torch.isnan(out.logps[1]) and torch.isfinite(out.logps[[0, 2]]).all()
 
@@ -119,7 +129,7 @@ def test_backward_is_bit_identical(device):
     leaves = [hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()]
     runs = []
     for _ in range(2):
-        out = fastalign.sequence_logps(hidden, weight, labels, bias=bias, backend="triton")
+        out = fastalign.sequence_logps(hidden, weight, labels, bias=bias, options=TRITON)
         runs.append((out.logps, *torch.autograd.grad(out.logps.sum(), leaves)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -148,7 +158,7 @@ def test_policy_and_reference_share_one_launch_per_vocab_chunk(device, monkeypat
     weight = torch.randn(200, 16, device=device, requires_grad=True)
     labels = torch.randint(0, 200, (3, 6), device=device)
     labels[0, :4] = -100  # streams of different lengths in one launch
-    policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, backend="triton")
+    policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, options=TRITON)
     stacked = 2 * int((labels != -100).sum())
     chunks = -(-200 // logprob._chunk_width(stacked, 200))
     assert chunks > 1 and len(launches) == chunks
@@ -156,9 +166,9 @@ def test_policy_and_reference_share_one_launch_per_vocab_chunk(device, monkeypat
     assert not ref.logps.requires_grad
     # Stacked or alone, the same sums; cuBLAS may tile a taller GEMM differently, so not
     # necessarily to the bit on a GPU.
-    alone = fastalign.sequence_logps(ref_hidden, weight, labels, backend="triton")
+    alone = fastalign.sequence_logps(ref_hidden, weight, labels, options=TRITON)
     torch.testing.assert_close(ref.logps, alone.logps, rtol=1e-5, atol=1e-5)
-    single = fastalign.sequence_logps(hidden, weight, labels, backend="triton")
+    single = fastalign.sequence_logps(hidden, weight, labels, options=TRITON)
     torch.testing.assert_close(policy.logps, single.logps, rtol=1e-5, atol=1e-5)
 
 
@@ -169,9 +179,11 @@ def test_incompatible_streams_fall_back_to_separate_launches(device):
     weight = torch.randn(60, 16, device=device)
     labels = torch.randint(0, 60, (2, 5), device=device)
     _, ref = fastalign.policy_ref_logps(
-        hidden, weight, labels, ref_hidden, ref_weight, backend="triton"
+        hidden, weight, labels, ref_hidden, ref_weight, options=TRITON
     )
-    want = fastalign.sequence_logps(ref_hidden, ref_weight, labels, backend="torch")
+    want = fastalign.sequence_logps(
+        ref_hidden, ref_weight, labels, options=LogpOptions(backend="torch")
+    )
     torch.testing.assert_close(ref.logps, want.logps, rtol=1e-3, atol=1e-3)
 
 
@@ -184,7 +196,7 @@ def test_every_output_element_is_written(device, nan_empty, frozen):
     leaves = [hidden.requires_grad_()]
     if not frozen:  # a frozen lm_head takes the expectation path and its fold kernel
         leaves += [weight.requires_grad_(), bias.requires_grad_()]
-    out = fastalign.sequence_logps(hidden, weight, labels, bias=bias, backend="triton")
+    out = fastalign.sequence_logps(hidden, weight, labels, bias=bias, options=TRITON)
     grads = torch.autograd.grad(out.logps.sum(), leaves)
     assert torch.isfinite(out.logps).all()
     assert all(torch.isfinite(g).all() for g in grads)
@@ -201,12 +213,18 @@ def test_frozen_head_fast_path_matches_general_path(device, monkeypatch, dtype, 
     hidden.requires_grad_()
     upstream = torch.randn(3).to(device)
     general = fastalign.sequence_logps(
-        hidden, weight.clone().requires_grad_(), labels, bias=bias, backend="triton", **kwargs
+        hidden,
+        weight.clone().requires_grad_(),
+        labels,
+        bias=bias,
+        options=LogpOptions(backend="triton", **kwargs),
     )
     (g_general,) = torch.autograd.grad(general.logps, [hidden], upstream)
 
     monkeypatch.setattr(logprob, "backward", _no_recompute)
-    fast = fastalign.sequence_logps(hidden, weight, labels, bias=bias, backend="triton", **kwargs)
+    fast = fastalign.sequence_logps(
+        hidden, weight, labels, bias=bias, options=LogpOptions(backend="triton", **kwargs)
+    )
     (g_fast,) = torch.autograd.grad(fast.logps, [hidden], upstream)
 
     cpu = [t.detach().cpu() for t in (hidden, weight, labels, bias)]
@@ -227,11 +245,11 @@ def test_frozen_policy_and_plain_reference_in_one_call(device):
     hidden, weight, labels, _, _ = to(device, *make_case((4, 9), 250, 24, torch.float32))
     ref_hidden = torch.randn_like(hidden)
     hidden.requires_grad_()
-    policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, backend="triton")
-    alone = fastalign.sequence_logps(ref_hidden, weight, labels, backend="triton")
+    policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, options=TRITON)
+    alone = fastalign.sequence_logps(ref_hidden, weight, labels, options=TRITON)
     assert torch.equal(ref.logps, alone.logps)
     general = fastalign.sequence_logps(
-        hidden, weight.clone().requires_grad_(), labels, backend="triton"
+        hidden, weight.clone().requires_grad_(), labels, options=TRITON
     )
     torch.testing.assert_close(policy.logps, general.logps, rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(policy.logps.sum(), [hidden])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,11 +29,21 @@ def good():
     )
 
 
+OPTION_FIELDS = {f.name for f in dataclasses.fields(fastalign.LogpOptions)}
+
+
 def call(**overrides):
+    """``sequence_logps`` on good inputs with ``overrides``; option fields go to its
+    ``LogpOptions`` (whose checks run first)."""
     args = good()
     args.update(overrides)
+    options = {name: args.pop(name) for name in OPTION_FIELDS & set(args)}
     return fastalign.sequence_logps(
-        args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args
+        args.pop("hidden"),
+        args.pop("weight"),
+        args.pop("labels"),
+        options=fastalign.LogpOptions(**options),
+        **args,
     )
 
 

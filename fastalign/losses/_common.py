@@ -5,28 +5,56 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
 from .. import checks
 from .._types import LogpOutput
 from ..ops import score_streams  # noqa: F401  (the trainer scores plain NLL through it)
+from ..options import LogpOptions
 from ..streams import StreamInput, reference_stream
-from .units import FusedLoss, LogpOptions, PolicyTerm, UnitLoss, fused_loss
+from .units import FusedLoss, PolicyTerm, UnitLoss, fused_loss
 
 
-def check_reference(
+class PolicyAndReference(NamedTuple):
+    """The policy rows as a stream and their reference: streamed or precomputed."""
+
+    policy: StreamInput
+    nograd: list[StreamInput]  # [the reference stream] or []
+    ref_logps: torch.Tensor | None  # [rows] fp32, precomputed (None: streamed or none)
+    rows: int  # sequences of the policy stream
+
+    @property
+    def num_pairs(self) -> int:
+        """B of the paired layout (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected)."""
+        return self.rows // 2
+
+
+def policy_and_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
     *,
+    rows: int | None,
+    bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
     ref_hidden: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
     ref_weight: torch.Tensor | None,
     ref_bias: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
     reference: str,
     ref_head_used: bool = False,
-) -> None:
-    """``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
+) -> PolicyAndReference:
+    """Check the reference arguments and build the streams.
+
+    ``reference`` is ``"required"`` (exactly one of ``ref_hidden``/``ref_logps``),
     ``"optional"`` (at most one) or ``"none"`` (neither accepted). ``ref_weight``/``ref_bias``
-    need a streamed reference: ``ref_hidden``, or another stream (``ref_head_used``)."""
+    need a streamed reference: ``ref_hidden``, or another stream (``ref_head_used``).
+    ``rows``: the policy's sequence count (``ref_logps`` must be ``[rows]``), or None for
+    the paired layout, checked here (``check_paired_rows``; then ``rows = 2B``)."""
+    if rows is None:
+        rows = 2 * check_paired_rows(labels, cu_seqlens)
     given = [
         name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps)) if v is not None
     ]
@@ -42,48 +70,13 @@ def check_reference(
     for name, value in (("ref_weight", ref_weight), ("ref_bias", ref_bias)):
         if value is not None and ref_hidden is None and not ref_head_used:
             raise ValueError(f"{name} was given without ref_hidden")
-
-
-def policy_and_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    rows: int,
-    bias: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    ref_hidden: torch.Tensor | None,
-    ref_weight: torch.Tensor | None,
-    ref_bias: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
-    reference: str,
-    ref_head_used: bool = False,
-) -> tuple[StreamInput, list[StreamInput], torch.Tensor | None]:
-    """Check the reference arguments; ``(policy stream, [reference stream] or [],
-    precomputed ref_logps [rows] fp32 or None)``. See ``check_reference``."""
-    check_reference(
-        ref_hidden=ref_hidden,
-        ref_logps=ref_logps,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
-        reference=reference,
-        ref_head_used=ref_head_used,
-    )
     if ref_logps is not None:
         ref_logps = check_logps(ref_logps, "ref_logps", rows, labels.device)
     policy = StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)
     if ref_hidden is None:
-        return policy, [], ref_logps
-    ref = reference_stream(
-        ref_hidden,
-        ref_weight,
-        ref_bias,
-        weight=weight,
-        bias=bias,
-        labels=labels,
-        cu_seqlens=cu_seqlens,
-    )
-    return policy, [ref], ref_logps
+        return PolicyAndReference(policy, [], ref_logps, rows)
+    ref = reference_stream(ref_hidden, ref_weight, ref_bias, policy=policy)
+    return PolicyAndReference(policy, [ref], ref_logps, rows)
 
 
 def warn_unscored_pairs(
@@ -198,17 +191,8 @@ def paired_output(
 
 
 def paired_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
+    streams: PolicyAndReference,
     *,
-    reference: str,
-    ref_hidden: torch.Tensor | None,
-    ref_weight: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
-    ref_bias: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
     options: LogpOptions,
     make_unit_loss: Callable[[torch.Tensor | None], UnitLoss],
     name: str,
@@ -216,22 +200,17 @@ def paired_loss(
 ) -> tuple[FusedLoss, torch.Tensor | None]:
     """A pair-unit loss on the policy rows with an optional reference: ``(result, ref [2B])``.
 
-    ``make_unit_loss(ref_logps [2B] or None)`` gives the loss's ``UnitLoss``; ``unit="batch"``
-    for a loss that couples the pairs (AOT's sorting).
+    ``streams``: ``policy_and_reference`` of the paired layout. ``make_unit_loss(ref_logps
+    [2B] or None)`` gives the loss's ``UnitLoss``; ``unit="batch"`` for a loss that couples
+    the pairs (AOT's sorting).
     """
-    num_pairs = check_paired_rows(labels, cu_seqlens)
-    policy, nograd, ref_logps = policy_and_reference(
-        hidden, weight, labels, rows=2 * num_pairs, bias=bias, cu_seqlens=cu_seqlens,
-        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
-        reference=reference,
-    )  # fmt: skip
-    ref = [ref_logps]
+    ref = [streams.ref_logps]
 
     def build(scored: list[LogpOutput]) -> list[UnitLoss]:
         if scored:
             ref[0] = scored[0].logps
         return [make_unit_loss(ref[0])]
 
-    result = fused_loss([PolicyTerm(policy, unit)], nograd, build, options)
-    warn_unscored_pairs(result.policy[0].num_tokens, num_pairs, name)
+    result = fused_loss([PolicyTerm(streams.policy, unit)], streams.nograd, build, options)
+    warn_unscored_pairs(result.policy[0].num_tokens, streams.num_pairs, name)
     return result, ref[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
+from ..options import LogpOptions
 from ._common import check_beta
 from .pair_losses import PairStats, smoothed_logistic
 from .reference_free import (
@@ -15,7 +16,6 @@ from .reference_free import (
     check_number,
     reference_free_loss,
 )
-from .units import LogpOptions
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
 
@@ -75,19 +75,12 @@ def cpo_loss_fused(
     average_log_prob: bool | None = None,
     bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
-    grad_mode: str = "auto",
-    store_budget_bytes: int | None = None,
+    options: LogpOptions | None = None,
 ) -> ReferenceFreeOutput:
     """CPO loss ``mean(ℓ(β(r(s_w) − r(s_l)))) + cpo_alpha·NLL(y_w)`` from hidden states.
 
     Args:
-        hidden, weight, labels and the log-prob options: as in ``simpo_loss_fused``.
+        hidden, weight, labels, bias, cu_seqlens, options: as in ``simpo_loss_fused``.
         beta: β > 0. loss_type: ``"sigmoid"`` (the paper's), ``"hinge"``, ``"ipo"``,
             ``"simpo"`` (margin ``simpo_gamma``; CPO-SimPO) or ``"alphapo"`` (TRL's alias:
             ``"simpo"`` with ``cpo_alpha=0``).
@@ -107,7 +100,7 @@ def cpo_loss_fused(
         >>> y = torch.randint(0, 50, (4, 6)); y[:, :2] = -100
         >>> cpo_loss_fused(h, W, y, loss_type="simpo", simpo_gamma=0.5).loss.backward()
     """
-    options = LogpOptions.pick(locals())  # before any other local name exists
+    options = LogpOptions.of(options)
     beta = check_beta(beta)
     checks.check_choice(loss_type, "loss_type", LOSS_TYPES)
     eps = check_number(label_smoothing, "label_smoothing", high=0.5)

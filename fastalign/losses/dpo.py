@@ -14,11 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from .. import checks
-from ._common import PreferenceOutput, num_sequences, paired_loss, paired_output
+from ..options import LogpOptions
+from ._common import (
+    PreferenceOutput,
+    num_sequences,
+    paired_loss,
+    paired_output,
+    policy_and_reference,
+)
 from .pair_config import chosen_token_count, pair_loss_config, pair_unit_loss
 from .pair_extras import extras_pair_loss
 from .pair_losses import PAIR_LOSS_TYPES
-from .units import LogpOptions, UnitLoss, UnitStats
+from .units import UnitLoss, UnitStats
 
 LOSS_TYPES = tuple(PAIR_LOSS_TYPES)
 
@@ -53,7 +60,7 @@ def dpo_unit_loss(
     return UnitLoss(unit_loss, unit_grad)
 
 
-def _unit_loss_for(config, labels, cu_seqlens, shift: bool, ignore_index: int):
+def _unit_loss_for(config, labels, cu_seqlens, options: LogpOptions):
     """``ref -> UnitLoss``: the closed-form DPO/robust unit for a plain single type, else the
     per-pair table (autograd on the group's small stats)."""
     plain = config.loss_types in (("sigmoid",), ("robust",)) and config.loss_weights == (1.0,)
@@ -67,7 +74,7 @@ def _unit_loss_for(config, labels, cu_seqlens, shift: bool, ignore_index: int):
         pairs = num_sequences(labels, cu_seqlens, "cu_seqlens") // 2
         chosen = 0
         if "sft" in config.loss_types:
-            chosen = chosen_token_count(labels, cu_seqlens, shift=shift, ignore_index=ignore_index)
+            chosen = chosen_token_count(labels, cu_seqlens, options)
         return pair_unit_loss(config, ref, pairs, chosen)
 
     return make
@@ -95,14 +102,7 @@ def dpo_loss_fused(
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
-    grad_mode: str = "auto",
-    store_budget_bytes: int | None = None,
+    options: LogpOptions | None = None,
 ) -> PreferenceOutput:
     """DPO loss from final hidden states and the lm_head, without full logits.
 
@@ -132,13 +132,12 @@ def dpo_loss_fused(
         f_divergence_type, f_alpha_divergence_coef: f-DPO's divergence (``reverse_kl``,
             ``forward_kl``, ``js_divergence``, ``alpha_divergence``) and its α.
         discopop_tau: DiscoPOP's τ.
-        bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
-            backend: as in ``sequence_logps``.
-        grad_mode: ``"auto"`` (the store path when the lm_head is trainable and one pair's
-            fp32 logits fit ``store_budget_bytes``; the frozen-head path for a frozen head;
-            else recompute), ``"store"`` or ``"recompute"``; see ``fastalign.losses.units``.
-        store_budget_bytes: the store path's group budget (default
-            ``fastalign.tiles.STORE_GROUP_BUDGET_BYTES`` for the device).
+        bias, cu_seqlens: as in ``sequence_logps``.
+        options: a ``fastalign.LogpOptions`` (None: the defaults): ``shift``,
+            ``ignore_index``, the logit transform, ``backend``, and the gradient path:
+            ``grad_mode="auto"`` takes the store path when the lm_head is trainable and one
+            pair's fp32 logits fit ``store_budget_bytes``, the frozen-head path for a frozen
+            head, else recompute; see ``fastalign.losses.units``.
 
     Returns:
         ``PreferenceOutput`` with the mean loss, per-pair logps and rewards ``β·(s − s_ref)``,
@@ -152,7 +151,7 @@ def dpo_loss_fused(
         >>> out.loss.backward(); sorted(out.metrics())[0]
         'logps/chosen'
     """
-    options = LogpOptions.pick(locals())  # before any other local name exists
+    options = LogpOptions.of(options)
     config = pair_loss_config(
         loss_type,
         loss_weights,
@@ -169,18 +168,19 @@ def dpo_loss_fused(
     reference = "none" if reference_free else "optional"
     if not reference_free and config.needs_reference:
         reference = "required"
-    refs = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_logps=ref_logps)
-    refs.update(ref_bias=ref_bias, bias=bias, cu_seqlens=cu_seqlens, options=options)
+    streams = policy_and_reference(
+        hidden, weight, labels, rows=None, bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
+        reference=reference,
+    )  # fmt: skip
     if config.ld_alpha is not None or config.use_weighting:
-        loss, policy, stats = extras_pair_loss(
-            hidden, weight, labels, config=config, reference=reference, **refs
-        )
+        loss, policy, stats = extras_pair_loss(streams, config=config, options=options)
         logratios = torch.cat([stats.chosen_logratios, stats.rejected_logratios]).detach()
     else:
-        make_unit_loss = _unit_loss_for(config, labels, cu_seqlens, shift, ignore_index)
+        make_unit_loss = _unit_loss_for(config, labels, cu_seqlens, options)
         result, ref = paired_loss(
-            hidden, weight, labels, reference=reference, make_unit_loss=make_unit_loss,
-            name="dpo_loss_fused", unit=config.unit, **refs,
+            streams, options=options, make_unit_loss=make_unit_loss, name="dpo_loss_fused",
+            unit=config.unit,
         )  # fmt: skip
         loss, policy = result.loss, result.policy[0]
         logratios = policy.logps.detach() if ref is None else policy.logps.detach() - ref

@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from ._common import PreferenceOutput, check_beta, paired_loss, paired_output
-from .units import LogpOptions, UnitLoss, UnitStats
+from ..options import LogpOptions
+from ._common import (
+    PreferenceOutput,
+    check_beta,
+    paired_loss,
+    paired_output,
+    policy_and_reference,
+)
+from .units import UnitLoss, UnitStats
 
 
 def ipo_unit_loss(ref_logps: torch.Tensor, beta: float, length_normalize: bool) -> UnitLoss:
@@ -42,21 +49,14 @@ def ipo_loss_fused(
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
-    grad_mode: str = "auto",
-    store_budget_bytes: int | None = None,
+    options: LogpOptions | None = None,
 ) -> PreferenceOutput:
     """IPO loss ``mean((h − 1/(2β))²)`` with ``h = r_w − r_l``, ``r = s − s_ref``.
 
     ``length_normalize=True`` (TRL's convention) uses per-token means ``r/n`` with ``n`` the
     scored-token count of each sequence (at least 1); ``False`` gives the paper's sums (eq. 17
-    of Azar et al.). Layout, reference options, the log-prob options, ``grad_mode`` and
-    ``store_budget_bytes`` as in ``dpo_loss_fused``; rewards are ``β·r`` (unnormalised, as
+    of Azar et al.). Layout, reference options and ``options`` (a ``LogpOptions``) as in
+    ``dpo_loss_fused``; rewards are ``β·r`` (unnormalised, as
     TRL reports them).
 
     Example:
@@ -64,20 +64,16 @@ def ipo_loss_fused(
         >>> y = torch.randint(0, 30, (2, 5))
         >>> ipo_loss_fused(h, W, y, ref_logps=torch.zeros(2), beta=0.5).loss.backward()
     """
-    options = LogpOptions.pick(locals())  # before any other local name exists
+    options = LogpOptions.of(options)
     beta = check_beta(beta)
     checks.check_bool(length_normalize, "length_normalize")
-    result, ref = paired_loss(
-        hidden,
-        weight,
-        labels,
+    streams = policy_and_reference(
+        hidden, weight, labels, rows=None, bias=bias, cu_seqlens=cu_seqlens,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
         reference="required",
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_logps=ref_logps,
-        ref_bias=ref_bias,
-        bias=bias,
-        cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+    result, ref = paired_loss(
+        streams,
         options=options,
         make_unit_loss=lambda ref: ipo_unit_loss(ref, beta, length_normalize),
         name="ipo_loss_fused",

@@ -18,9 +18,10 @@ import torch.distributed as dist
 
 from .. import checks
 from .._types import LogpOutput
+from ..options import LogpOptions
 from ..streams import StreamInput, reference_stream
 from ._common import check_beta, check_logps, masked_mean, num_sequences, policy_and_reference
-from .units import LogpOptions, PolicyTerm, UnitLoss, UnitStats, fused_loss
+from .units import PolicyTerm, UnitLoss, UnitStats, fused_loss
 from .unpaired_losses import ROW_LOSS_TYPES, RowParams, row_unit_loss
 
 KL_NAMES = {
@@ -105,7 +106,7 @@ def mismatched_pairs(
     per-example token-id sequences (lists or 1-D tensors). Returns right-padded
     ``input_ids``/``attention_mask`` ``[m, L]`` and ``labels`` ``[m, L]`` with the prompt
     and padding set to ``ignore_index``, ready for the model and ``kl_labels`` (apply the
-    usual ``shift=True``).
+    usual ``LogpOptions(shift=True)``).
 
     Example:
         >>> batch = mismatched_pairs([[1, 2], [3]], [[7], [8, 9]])
@@ -226,28 +227,14 @@ def _kl_rows(
             f"kl_hidden: the mismatched-pair estimate of z0 needs a microbatch of at least "
             f"2 rows, got {kl_rows}"
         )
-    streams = [
-        StreamInput(
-            kl_hidden.detach(),
-            weight.detach(),
-            kl_labels,
-            bias=None if bias is None else bias.detach(),
-            cu_seqlens=kl_cu_seqlens,
-            differentiable=False,
-            names=KL_NAMES,
-        )
-    ]
+    kl_policy = StreamInput(
+        kl_hidden, weight, kl_labels, bias=bias, cu_seqlens=kl_cu_seqlens, names=KL_NAMES
+    ).frozen()
+    streams = [kl_policy]
     if kl_ref_hidden is not None:
         streams.append(
             reference_stream(
-                kl_ref_hidden,
-                ref_weight,
-                ref_bias,
-                weight=weight,
-                bias=bias,
-                labels=kl_labels,
-                cu_seqlens=kl_cu_seqlens,
-                names=KL_REF_NAMES,
+                kl_ref_hidden, ref_weight, ref_bias, policy=kl_policy, names=KL_REF_NAMES
             )
         )
         return _KLRows(streams, None, None)
@@ -305,14 +292,7 @@ def kto_loss_fused(
     bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
-    grad_mode: str = "auto",
-    store_budget_bytes: int | None = None,
+    options: LogpOptions | None = None,
 ) -> KTOOutput:
     """KTO loss from final hidden states and the lm_head, z0 from mismatched pairs.
 
@@ -336,8 +316,7 @@ def kto_loss_fused(
             when ranks hold equally many pairs).
         loss_type: ``"kto"`` or ``"apo_zero_unpaired"`` (APO-zero per example, TRL's KTO
             variant: ``λ_D(1 − σ(βr))`` / ``λ_U·σ(βr)``; no z0, so no ``kl``/``kl_*``).
-        bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
-            backend: as in ``sequence_logps``; grad_mode, store_budget_bytes: as in
+        bias, cu_seqlens: as in ``sequence_logps``; options: a ``LogpOptions``, as in
             ``dpo_loss_fused`` (the gradient unit is a row: z0 is detached).
 
     Raises ValueError on an empty batch (no row to average over).
@@ -350,7 +329,7 @@ def kto_loss_fused(
         >>> out.loss.backward(); out.metrics()["kl"] >= 0
         True
     """
-    options = LogpOptions.pick(locals())  # before any other local name exists
+    options = LogpOptions.of(options)
     beta = check_beta(beta)
     checks.check_choice(loss_type, "loss_type", tuple(ROW_LOSS_TYPES))
     if not ROW_LOSS_TYPES[loss_type].needs_z0:
@@ -374,7 +353,7 @@ def kto_loss_fused(
         kl, kl_hidden, kl_labels, kl_ref_hidden, kl_ref_logps, kl_cu_seqlens,
         weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias, device=labels.device,
     )  # fmt: skip
-    policy, ref_stream, ref_logps = policy_and_reference(
+    policy, ref_stream, ref_logps, _ = policy_and_reference(
         hidden, weight, labels, rows=desirable.numel(), bias=bias, cu_seqlens=cu_seqlens,
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
         reference="required", ref_head_used=kl is None and kl_ref_hidden is not None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..options import LogpOptions
 from ._common import check_beta
 from .pair_losses import PairStats
 from .reference_free import (
@@ -15,7 +16,6 @@ from .reference_free import (
     log1mexp,
     reference_free_loss,
 )
-from .units import LogpOptions
 
 
 def orpo_pair(stats: PairStats, *, beta: float) -> PairResult:
@@ -38,20 +38,13 @@ def orpo_loss_fused(
     beta: float = 0.1,
     bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
-    grad_mode: str = "auto",
-    store_budget_bytes: int | None = None,
+    options: LogpOptions | None = None,
 ) -> ReferenceFreeOutput:
     """ORPO loss ``NLL(y_w) − β·mean(logσ(log odds ratio))`` from hidden states, no logits.
 
     The NLL is the chosen rows' per-token mean and comes from the same launch as the odds
-    ratio. Layout, the log-prob options and outputs as in ``simpo_loss_fused``; ``.metrics()``
-    adds ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen`` (TRL's names).
+    ratio. Layout, ``options`` (a ``LogpOptions``) and outputs as in ``simpo_loss_fused``;
+    ``.metrics()`` adds ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen`` (TRL's names).
 
     Example:
         >>> h = torch.randn(4, 6, 16, requires_grad=True); W = torch.randn(50, 16)
@@ -60,7 +53,7 @@ def orpo_loss_fused(
         >>> out.loss.backward(); out.metrics()["nll_loss"] > 0
         True
     """
-    options = LogpOptions.pick(locals())  # before any other local name exists
+    options = LogpOptions.of(options)
     beta = check_beta(beta)
 
     def pair_fn(stats: PairStats) -> PairResult:

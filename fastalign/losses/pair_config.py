@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import checks
+from ..options import LogpOptions
 from .pair_losses import (
     F_DIVERGENCES,
     PAIR_LOSS_TYPES,
@@ -158,11 +159,13 @@ def pair_stats(
 
 
 def chosen_token_count(
-    labels: torch.Tensor, cu_seqlens: torch.Tensor | None, *, shift: bool, ignore_index: int
+    labels: torch.Tensor, cu_seqlens: torch.Tensor | None, options: LogpOptions
 ) -> int:
-    """Scored tokens of the chosen rows ``[0, B)``, read from the labels alone (so the store
-    path knows the NLL term's batch constant before any row is scored)."""
-    scored = labels != ignore_index
+    """Scored tokens of the chosen rows ``[0, B)`` under ``options.shift``/``ignore_index``,
+    read from the labels alone (so the store path knows the NLL term's batch constant before
+    any row is scored)."""
+    scored = labels != options.ignore_index
+    shift = options.shift
     if cu_seqlens is None:
         pairs = labels.shape[0] // 2
         return int((scored[:pairs, 1:] if shift else scored[:pairs]).sum())

@@ -9,11 +9,11 @@ from typing import NamedTuple
 import torch
 
 from .._types import LogpOutput
-from ..ops import prepare_all, score_prepared_full, select_backend
-from ._common import check_paired_rows, policy_and_reference
+from ..ops import score_streams
+from ..options import LogpOptions
+from ._common import PolicyAndReference
 from .pair_config import PairLossConfig, pair_stats
 from .pair_losses import PairStats, combined_pair_losses, ld_weighted
-from .units import LogpOptions
 
 
 class ExtrasLoss(NamedTuple):
@@ -32,44 +32,23 @@ def shared_length(num_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def extras_pair_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    config: PairLossConfig,
-    reference: str,
-    ref_hidden: torch.Tensor | None,
-    ref_weight: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
-    ref_bias: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    options: LogpOptions,
+    streams: PolicyAndReference, *, config: PairLossConfig, options: LogpOptions
 ) -> ExtrasLoss:
-    """A ``dpo_loss_fused`` selection with ``ld_alpha`` and/or ``use_weighting``: policy and
-    reference (with their prefix sums) and the policy's ``log Σ p²`` from one launch."""
-    transform = options.transform()
+    """A ``dpo_loss_fused`` selection with ``ld_alpha`` and/or ``use_weighting`` on
+    ``streams`` (``policy_and_reference`` of the paired layout): policy and reference (with
+    their prefix sums) and the policy's ``log Σ p²`` from one launch."""
     if options.grad_mode == "store":
         warnings.warn(
             "grad_mode='store': ld_alpha / use_weighting read per-token extras the store path "
             "does not form; using the recompute path",
             stacklevel=3,
         )
-    num_pairs = check_paired_rows(labels, cu_seqlens)
-    policy, nograd, ref_logps = policy_and_reference(
-        hidden, weight, labels, rows=2 * num_pairs, bias=bias, cu_seqlens=cu_seqlens,
-        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
-        reference=reference,
-    )  # fmt: skip
+    policy, nograd, ref_logps = streams.policy, streams.nograd, streams.ref_logps
     prefix = None if config.ld_alpha is None else shared_length
     for stream in (policy, *nograd):
         stream.prefix_tokens = prefix
     policy.log_sum_sq = config.use_weighting
-    streams = [policy, *nograd]
-    prepared = prepare_all(streams, shift=options.shift, ignore_index=options.ignore_index)
-    scores = score_prepared_full(
-        streams, prepared, transform, select_backend(options.backend, prepared)
-    )
+    scores = score_streams([policy, *nograd], options)
     logps, ref = scores[0].logps, ref_logps if not nograd else scores[1].logps
     if config.ld_alpha is not None:
         logps = ld_weighted(scores[0].logps, scores[0].prefix_logps, config.ld_alpha)

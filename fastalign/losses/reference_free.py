@@ -11,11 +11,12 @@ import torch
 
 from .. import checks
 from .._types import LogpOutput
+from ..options import LogpOptions
 from ..streams import StreamInput
 from ._common import PreferenceOutput, check_paired_rows, warn_unscored_pairs
 from .pair_config import chosen_token_count, pair_stats
 from .pair_losses import PairStats, sft
-from .units import LogpOptions, PolicyTerm, UnitLoss, UnitStats, fused_loss
+from .units import PolicyTerm, UnitLoss, UnitStats, fused_loss
 
 
 @dataclass
@@ -89,9 +90,7 @@ def reference_free_loss(
         return losses + nll_weight * sft(stats, None) if nll_weight else losses
 
     def build(scored: list[LogpOutput]) -> list[UnitLoss]:
-        chosen[0] = chosen_token_count(
-            labels, cu_seqlens, shift=options.shift, ignore_index=options.ignore_index
-        )
+        chosen[0] = chosen_token_count(labels, cu_seqlens, options)
         return [UnitLoss(unit_loss)]
 
     stream = StreamInput(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..options import LogpOptions
 from ._common import check_beta
 from .pair_losses import PairStats, smoothed_logistic
 from .reference_free import (
@@ -14,7 +15,6 @@ from .reference_free import (
     check_number,
     reference_free_loss,
 )
-from .units import LogpOptions
 
 
 def simpo_pair(
@@ -38,14 +38,7 @@ def simpo_loss_fused(
     nll_weight: float = 0.0,
     bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
-    grad_mode: str = "auto",
-    store_budget_bytes: int | None = None,
+    options: LogpOptions | None = None,
 ) -> ReferenceFreeOutput:
     """SimPO loss ``mean(−logσ(β(s_w/n_w − s_l/n_l) − γ))`` from hidden states, no logits.
 
@@ -56,8 +49,7 @@ def simpo_loss_fused(
             reward margin γ >= 0 (Liger's name; TRL's CPO calls it ``simpo_gamma``).
         label_smoothing: ε in [0, 0.5). nll_weight: weight of the chosen rows' per-token NLL
             (Liger's ``alpha`` with ``compute_nll_loss``), from the same launch.
-        bias, cu_seqlens, shift, ignore_index, logit_scale, temperature, logit_softcap,
-            backend, grad_mode, store_budget_bytes: as in ``dpo_loss_fused`` (reference-free;
+        bias, cu_seqlens, options (a ``LogpOptions``): as in ``dpo_loss_fused`` (reference-free;
             the gradient unit is a pair).
 
     Returns:
@@ -71,7 +63,7 @@ def simpo_loss_fused(
         >>> out.loss.backward(); round(out.metrics()["rewards/accuracies"] * 2) in (0, 1, 2)
         True
     """
-    options = LogpOptions.pick(locals())  # before any other local name exists
+    options = LogpOptions.of(options)
     beta = check_beta(beta)
     gamma = check_number(gamma, "gamma")
     eps = check_number(label_smoothing, "label_smoothing", high=0.5)

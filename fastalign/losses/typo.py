@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .. import checks
 from .._types import LogpOutput
+from ..options import LogpOptions
 from ..streams import StreamInput
 from ._common import (
     PreferenceOutput,
@@ -18,7 +19,7 @@ from ._common import (
     paired_output,
     warn_unscored_pairs,
 )
-from .units import LogpOptions, PolicyTerm, UnitLoss, UnitStats, fused_loss
+from .units import PolicyTerm, UnitLoss, UnitStats, fused_loss
 
 SAMPLE_NAMES = {
     "hidden": "sample_hidden",
@@ -70,14 +71,7 @@ def typo_loss_fused(
     lam: float = 0.05,
     bias: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    shift: bool = False,
-    ignore_index: int = -100,
-    logit_scale: float = 1.0,
-    temperature: float = 1.0,
-    logit_softcap: float | None = None,
-    backend: str = "auto",
-    grad_mode: str = "auto",
-    store_budget_bytes: int | None = None,
+    options: LogpOptions | None = None,
 ) -> TYPOOutput:
     """TYPO loss ``mean(softplus(s_l − s_w)) + lam · mean(−s_sample)``.
 
@@ -85,9 +79,9 @@ def typo_loss_fused(
     ``−s_sample`` (eq. 17) is the policy's NLL of responses sampled from the reference,
     ``sample_hidden``/``sample_labels`` (``[S, T', H]``/``[S, T']``, or packed with
     ``sample_cu_seqlens``), scored by the policy in the same launch as the pairs and
-    differentiable. With ``lam=0`` the samples may be omitted. Layout, the log-prob options,
-    ``grad_mode`` and ``store_budget_bytes`` as in ``dpo_loss_fused`` (gradient units: a pair,
-    and a sample); rewards are the policy sums ``s`` (the loss is reference-free).
+    differentiable. With ``lam=0`` the samples may be omitted. Layout and ``options`` (a
+    ``LogpOptions``) as in ``dpo_loss_fused`` (gradient units: a pair, and a sample); rewards
+    are the policy sums ``s`` (the loss is reference-free).
 
     Example:
         >>> h = torch.randn(2, 5, 8, requires_grad=True); W = torch.randn(30, 8)
@@ -96,7 +90,7 @@ def typo_loss_fused(
         ...                       sample_labels=torch.randint(0, 30, (3, 4)), lam=0.1)
         >>> out.loss.backward()
     """
-    options = LogpOptions.pick(locals())  # before any other local name exists
+    options = LogpOptions.of(options)
     lam = float(checks.check_number(lam, "lam", low=0))
     if (sample_hidden is None) != (sample_labels is None):
         missing = "sample_labels" if sample_labels is None else "sample_hidden"

@@ -45,19 +45,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .. import checks, tiles
-from .._types import LogitTransform, LogpOutput
+from .. import tiles
+from .._types import LogpOutput
 from ..ops import InputSlots, prepare_all, score_prepared, select_backend
+from ..options import LogpOptions
 from ..store import StorePlan, StoreResult, StoreTerm
-from ..streams import Prepared, StreamInput, check_common
+from ..streams import Prepared, StreamInput
 
 UNITS = ("pair", "row", "batch")
-GRAD_MODES = ("auto", "store", "recompute")
 
 
 class UnitStats(NamedTuple):
@@ -84,46 +84,6 @@ class UnitLoss:
     unit_grad: Callable[[UnitStats], torch.Tensor] | None = None
 
 
-@dataclass(frozen=True)
-class LogpOptions:
-    """The log-prob options every fused loss takes (see ``sequence_logps``), plus the path.
-
-    ``grad_mode``: ``"auto"`` | ``"store"`` | ``"recompute"`` (module docstring).
-    ``store_budget_bytes``: the store path's group budget; None takes
-    ``fastalign.tiles.store_group_budget(device)``.
-    """
-
-    shift: bool = False
-    ignore_index: int = -100
-    logit_scale: float = 1.0
-    temperature: float = 1.0
-    logit_softcap: float | None = None
-    backend: str = "auto"
-    grad_mode: str = "auto"
-    store_budget_bytes: int | None = None
-
-    @classmethod
-    def pick(cls, arguments: dict) -> LogpOptions:
-        """The options from a loss's own keyword arguments (``locals()`` at its top): every
-        loss lists them explicitly in its signature, under these field names."""
-        return cls(**{f.name: arguments[f.name] for f in fields(cls)})
-
-    def transform(self) -> LogitTransform:
-        """Validate every option (named errors) and return the logit transform."""
-        checks.check_choice(self.grad_mode, "grad_mode", GRAD_MODES)
-        checks.check_number(
-            self.store_budget_bytes, "store_budget_bytes", integer=True, low=0, allow_none=True
-        )
-        return check_common(
-            shift=self.shift,
-            ignore_index=self.ignore_index,
-            logit_scale=self.logit_scale,
-            temperature=self.temperature,
-            logit_softcap=self.logit_softcap,
-            backend=self.backend,
-        )
-
-
 class FusedLoss(NamedTuple):
     """``fused_loss``'s result: the scalar loss and every stream's sums, in order."""
 
@@ -140,16 +100,17 @@ def fused_loss(
 ) -> FusedLoss:
     """Evaluate a loss described by gradient units on the store or recompute path.
 
-    Every stream is validated before any work starts. See the module docstring.
+    Every stream is validated before any work starts (the options were, on construction).
+    See the module docstring.
     """
     transform = options.transform()
     streams = [t.stream for t in terms] + list(nograd)
-    prepared = prepare_all(streams, shift=options.shift, ignore_index=options.ignore_index)
+    prepared = prepare_all(streams, options)
     backend = select_backend(options.backend, prepared)
     policy = prepared[: len(terms)]
     groups = _store_groups(terms, policy, options) if _wants_store(terms, options) else None
     if groups is None:
-        outputs = score_prepared(streams, prepared, transform, backend)
+        outputs = [out.sums() for out in score_prepared(streams, prepared, transform, backend)]
         losses = build(outputs[len(terms) :])
         loss = sum(_whole_batch_loss(unit_loss, out) for unit_loss, out in zip(losses, outputs))
         return FusedLoss(loss, outputs[: len(terms)], outputs[len(terms) :])
@@ -157,7 +118,8 @@ def fused_loss(
     if nograd:
         # No autograd state here: tiles as large as the groups' budget (larger GEMMs).
         chunk = _budget(options, policy[0]) // 4
-        nograd_out = score_prepared(list(nograd), prepared[len(terms) :], transform, backend, chunk)
+        scores = score_prepared(list(nograd), prepared[len(terms) :], transform, backend, chunk)
+        nograd_out = [out.sums() for out in scores]
     losses = build(nograd_out)
     store_terms = [
         StoreTerm(

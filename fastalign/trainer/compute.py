@@ -15,7 +15,7 @@ from .reference import body_hidden as _hidden
 class BatchLoss:
     """``compute(batch)``: the loss output of one batch. Reads the trainer's ``config``,
     ``device``, ``model``, ``body``/``train_body``, ``ref_body``/``ref_model``/``ref_logps``,
-    ``transform``, ``fsdp_root`` and KTO's ``desirable_weight``/``undesirable_weight``."""
+    ``logp_options``, ``fsdp_root`` and KTO's ``desirable_weight``/``undesirable_weight``."""
 
     def _reference_hidden(self, part: dict) -> torch.Tensor:
         with torch.no_grad():
@@ -53,7 +53,7 @@ class BatchLoss:
             hidden = _hidden(body, policy)
         weight, bias = head_params(self.model)
         hidden = hidden.to(weight.dtype)
-        common = dict(bias=bias, shift=True, backend=cfg.backend, **self.transform)
+        common = dict(bias=bias, options=self.logp_options)
         if "cu_seqlens" in policy:  # packed: hidden [N, H], labels [N]
             common["cu_seqlens"] = policy["cu_seqlens"]
         spec = self.spec  # the loss table's row: what this loss reads

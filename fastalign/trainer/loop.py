@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .. import losses
+from ..options import LogpOptions
 from . import checkpoint as C
 from . import data as D
 from . import policy as P
@@ -35,7 +36,7 @@ from .compute import BatchLoss
 from .config import TrainConfig
 from .interrupt import StopRequest, agreed_signal
 from .loss_table import loss_spec
-from .model import HiddenStates, lm_head, logit_transform, prepare_packing, router_aux_loss
+from .model import HiddenStates, lm_head, prepare_packing, router_aux_loss
 from .validation import LOSSES, REFERENCES
 
 __all__ = ["LOSSES", "REFERENCES", "DivergedError", "TrainConfig", "Trainer"]
@@ -176,7 +177,9 @@ class Trainer(BatchLoss):
             # Non-reentrant, on every decoder layer; before any fully_shard (transformers
             # checkpoints the layer's ``forward``, so FSDP2's hooks stay outside the recompute).
             self.model.activation_checkpointing_enable({"use_reentrant": False})
-        self.transform = logit_transform(self.model.config)
+        self.logp_options = LogpOptions.from_config(
+            self.model.config, shift=True, backend=cfg.backend
+        )
         self.packed_attention = self._prepare_packing(self.model)
         if self.needs_default_samples:  # TYPO on the default: from the initial random model
             initial = self.model if resume is None else None  # None: rebuilt from the seed
@@ -261,8 +264,7 @@ class Trainer(BatchLoss):
             self.collator,
             batch_size=self.config.batch_size,
             packed_attention=self.packed_attention,
-            backend=self.config.backend,
-            transform=self.transform,
+            options=self.logp_options,
         )
 
     def _setup_parallel(self) -> None:

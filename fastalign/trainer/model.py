@@ -1,6 +1,6 @@
 """Hugging Face causal LMs as the fused losses see them: body hidden states (padded or
-packed), lm_head, the logit transform each family's own ``forward`` applies, the MoE
-router's load-balancing loss, and the LoRA adapter configuration."""
+packed), lm_head, the MoE router's load-balancing loss, and the LoRA adapter configuration
+(the logit transform each family's ``forward`` applies: ``LogpOptions.from_config``)."""
 
 from __future__ import annotations
 
@@ -19,25 +19,6 @@ from torch import nn
 #                the block-diagonal causal mask when attention_mask is None);
 #   "mask":      a 4-D block-diagonal causal mask built here (sdpa: bool, eager: additive).
 PACKED_ATTENTION = ("varlen", "positions", "mask")
-
-
-def logit_transform(config) -> dict:
-    """``logit_scale``/``logit_softcap`` kwargs reproducing the family's logits from its config.
-
-    Gemma-2/3 ``final_logit_softcapping`` → softcap; Cohere ``logit_scale`` → multiplier;
-    Granite ``logits_scaling`` → 1/logits_scaling; Falcon-H1 ``lm_head_multiplier`` and
-    ``output_multiplier`` (where a family sets one) → multiplier.
-    """
-    scale = 1.0
-    if getattr(config, "logit_scale", None) is not None:
-        scale *= float(config.logit_scale)
-    if getattr(config, "logits_scaling", None) is not None:
-        scale /= float(config.logits_scaling)
-    for name in ("lm_head_multiplier", "output_multiplier"):
-        if getattr(config, name, None) is not None:
-            scale *= float(getattr(config, name))
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return {"logit_scale": scale, "logit_softcap": None if softcap is None else float(softcap)}
 
 
 def lm_head(model) -> nn.Module:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import losses
+from ..options import LogpOptions
 from . import data as D
 from .model import HiddenStates, head_params
 
@@ -102,7 +103,7 @@ def sft_warmup(
         stream = losses._common.StreamInput(
             body(batch["input_ids"], batch["attention_mask"]), weight, batch["labels"], bias=bias
         )
-        out = losses._common.score_streams([stream], shift=True, backend=backend)[0]
+        out = losses._common.score_streams([stream], LogpOptions(shift=True, backend=backend))[0]
         loss = -out.logps.sum() / out.num_tokens.sum().clamp_min(1)  # plain NLL, fused op
         optimizer.zero_grad()
         loss.backward()

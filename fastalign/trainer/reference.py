@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import losses
+from ..options import LogpOptions
 from . import checkpoint as C
 from .model import HiddenStates, head_params
 
@@ -166,7 +167,7 @@ def body_hidden(body: HiddenStates, part: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def score_dataset(
-    model, dataset, collator, *, batch_size: int, packed_attention, backend: str, transform: dict
+    model, dataset, collator, *, batch_size: int, packed_attention, options: LogpOptions
 ) -> torch.Tensor:
     """Summed completion log-probs ``[n, 2]`` (chosen, rejected) of every row of ``dataset``
     under ``model``, float32 on the CPU."""
@@ -181,7 +182,7 @@ def score_dataset(
         stream = losses._common.StreamInput(
             hidden, weight, batch["labels"], bias=bias, cu_seqlens=batch.get("cu_seqlens")
         )
-        logps = losses._common.score_streams([stream], shift=True, backend=backend, **transform)
+        logps = losses._common.score_streams([stream], options)
         logps = logps[0].logps.cpu()  # [2n]: chosen rows, then rejected rows
         n = len(rows)
         out[start : start + n, 0], out[start : start + n, 1] = logps[:n], logps[n:]
