@@ -288,6 +288,19 @@ def test_cli_prints_table(capsys):
     assert "fits in 80.0 GiB" in out
 
 
+def test_cli_passes_every_option_to_estimate(capsys):
+    argv = ["memory", "meta-llama/Llama-3.1-8B", "--batch-size", "3", "--seq-len", "256"]
+    argv += ["--loss", "kto", "--world-size", "4", "--sharding", "fsdp", "--lora", "8"]
+    argv += ["--activation-checkpointing", "--dtype", "fp16", "--no-master-weights"]
+    assert cli.main(argv + ["--grad-mode", "recompute", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = estimate(
+        "meta-llama/Llama-3.1-8B", 3, 256, loss="kto", world_size=4, sharding="fsdp", lora=8,
+        activation_checkpointing=True, dtype="fp16", master_weights=False, grad_mode="recompute",
+    )  # fmt: skip
+    assert got == json.loads(json.dumps(want.to_dict()))
+
+
 def test_cli_bad_arguments(capsys):
     assert cli.main(["memory", "no/such-model", "--batch-size", "1", "--seq-len", "8"]) == 2
     assert "config_or_name" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
@@ -43,19 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Estimate from parsed ``fastalign memory`` arguments and print the table."""
+    # every option named as estimate's keyword goes to it as is (a new one: add_arguments only)
+    keywords = inspect.signature(estimate).parameters
+    options = {name: value for name, value in vars(args).items() if name in keywords}
     try:
         est = estimate(
-            args.model,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            loss=args.loss,
-            world_size=args.world_size,
-            sharding=args.sharding,
-            lora=args.lora,
-            activation_checkpointing=args.activation_checkpointing,
-            dtype=args.dtype,
-            master_weights=False if args.no_master_weights else None,
-            grad_mode=args.grad_mode,
+            args.model, master_weights=False if args.no_master_weights else None, **options
         )
         limit = parse_bytes(args.gpu_memory, "--gpu-memory")
     except (ValueError, TypeError) as err:
