@@ -172,3 +172,5 @@ def test_cli_plot_of_an_empty_metrics_file(tmp_path):
     assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "has no records yet")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "lo\n')
     assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "metrics.jsonl, line 2")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"loss": 0.6}\n')
+    assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "line 2: not a metrics record")

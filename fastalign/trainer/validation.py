@@ -202,8 +202,10 @@ def check_file(path: Path, kind: str, text_columns: tuple[str, ...]) -> None:
         _check_row(row, present, kind, text_columns, f"{where}, {line}")
 
 
-def _jsonl_rows(text: str, where: str) -> list[tuple[str, dict]]:
-    rows = []
+def jsonl_objects(text: str, where: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of JSON Lines ``text``; a line that is
+    not a JSON object is a ``ValueError`` naming ``where`` (the file) and the line."""
+    objects = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -213,8 +215,12 @@ def _jsonl_rows(text: str, where: str) -> list[tuple[str, dict]]:
             raise ValueError(f"{where}, line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}, line {number}: expected a JSON object, got {row!r:.60}")
-        rows.append((f"line {number}", row))
-    return rows
+        objects.append((number, row))
+    return objects
+
+
+def _jsonl_rows(text: str, where: str) -> list[tuple[str, dict]]:
+    return [(f"line {number}", row) for number, row in jsonl_objects(text, where)]
 
 
 def _json_rows(text: str, where: str) -> list[tuple[str, dict]]:
