@@ -42,6 +42,10 @@ BAD_FLAGS = [
     (dict(model="./no/such/model"), "--model ./no/such/model: no such directory"),
     (dict(ref_model="/no/such/reference"), "--ref-model /no/such/reference: no such"),
     (dict(loss="rlhf"), "unknown loss 'rlhf'"),
+    (dict(loss="simpo", ref_model="/tmp/ref"), "--ref-model /tmp/ref does not apply to --loss"),
+    (dict(loss="orpo", reference="precomputed"), "--reference precomputed does not apply to"),
+    (dict(loss="typo", reference="peft", lora_rank=4), "--reference peft does not apply to"),
+    (dict(loss_type="sft", reference="precomputed"), "--reference precomputed does not apply"),
 ]
 
 
