@@ -19,16 +19,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 # A fresh process per cell, with every allocation over 64 KiB mmapped, so that freed
 # memory leaves the resident set and the RSS high-water mark tracks live tensors.
 CELL_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TRANSFORMERS_VERBOSITY="error")
 TOLERANCE = 0.15
 BETA = 0.1
-# The fused losses' path measured: the estimator's default, the recompute path (the losses'
-# own default, grad_mode="auto", takes the store path; see fastalign/store.py).
-GRAD_MODE = "recompute"
 
 
 @dataclass(frozen=True)
@@ -41,6 +38,10 @@ class Setup:
     batch_size: int = 2
     seq_len: int = 128
     activation_checkpointing: bool = False
+    # The fused losses' gradient path, measured and estimated alike. Default: theirs, "auto"
+    # (the store path where the lm_head trains and one gradient unit's logits fit the
+    # budget; see fastalign/store.py); ``--grad-mode recompute`` checks the recompute path.
+    grad_mode: str = "auto"
 
 
 def _llama(vocab, hidden, layers, heads, kv_heads, intermediate) -> dict:
@@ -115,7 +116,7 @@ def _fused_loss(setup, policy, ref, input_ids, kl_ids, desirable):
 
     weight = policy.lm_head.weight
     hidden = _hidden(policy, input_ids)
-    options = fastalign.LogpOptions(shift=True, grad_mode=GRAD_MODE)
+    options = fastalign.LogpOptions(shift=True, grad_mode=setup.grad_mode)
     if setup.loss == "typo":
         # the pairwise term alone, as the eager path computes it (no sampled rows)
         return fastalign.typo_loss_fused(hidden, weight, input_ids, lam=0.0, options=options).loss
@@ -164,6 +165,7 @@ def estimate_cell(setup: Setup, device: str):
         optimizer_state_bytes=2 * (4 if device == "cpu" else 2),
         device=device,
         adamw="fused" if device == "cuda" else "single",
+        grad_mode=setup.grad_mode,
     )
 
 
@@ -214,6 +216,7 @@ def run_cell(setup: Setup, path: str, device: str) -> dict:
         "path": path,
         "device": device,
         "loss": setup.loss,
+        "grad_mode": setup.grad_mode,
         "measured_bytes": int(measured),
         "estimated_bytes": int(breakdown.peak),
         "error": breakdown.peak / measured - 1,
@@ -223,10 +226,13 @@ def run_cell(setup: Setup, path: str, device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def measure(setup_name: str, path: str, device: str, timeout: float = 300) -> dict:
+def measure(
+    setup_name: str, path: str, device: str, timeout: float = 300, grad_mode: str = "auto"
+) -> dict:
     """Run one cell in a fresh subprocess (allocator and RSS state of its own)."""
+    cell = ["--cell", setup_name, path, device, "--grad-mode", grad_mode]
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory_check", "--cell", setup_name, path, device],
+        [sys.executable, "-m", "benchmarks.memory_check", *cell],
         capture_output=True,
         text=True,
         env=CELL_ENV,
@@ -257,11 +263,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
+    parser.add_argument(
+        "--grad-mode",
+        choices=("auto", "store", "recompute"),
+        default="auto",
+        help="the fused losses' gradient path, measured and estimated (default: theirs, auto)",
+    )
     parser.add_argument("--cell", nargs=3, metavar=("SETUP", "PATH", "DEVICE"), help="internal")
     args = parser.parse_args(argv)
     if args.cell:
         setup, path, device = args.cell
-        print(json.dumps(run_cell(SETUPS[setup], path, device)))
+        setup = replace(SETUPS[setup], grad_mode=args.grad_mode)
+        print(json.dumps(run_cell(setup, path, device)))
         return 0
     if args.device == "cuda":
         import torch
@@ -276,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     for setup in args.setups:
         for path in ("eager", "fused"):
             started = time.perf_counter()
-            results.append(measure(setup, path, args.device))
+            results.append(measure(setup, path, args.device, grad_mode=args.grad_mode))
             row = format_table(results[-1:]).splitlines()[-1]
             print(f"{row}   ({time.perf_counter() - started:.0f} s)", flush=True)
             # written after every cell, so an interrupted run keeps what it measured
             with open(out, "w") as f:
-                setups = [asdict(SETUPS[s]) for s in args.setups]
+                setups = [asdict(replace(SETUPS[s], grad_mode=args.grad_mode)) for s in args.setups]
                 json.dump({"setups": setups, "results": results}, f, indent=2)
     print(format_table(results))
     print(f"wrote {out}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -113,15 +112,11 @@ def _metrics(path: Path) -> list[dict]:
     """The records of a run's ``metrics.jsonl``; ValueError naming the file (and line)."""
     if not path.exists():
         raise ValueError(f"{path} not found (is {path.parent} a fastalign run directory?)")
+    from .trainer.validation import jsonl_objects
+
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or "step" not in record:
+    for number, record in jsonl_objects(path.read_text(), str(path)):
+        if "step" not in record:
             raise ValueError(f"{path}, line {number}: not a metrics record (no 'step')")
         records.append(record)
     if not records:

@@ -11,8 +11,7 @@ from dataclasses import dataclass, replace
 
 from . import checks
 from ._types import LogitTransform
-
-GRAD_MODES = ("auto", "store", "recompute")
+from .tiles import GRAD_MODES
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Tile-size rules of the loss backends, in one torch-free module.
+"""Tile-size rules of the loss backends, and which gradient path a fused loss takes, in one
+torch-free module.
 
-The chunked torch backend, the Triton backend and the memory estimator (``fastalign.memory``)
-all import these, so an estimate cannot drift from the buffers the backends allocate.
+The chunked torch backend, the Triton backend, the fused losses and the memory estimator
+(``fastalign.memory``) all import these, so an estimate cannot drift from the buffers the
+backends allocate or the path the losses take.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ TRITON_INTERPRET_VOCAB_ALIGN = 32
 # V=32000 is 115 MB) under 0.2× eager's memory; CUDA: 1 GiB holds a pair of 2×1024 tokens
 # at V=128256.
 STORE_GROUP_BUDGET_BYTES = {"cpu": 1 << 27, "cuda": 1 << 30}
+
+# A fused loss's gradient path (``grad_mode=``): "auto" (the default), "store" or "recompute".
+GRAD_MODES = ("auto", "store", "recompute")
 
 
 def chunk_rows(vocab_size: int, chunk_elements: int = TORCH_CHUNK_ELEMENTS) -> int:
@@ -74,3 +79,16 @@ def store_group_units(unit_logit_bytes: int, budget_bytes: int) -> int:
         10
     """
     return budget_bytes // max(unit_logit_bytes, 1)
+
+
+def store_wanted(grad_mode: str, head_trains: bool) -> bool:
+    """Whether a fused loss that needs gradients tries the store path: asked for (``"store"``),
+    or ``"auto"`` with a trainable lm_head (a frozen head has a cheaper path still: E_t in
+    the forward, no GEMM in the backward). It takes it when one gradient unit's logits fit
+    the group budget (:func:`store_group_units` > 0), else it recomputes.
+
+    Example:
+        >>> store_wanted("auto", head_trains=True), store_wanted("auto", head_trains=False)
+        (True, False)
+    """
+    return grad_mode == "store" or (grad_mode == "auto" and head_trains)

@@ -42,6 +42,10 @@ BAD_FLAGS = [
     (dict(model="./no/such/model"), "--model ./no/such/model: no such directory"),
     (dict(ref_model="/no/such/reference"), "--ref-model /no/such/reference: no such"),
     (dict(loss="rlhf"), "unknown loss 'rlhf'"),
+    (dict(loss="simpo", ref_model="/tmp/ref"), "--ref-model /tmp/ref does not apply to --loss"),
+    (dict(loss="orpo", reference="precomputed"), "--reference precomputed does not apply to"),
+    (dict(loss="typo", reference="peft", lora_rank=4), "--reference peft does not apply to"),
+    (dict(loss_type="sft", reference="precomputed"), "--reference precomputed does not apply"),
 ]
 
 
@@ -172,3 +176,5 @@ def test_cli_plot_of_an_empty_metrics_file(tmp_path):
     assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "has no records yet")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "lo\n')
     assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "metrics.jsonl, line 2")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"loss": 0.6}\n')
+    assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "line 2: not a metrics record")

@@ -42,13 +42,8 @@ def plain_logps(hidden, weight, bias, labels, shift):
 
 
 def truth_logps(hidden, weight, bias, labels, shift):
-    return naive_sequence_logps(
-        hidden.double(),
-        weight.double(),
-        labels,
-        bias=None if bias is None else bias.double(),
-        shift=shift,
-    )
+    """float64 sums and counts (the reference casts every operand to float64 itself)."""
+    return naive_sequence_logps(hidden, weight, labels, bias=bias, shift=shift)
 
 
 def make_inputs(pairs, seq_len, hidden_size, vocab, dtype, device="cpu"):
@@ -91,41 +86,31 @@ def make_inputs(pairs, seq_len, hidden_size, vocab, dtype, device="cpu"):
 def fused(name, x, backend, shift, grad_mode="auto"):
     options = fastalign.LogpOptions(shift=shift, backend=backend, grad_mode=grad_mode)
     common = dict(bias=x["bias"], options=options)
+    policy = (x["hidden"], x["weight"], x["labels"])
     if name == "dpo":
         return fastalign.dpo_loss_fused(
-            x["hidden"],
-            x["weight"],
-            x["labels"],
-            ref_hidden=x["ref_hidden"],
-            beta=0.3,
-            label_smoothing=0.1,
-            **common,
+            *policy, ref_hidden=x["ref_hidden"], beta=0.3, label_smoothing=0.1, **common
         )
     if name == "ipo":
-        return fastalign.ipo_loss_fused(
-            x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], beta=0.5, **common
-        )
+        return fastalign.ipo_loss_fused(*policy, ref_hidden=x["ref_hidden"], beta=0.5, **common)
     if name == "typo":
-        return fastalign.typo_loss_fused(
-            x["hidden"],
-            x["weight"],
-            x["labels"],
-            sample_hidden=x["sample_hidden"],
-            sample_labels=x["sample_labels"],
-            lam=0.3,
-            **common,
-        )
+        samples = dict(sample_hidden=x["sample_hidden"], sample_labels=x["sample_labels"])
+        return fastalign.typo_loss_fused(*policy, **samples, lam=0.3, **common)
+    return kto_streamed(x, ref_hidden=x["ref_hidden"], **common)
+
+
+def kto_streamed(x, **kwargs):
+    """KTO (beta 0.4) on ``x``'s rows with its mismatched-pair reference rows streamed."""
     return fastalign.kto_loss_fused(
         x["hidden"],
         x["weight"],
         x["labels"],
         x["desirable"],
-        ref_hidden=x["ref_hidden"],
         kl_hidden=x["kl_hidden"],
         kl_labels=x["kl_labels"],
         kl_ref_hidden=x["kl_ref_hidden"],
         beta=0.4,
-        **common,
+        **kwargs,
     )
 
 
@@ -257,36 +242,14 @@ def test_reference_lm_head_with_its_own_bias(backend, device):
         x["hidden"], x["weight"], x["labels"], ref_hidden=x["ref_hidden"], beta=0.3, **head
     )
     R.assert_loss_and_grads(dpo.loss, R.dpo(s, ref.detach(), 0.3), [x["hidden"], x["weight"]])
-    kto = fastalign.kto_loss_fused(
-        x["hidden"],
-        x["weight"],
-        x["labels"],
-        x["desirable"],
-        ref_hidden=x["ref_hidden"],
-        kl_hidden=x["kl_hidden"],
-        kl_labels=x["kl_labels"],
-        kl_ref_hidden=x["kl_ref_hidden"],
-        beta=0.4,
-        **head,
-    )
+    kto = kto_streamed(x, ref_hidden=x["ref_hidden"], **head)
     s, _ = truth_logps(x["hidden"], x["weight"], x["bias"], x["labels"], False)  # fresh graph
     naive, z0 = R.kto(s, ref.detach(), x["desirable"], kl_policy.detach(), kl_ref.detach(), 0.4)
     R.assert_loss_and_grads(kto.loss, naive, [x["hidden"], x["weight"]])
     torch.testing.assert_close(kto.kl.double(), z0, rtol=1e-4, atol=1e-5)
 
     # Precomputed ref_logps, mismatched reference rows streamed: the head still applies to them.
-    half = fastalign.kto_loss_fused(
-        x["hidden"],
-        x["weight"],
-        x["labels"],
-        x["desirable"],
-        ref_logps=ref.float(),
-        kl_hidden=x["kl_hidden"],
-        kl_labels=x["kl_labels"],
-        kl_ref_hidden=x["kl_ref_hidden"],
-        beta=0.4,
-        **head,
-    )
+    half = kto_streamed(x, ref_logps=ref.float(), **head)
     torch.testing.assert_close(half.kl, kto.kl)
     torch.testing.assert_close(half.loss, kto.loss)
 

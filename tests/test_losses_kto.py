@@ -267,6 +267,12 @@ def test_weights_outside_range_warn():
         fastalign.kto_loss_fused(*args, ref_logps=torch.zeros(6), kl=0.0, desirable_weight=1.4)
 
 
+def kl_rows(rows, **extra):
+    """Keywords giving ``rows`` mismatched-pair rows (hidden [rows, 7, 17]) instead of ``kl``."""
+    kl_labels = torch.zeros(rows, 7, dtype=torch.long)
+    return dict(kl=None, kl_hidden=torch.randn(rows, 7, 17), kl_labels=kl_labels, **extra)
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
@@ -277,32 +283,10 @@ def test_weights_outside_range_warn():
             r"desirable must have shape \[6\]",
         ),
         (dict(kl=None), ValueError, "z0 needs the mismatched-pair rows"),
+        (kl_rows(1, kl_ref_logps=torch.zeros(1)), ValueError, "at least 2 rows"),
+        (kl_rows(6), ValueError, "exactly one of kl_ref_hidden and kl_ref_logps"),
         (
-            dict(
-                kl=None,
-                kl_hidden=torch.randn(1, 7, 17),
-                kl_labels=torch.zeros(1, 7, dtype=torch.long),
-                kl_ref_logps=torch.zeros(1),
-            ),
-            ValueError,
-            "at least 2 rows",
-        ),
-        (
-            dict(
-                kl=None,
-                kl_hidden=torch.randn(6, 7, 17),
-                kl_labels=torch.zeros(6, 7, dtype=torch.long),
-            ),
-            ValueError,
-            "exactly one of kl_ref_hidden and kl_ref_logps",
-        ),
-        (
-            dict(
-                kl=None,
-                kl_hidden=torch.randn(6, 7, 17),
-                kl_labels=torch.zeros(6, 7, dtype=torch.long),
-                kl_ref_logps=torch.zeros(5),
-            ),
+            kl_rows(6, kl_ref_logps=torch.zeros(5)),
             ValueError,
             r"kl_ref_logps must have shape \[6\]",
         ),

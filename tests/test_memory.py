@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -102,6 +103,38 @@ def test_presets_fused_below_eager(model, loss):
     assert est.fits("1000GB", "fused") and not est.fits("1GB", "fused")
 
 
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "cpo"])
+@pytest.mark.parametrize("grad_mode", ["auto", "recompute"])
+def test_reference_free_losses_score_the_policy_rows_alone(loss, grad_mode):
+    """SimPO/ORPO/CPO: the pairs' policy rows, no reference (weights, rows or forward); the
+    chosen rows' NLL comes from the same launch, so every term is TYPO's without samples."""
+    args = dict(config_or_name="meta-llama/Llama-3.1-8B", batch_size=2, seq_len=128)
+    est = estimate(**args, loss=loss, grad_mode=grad_mode)
+    typo = estimate(**args, loss="typo", grad_mode=grad_mode)
+    dpo = estimate(**args, loss="dpo", grad_mode=grad_mode)
+    assert (est.eager, est.fused) == (typo.eager, typo.fused)
+    assert est.setup["policy_tokens"] == dpo.setup["policy_tokens"] == 4 * 128
+    assert est.setup["reference_tokens"] == 0 < dpo.setup["reference_tokens"]
+    for path in ("eager", "fused"):
+        parts = est.path(path).parts
+        assert parts["reference weights"] == parts["reference forward"] == 0
+        assert est.total(path) < dpo.total(path)
+    assert not any("reference: a frozen copy" in note for note in est.assumptions)
+    nll_note = [note for note in est.assumptions if "chosen rows' NLL" in note]
+    assert len(nll_note) == (loss != "simpo")
+
+
+def test_cli_reference_free_losses_subprocess():
+    argv = [sys.executable, "-m", "fastalign.memory", "meta-llama/Llama-3.1-8B"]
+    argv += ["--batch-size", "2", "--seq-len", "128", "--json", "--loss"]
+    for loss in ("simpo", "orpo", "cpo"):
+        run = subprocess.run(argv + [loss], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        expected = estimate("meta-llama/Llama-3.1-8B", 2, 128, loss=loss, dtype="bf16").to_dict()
+        assert json.loads(run.stdout) == json.loads(json.dumps(expected))
+        assert expected["setup"]["reference_tokens"] == 0
+
+
 def test_lora_and_checkpointing_shrink():
     full = estimate("meta-llama/Llama-3.1-8B", 1, 2048)
     lora = estimate("meta-llama/Llama-3.1-8B", 1, 2048, lora=16)
@@ -119,10 +152,13 @@ def test_lora_and_checkpointing_shrink():
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_store_path_holds_gradients_from_forward_to_backward(loss, device):
     args = ("meta-llama/Llama-3.1-8B", 4, 128)
-    recompute = estimate(*args, loss=loss, device=device)
+    recompute = estimate(*args, loss=loss, device=device, grad_mode="recompute")
     store = estimate(*args, loss=loss, device=device, grad_mode="store")
     assert (recompute.setup["grad_mode"], store.setup["grad_mode"]) == ("recompute", "store")
     assert store.eager == recompute.eager
+    # the default is the losses' default, "auto": the store path with a trainable head
+    default = estimate(*args, loss=loss, device=device)
+    assert (default.setup["grad_mode"], default.fused) == ("store", store.fused)
     v, h = 128256, 4096
     tokens = store.setup["policy_tokens"]
     held = v * h * 4 + tokens * h * 4  # fp32 lm_head accumulator, fp32 grad_hidden rows
@@ -157,16 +193,63 @@ def _options(**changes):
     return {**options, **changes}
 
 
-@pytest.mark.parametrize(
-    "why,kwargs",
-    [("unit over the budget", dict(seq_len=4096)), ("frozen head", dict(seq_len=128, lora=8))],
-)
-def test_store_path_falls_back_like_the_losses(why, kwargs):
-    args = dict(config_or_name="meta-llama/Llama-3.1-8B", batch_size=2, **kwargs)
-    store = estimate(**args, grad_mode="store")
-    assert store.setup["grad_mode"] == "recompute", why
-    assert store.fused == estimate(**args).fused
+@pytest.mark.parametrize("grad_mode", ["store", "auto"])
+def test_store_path_falls_back_when_a_unit_is_over_the_budget(grad_mode):
+    args = dict(config_or_name="meta-llama/Llama-3.1-8B", batch_size=2, seq_len=4096)
+    store = estimate(**args, grad_mode=grad_mode)
+    assert store.setup["grad_mode"] == "recompute"
+    assert store.fused == estimate(**args, grad_mode="recompute").fused
     assert any("not taken" in note for note in store.assumptions)
+
+
+def test_frozen_head_paths():
+    """LoRA: "auto" takes the frozen-head path (no lm_head gradient, no store); an explicit
+    "store" stores grad_hidden alone, as the losses do (no [V, H] accumulator)."""
+    args = dict(config_or_name="meta-llama/Llama-3.1-8B", batch_size=2, seq_len=128, lora=8)
+    auto, store = estimate(**args), estimate(**args, grad_mode="store")
+    assert (auto.setup["grad_mode"], store.setup["grad_mode"]) == ("frozen", "store")
+    assert auto.fused == estimate(**args, grad_mode="recompute").fused
+    assert not any("not taken" in note for note in auto.assumptions + store.assumptions)
+    full_store = estimate(**{**args, "lora": None}, grad_mode="store")
+    head_fp32 = 128256 * 4096 * 4
+    held = full_store.fused.parts["loss buffers"] - store.fused.parts["loss buffers"]
+    assert held >= head_fp32
+
+
+@pytest.mark.parametrize("grad_mode", ["auto", "store", "recompute"])
+@pytest.mark.parametrize("head_trains", [True, False])
+@pytest.mark.parametrize("fits", [True, False])
+def test_estimated_path_is_the_path_the_losses_take(grad_mode, head_trains, fits, monkeypatch):
+    """The estimator and a fused loss, under the same grad_mode, head and budget verdict,
+    take the same path (the loss: a tiny DPO call with a budget one pair fits or not)."""
+    import fastalign
+    from fastalign.losses import units
+    from fastalign.memory.loss import grad_path
+
+    stored = []
+    apply = units.StoreResult.apply
+    monkeypatch.setattr(units.StoreResult, "apply", lambda *a: stored.append(1) or apply(*a))
+    hidden = torch.randn(4, 6, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=head_trains)
+    labels = torch.randint(0, 50, (4, 6))
+    budget = 2 * 6 * 50 * 4 if fits else 50 * 4  # one pair's fp32 logits, or one token's
+    falls_back = grad_mode == "store" and not fits  # asked for and refused: a warning
+    warns = pytest.warns(UserWarning, match="exceed store_budget_bytes")
+    with warns if falls_back else contextlib.nullcontext():
+        options = fastalign.LogpOptions(grad_mode=grad_mode, store_budget_bytes=budget)
+        out = fastalign.dpo_loss_fused(
+            hidden, weight, labels, ref_hidden=torch.randn(4, 6, 16), options=options
+        )
+    out.loss.backward()
+    taken = "store" if stored else ("recompute" if head_trains else "frozen")
+    seq_len = 128 if fits else 4096  # a Llama-3.1-8B pair's logits: under / over 1 GiB
+    step = resolve_step(
+        "meta-llama/Llama-3.1-8B",
+        2,
+        seq_len,
+        **_options(grad_mode=grad_mode, lora=None if head_trains else 8),
+    )
+    assert grad_path(step) == taken
 
 
 def test_cli_grad_mode_subprocess():
@@ -203,6 +286,19 @@ def test_cli_prints_table(capsys):
     out = capsys.readouterr().out
     assert "eager" in out and "fused" in out and "PEAK" in out and "loss buffers" in out
     assert "fits in 80.0 GiB" in out
+
+
+def test_cli_passes_every_option_to_estimate(capsys):
+    argv = ["memory", "meta-llama/Llama-3.1-8B", "--batch-size", "3", "--seq-len", "256"]
+    argv += ["--loss", "kto", "--world-size", "4", "--sharding", "fsdp", "--lora", "8"]
+    argv += ["--activation-checkpointing", "--dtype", "fp16", "--no-master-weights"]
+    assert cli.main(argv + ["--grad-mode", "recompute", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = estimate(
+        "meta-llama/Llama-3.1-8B", 3, 256, loss="kto", world_size=4, sharding="fsdp", lora=8,
+        activation_checkpointing=True, dtype="fp16", master_weights=False, grad_mode="recompute",
+    )  # fmt: skip
+    assert got == json.loads(json.dumps(want.to_dict()))
 
 
 def test_cli_bad_arguments(capsys):

@@ -13,6 +13,7 @@ pytest.importorskip("datasets")
 
 import fastalign  # noqa: E402
 from fastalign import LogpOptions  # noqa: E402
+from fastalign.trainer.default import tiny_config  # noqa: E402
 from fastalign.trainer.loop import DivergedError, TrainConfig, Trainer  # noqa: E402
 from fastalign.trainer.model import HiddenStates, head_params, lm_head  # noqa: E402
 from tests.trainer_helpers import one_thread  # noqa: E402, F401
@@ -100,6 +101,29 @@ def test_precomputed_reference_equals_streamed(tmp_path):
     assert trainer.ref_model is None
 
 
+@pytest.mark.parametrize("loss", ["simpo", "orpo", "cpo", "typo"])
+def test_reference_free_losses_make_no_reference(loss, tmp_path, monkeypatch):
+    """A loss that never reads a reference gets none: no copy made, saved or held (one model's
+    parameters), and the run is the one a forced reference copy gives, step for step."""
+    from fastalign.trainer import reference as R
+
+    copies = []
+    frozen_copy = R.frozen_copy
+    monkeypatch.setattr(R, "frozen_copy", lambda *a: copies.append(1) or frozen_copy(*a))
+    config = dict(loss=loss, max_steps=2, **FAST)
+    lean = Trainer(TrainConfig(output_dir=str(tmp_path / "lean"), **config))
+    assert lean.ref_model is None and lean.ref_logps is None and not copies
+    assert not (tmp_path / "lean" / "reference").exists()
+    lean.train()
+    monkeypatch.setattr(Trainer, "_needs_reference", lambda self: True)  # the old behaviour
+    forced = Trainer(TrainConfig(output_dir=str(tmp_path / "forced"), **config))
+    assert copies == [1] and (tmp_path / "forced" / "reference").exists()
+    size = sum(p.numel() for p in lean.model.parameters())
+    assert sum(p.numel() for p in forced.ref_model.parameters()) == size
+    forced.train()
+    assert losses_of(tmp_path / "lean") == losses_of(tmp_path / "forced")
+
+
 def test_nan_loss_stops_without_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(
         TrainConfig(loss="dpo", max_steps=5, save_steps=1, output_dir=str(tmp_path), **FAST)
@@ -182,14 +206,9 @@ def test_scores_match_the_models_own_logits(family):
     import transformers
 
     config_name, model_name, extra = FAMILIES[family]
-    config = getattr(transformers, config_name)(
-        vocab_size=61,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        **extra,
+    config_class = getattr(transformers, config_name)
+    config = tiny_config(
+        vocab_size=61, hidden_size=16, num_attention_heads=2, config_class=config_class, **extra
     )
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).eval()
@@ -207,3 +226,62 @@ def test_scores_match_the_models_own_logits(family):
             hidden, weight, labels, bias=bias, options=LogpOptions.from_config(config, shift=True)
         ).logps
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def _two_forwards(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the same batch twice, in training mode (dropout, if on, differs)."""
+    model.train()
+    ids = torch.randint(4, 18, (2, 8))
+    with torch.no_grad():
+        return tuple(model(input_ids=ids).logits for _ in range(2))
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_off_by_default_as_trl(disable, tmp_path):
+    """A model whose config has attention dropout 0.5: the trainer turns it off in the policy
+    and the reference (TRL's disable_dropout=True), unless disable_dropout=False."""
+    from transformers import LlamaForCausalLM
+
+    from fastalign.trainer.default import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    LlamaForCausalLM(tiny_config(tokenizer, attention_dropout=0.5)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    config = TrainConfig(
+        loss="dpo", model=str(tmp_path / "m"), max_steps=1, output_dir=str(tmp_path / "run"),
+        disable_dropout=disable, **FAST,
+    )  # fmt: skip
+    trainer = Trainer(config)
+    for model in (trainer.model, trainer.ref_model):
+        first, second = _two_forwards(model)
+        assert torch.equal(first, second) == disable
+
+
+def test_disable_dropout_reaches_every_dropout_module():
+    """GPT-2 keeps its dropout in nn.Dropout modules (embedding, attention, residual)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastalign.trainer.policy import disable_dropout
+
+    config = GPT2Config(vocab_size=18, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config)  # resid/embd/attn dropout 0.1 each
+    first, second = _two_forwards(model)
+    assert not torch.equal(first, second)
+    assert disable_dropout(model) == 1 + 2 * 3  # embd; per layer attn, resid (attn), resid (mlp)
+    first, second = _two_forwards(model)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert disable_dropout(model) == 0
+
+
+def test_cli_no_disable_dropout_flag():
+    import subprocess
+    import sys
+
+    from tests.trainer_helpers import child_env
+
+    command = [sys.executable, "-m", "fastalign.cli", "train", "--help"]
+    proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    help_text = " ".join(proc.stdout.split())
+    assert "--disable-dropout, --no-disable-dropout" in help_text
+    assert "as TRL's disable_dropout=True" in help_text

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import trl
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from fastalign.integrations import trl as fa
-from fastalign.trainer.default import default_tokenizer
+from fastalign.trainer.default import default_tokenizer, tiny_config
 
 TOKENIZER = default_tokenizer()
 PAIRED = dict(
@@ -34,18 +34,8 @@ def tiny_llama(seed=0, tied=False, bias=False, softcap=None, logit_scale=None):
     """A random 2-layer Llama (hidden 32, vocab 97); optional lm_head bias and logit transform
     (TRL's fused head reads ``final_logit_softcapping``/``logit_scale`` from the config)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=TOKENIZER.pad_token_id,
-        bos_token_id=TOKENIZER.bos_token_id,
-        eos_token_id=TOKENIZER.eos_token_id,
-        tie_word_embeddings=tied,
+    config = tiny_config(
+        TOKENIZER, vocab_size=97, hidden_size=32, num_key_value_heads=2, tie_word_embeddings=tied
     )
     config.final_logit_softcapping = softcap
     config.logit_scale = logit_scale

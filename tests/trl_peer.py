@@ -61,6 +61,15 @@ def _trainer(**attrs):
     return SimpleNamespace(**base)
 
 
+def _inputs(rows: int, **extra) -> dict:
+    """A batch of ``rows`` two-token completions (ids and masks only; the model ignores them)."""
+    ones = torch.ones(rows, 2, dtype=torch.long)
+    batch = dict(
+        input_ids=torch.zeros_like(ones), attention_mask=ones, completion_mask=ones.clone()
+    )
+    return {**batch, **extra}
+
+
 def trl_dpo(chosen, rejected, ref_chosen, ref_rejected, *, beta, loss_type="sigmoid", eps=0.0):
     """``(loss, metrics)`` from TRL's DPOTrainer._compute_loss (precomputed reference)."""
     logps = torch.cat([chosen, rejected])
@@ -77,13 +86,9 @@ def trl_dpo(chosen, rejected, ref_chosen, ref_rejected, *, beta, loss_type="sigm
         f_divergence_type="reverse_kl",
         use_weighting=False,
     )
-    inputs = {
-        "input_ids": torch.zeros(rows, 2, dtype=torch.long),
-        "attention_mask": torch.ones(rows, 2, dtype=torch.long),
-        "completion_mask": torch.ones(rows, 2, dtype=torch.long),
-        "ref_chosen_logps": ref_chosen.float(),
-        "ref_rejected_logps": ref_rejected.float(),
-    }
+    inputs = _inputs(
+        rows, ref_chosen_logps=ref_chosen.float(), ref_rejected_logps=ref_rejected.float()
+    )
     loss = _dpo_module.DPOTrainer._compute_loss(trainer, model, inputs, False)
     return float(loss), {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
@@ -102,13 +107,11 @@ def trl_kto(logps, ref_logps, desirable, kl_logps, ref_kl_logps, *, beta, w_d=1.
         undesirable_weight=w_u,
         _compute_kl_logps=lambda model, batch: kl_logps.float(),
     )
-    inputs = {
-        "input_ids": torch.zeros(rows, 2, dtype=torch.long),
-        "attention_mask": torch.ones(rows, 2, dtype=torch.long),
-        "completion_mask": torch.ones(rows, 2, dtype=torch.long),
-        "label": desirable.clone(),
-        "ref_logps": ref_logps.float(),
-        "ref_KL_logps": ref_kl_logps.float(),
-    }
+    inputs = _inputs(
+        rows,
+        label=desirable.clone(),
+        ref_logps=ref_logps.float(),
+        ref_KL_logps=ref_kl_logps.float(),
+    )
     loss = _kto_module.KTOTrainer._compute_loss(trainer, model, inputs, False)
     return float(loss), {k: v[-1] for k, v in trainer._metrics["train"].items()}

@@ -169,7 +169,7 @@ def _wants_store(terms: list[PolicyTerm], options: LogpOptions) -> bool:
     if not any(t is not None and t.requires_grad for t in inputs):
         return False
     # A frozen lm_head has a cheaper path still: E_t in forward, no GEMM in backward.
-    return options.grad_mode == "store" or terms[0].stream.weight.requires_grad
+    return tiles.store_wanted(options.grad_mode, terms[0].stream.weight.requires_grad)
 
 
 def _budget(options: LogpOptions, policy: Prepared) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
@@ -18,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="preset name (" + ", ".join(PRESETS) + "), config.json or dir")
     p.add_argument("--batch-size", type=int, required=True, help="per-GPU micro-batch")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
-    p.add_argument("--loss", choices=LOSSES, default="dpo")
+    p.add_argument("--loss", choices=LOSSES, default="dpo", help="the preference loss")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--sharding", choices=SHARDINGS, default="none")
     p.add_argument("--lora", type=int, default=None, metavar="RANK")
@@ -32,9 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grad-mode",
         choices=GRAD_MODES,
-        default="recompute",
-        help="fused gradient path: recompute logits in backward, or store the gradients "
-        "formed in the forward",
+        default="auto",
+        help="the fused losses' gradient path: auto (their default: store with a trainable "
+        "lm_head when one gradient unit's logits fit the budget), store (gradients formed in "
+        "the forward) or recompute (logits recomputed in backward)",
     )
     p.add_argument("--gpu-memory", default="80GB", help="per-GPU memory, e.g. 80GB (GiB)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -42,19 +44,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Estimate from parsed ``fastalign memory`` arguments and print the table."""
+    # every option named as estimate's keyword goes to it as is (a new one: add_arguments only)
+    keywords = inspect.signature(estimate).parameters
+    options = {name: value for name, value in vars(args).items() if name in keywords}
     try:
         est = estimate(
-            args.model,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            loss=args.loss,
-            world_size=args.world_size,
-            sharding=args.sharding,
-            lora=args.lora,
-            activation_checkpointing=args.activation_checkpointing,
-            dtype=args.dtype,
-            master_weights=False if args.no_master_weights else None,
-            grad_mode=args.grad_mode,
+            args.model, master_weights=False if args.no_master_weights else None, **options
         )
         limit = parse_bytes(args.gpu_memory, "--gpu-memory")
     except (ValueError, TypeError) as err:

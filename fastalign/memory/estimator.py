@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import tiles
 from .body import BodyBytes, body_bytes
-from .loss import LossBytes, eager_loss, fused_loss, gradient_outputs, store_taken
+from .loss import LossBytes, eager_loss, fused_loss, grad_path, gradient_outputs
 from .params import ParameterBytes, parameter_bytes, trainable_params
 from .result import MemoryEstimate, PathBreakdown
 from .step import Step, resolve_step
@@ -31,7 +32,7 @@ def estimate(
     typo_samples: bool = False,
     device: str = "cuda",
     adamw: str | None = None,
-    grad_mode: str = "recompute",
+    grad_mode: str = "auto",
 ) -> MemoryEstimate:
     """Per-GPU memory of one preference-training step, eager full-logits loss vs fused.
 
@@ -46,8 +47,11 @@ def estimate(
             (``2·batch_size`` sequences, TRL's concatenated layout), examples for ``kto``
             (plus a mismatched KL batch of the same size, scored without grad).
         seq_len: tokens per sequence (prompt + completion, all counted as scored).
-        loss: ``"dpo"``, ``"ipo"``, ``"kto"`` stream a reference; ``"typo"`` is
-            reference-free (``typo_samples=True`` adds its ``batch_size`` sampled rows).
+        loss: ``"dpo"``, ``"ipo"``, ``"kto"`` stream a reference; ``"typo"``, ``"simpo"``,
+            ``"orpo"`` and ``"cpo"`` are reference-free: the policy rows alone (ORPO's and
+            CPO's chosen-row NLL comes from the same launch, and on the eager path from the
+            same ``log_softmax``); ``typo_samples=True`` adds TYPO's ``batch_size`` sampled
+            rows.
         world_size: GPUs; with ``sharding="fsdp"`` weights, gradients and optimizer states
             are divided by it.
         sharding: ``"none"`` (single GPU or DDP: everything replicated) or ``"fsdp"``
@@ -74,15 +78,18 @@ def estimate(
             default on CUDA: ``torch.optim.AdamW(fused=True)``), ``"foreach"`` (an fp32
             buffer the size of the trainable shard) or ``"single"`` (one largest-parameter
             buffer; torch's default on CPU).
-        grad_mode: the fused losses' gradient path. ``"recompute"``: the forward keeps
-            O(N) statistics and the backward recomputes the logits chunk by chunk.
-            ``"store"``: the gradients are formed in the forward, group by group of whole
-            gradient units (a pair; a KTO row) whose fp32 logits fit
+        grad_mode: the fused losses' ``grad_mode``, resolved by their own rule
+            (``fastalign.tiles.store_wanted``). ``"auto"`` (the losses' default): store
+            with a trainable head, the frozen-head path with ``lora``. ``"store"``: the
+            gradients are formed in the forward, group by group of whole gradient units (a
+            pair; a KTO row) whose fp32 logits fit
             ``fastalign.tiles.STORE_GROUP_BUDGET_BYTES``; from forward to backward the loss
-            holds the fp32 grad_hidden ``[M, H]`` of the scored rows and an fp32 ``[V, H]``
-            lm_head gradient. A frozen head (``lora``) keeps its own path, and a unit
-            larger than the budget falls back to recompute; ``setup["grad_mode"]`` says
-            which path was counted.
+            holds the fp32 grad_hidden ``[M, H]`` of the scored rows and (trainable head)
+            an fp32 ``[V, H]`` lm_head gradient. ``"recompute"``: the forward keeps O(N)
+            statistics and the backward recomputes the logits chunk by chunk (a frozen
+            head: from the forward's E, no recompute). A unit larger than the budget falls
+            back to recompute; ``setup["grad_mode"]`` says which path was counted
+            (``"store"``, ``"recompute"`` or ``"frozen"``).
 
     Returns:
         :class:`MemoryEstimate` with ``.eager`` and ``.fused`` :class:`PathBreakdown`,
@@ -168,11 +175,12 @@ _SETUP_FIELDS = (
 
 
 def _setup(step: Step) -> dict[str, Any]:
-    """The setup as ``MemoryEstimate.setup`` reports it (``grad_mode``: the path counted)."""
+    """The setup as ``MemoryEstimate.setup`` reports it (``grad_mode``: the path counted;
+    ``grad_mode_asked``: the argument)."""
     rows = step.rows
     setup = dict(batch_size=step.batch_size, seq_len=rows.seq_len)
     setup.update({name: getattr(step, name) for name in _SETUP_FIELDS})
-    setup["grad_mode"] = "store" if store_taken(step) else "recompute"
+    setup.update(grad_mode=grad_path(step), grad_mode_asked=step.grad_mode)
     tokens = (rows.tokens, rows.ref_tokens, rows.nograd_tokens)
     setup.update(zip(("policy_tokens", "reference_tokens", "nograd_policy_tokens"), tokens))
     return setup
@@ -209,9 +217,16 @@ def assumptions(step: Step) -> list[str]:
         )
     if step.separate_reference:
         notes.append("reference: a frozen copy of the policy in the compute dtype")
-    if step.grad_mode == "store" and not store_taken(step):
+    if step.loss in ("orpo", "cpo"):
         notes.append(
-            "grad_mode='store' asked for, but not taken (frozen head, or one "
-            "gradient unit's logits over the group budget): recompute counted"
+            f"{step.loss} eager: the chosen rows' NLL read from the same log_softmax (TRL's "
+            "trainer runs a second cross_entropy over the chosen logits: not counted)"
+        )
+    path = grad_path(step)
+    notes.append(f"fused gradient path: {path} (grad_mode={step.grad_mode!r})")
+    if path != "store" and tiles.store_wanted(step.grad_mode, step.head_trainable):
+        notes.append(
+            f"grad_mode={step.grad_mode!r}: the store path is not taken (one gradient unit's "
+            f"logits over the group budget): {path} counted"
         )
     return notes

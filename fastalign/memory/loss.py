@@ -196,13 +196,15 @@ def store_group_tokens(step: Step, budget_bytes: int | None = None) -> int:
 
 
 def store_loss(step: Step, body: BodyBytes) -> LossBytes:
-    """Gradients formed in the forward (``grad_mode="store"``, trainable head).
+    """Gradients formed in the forward (``grad_mode="store"``, or ``"auto"`` with a trainable
+    head).
 
     From forward to backward it holds the fp32 grad_hidden of the scored policy rows
-    ``[M, H]`` and an fp32 ``[V, H]`` lm_head gradient accumulator (HF decoders have no
-    lm_head bias; one adds an fp32 ``[V]``); during the forward, one group's logits (in the
-    model dtype and fp32, ``dz`` formed in place; at most ``store_group_budget(device)`` bytes of
-    fp32) and its gathered rows, instead of recomputing the logits in backward. The backward
+    ``[M, H]`` and, for a trainable head, an fp32 ``[V, H]`` lm_head gradient accumulator
+    (HF decoders have no lm_head bias; one adds an fp32 ``[V]``); during the forward, one
+    group's logits (in the model dtype and fp32, ``dz`` formed in place; at most
+    ``store_group_budget(device)`` bytes of fp32) and its gathered rows, instead of
+    recomputing the logits in backward. The backward
     scales the held gradients by ``grad_output`` into grad_hidden and the lm_head gradient
     in the model dtype.
     """
@@ -210,22 +212,26 @@ def store_loss(step: Step, body: BodyBytes) -> LossBytes:
     vocab, hidden = step.shape.vocab_size, step.shape.hidden_size
     group = store_group_tokens(step)
     group_bytes = group * vocab * (4 + (act if act < 4 else 0)) + group * hidden * (4 + act)
-    held = tokens * hidden * 4 + step.head_params * 4
+    head = step.head_params if step.head_trainable else 0  # a frozen head: no accumulator
+    held = tokens * hidden * 4 + head * 4
     forward = _forward_inputs(step) + body.nograd_forward + held + group_bytes
     # the scaled grad rows in the model dtype, the grad_hidden they are written into, and
     # the scaled lm_head gradient
-    backward = _scalars(step) + held + 2 * tokens * hidden * act + step.head_params * act
+    backward = _scalars(step) + held + 2 * tokens * hidden * act + head * act
     return _fused(forward, backward, body)
 
 
-def store_taken(step: Step) -> bool:
-    """Whether the fused loss takes the store path: asked for, a trainable head (a frozen
-    head has its own fast path), and one gradient unit's logits within the budget."""
-    return step.grad_mode == "store" and step.head_trainable and store_group_tokens(step) > 0
+def grad_path(step: Step) -> str:
+    """The fused loss's gradient path under ``step.grad_mode``, by the losses' own rule
+    (``tiles.store_wanted``): ``"store"`` when wanted and one gradient unit's logits fit the
+    budget, else ``"recompute"`` (trainable head) or ``"frozen"`` (E_t, no recompute)."""
+    if tiles.store_wanted(step.grad_mode, step.head_trainable) and store_group_tokens(step) > 0:
+        return "store"
+    return "recompute" if step.head_trainable else "frozen"
 
 
 def fused_loss(step: Step, body: BodyBytes) -> LossBytes:
     """The fused loss as the library runs it on ``step.device`` with ``step.grad_mode``."""
-    if store_taken(step):
+    if grad_path(step) == "store":
         return store_loss(step, body)
     return triton_loss(step, body) if step.device == "cuda" else torch_loss(step, body)

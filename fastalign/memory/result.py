@@ -94,7 +94,7 @@ class MemoryEstimate:
             f"{s['world_size']} GPU(s) sharding={s['sharding']}, dtype={s['dtype']}, "
             f"activation checkpointing={'on' if s['activation_checkpointing'] else 'off'}"
             + (f", LoRA r={s['lora']}" if s["lora"] else "")
-            + (", fused gradients formed in forward (store)" if s["grad_mode"] == "store" else "")
+            + f", fused gradient path {s['grad_mode']}"
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,14 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..tiles import GRAD_MODES
 from .shapes import ModelShape, model_shape
 from .units import dtype_bytes, positive_int
 
-LOSSES = ("dpo", "ipo", "kto", "typo")
+# Losses that stream a reference policy; the others score the policy rows alone (SimPO,
+# ORPO and CPO read the chosen rows' NLL from the same launch).
+REFERENCE_LOSSES = ("dpo", "ipo", "kto")
+LOSSES = (*REFERENCE_LOSSES, "typo", "simpo", "orpo", "cpo")
 SHARDINGS = ("none", "fsdp")
 DEVICES = ("cuda", "cpu")
 ADAMWS = ("fused", "foreach", "single")
-GRAD_MODES = ("recompute", "store")
 
 
 @dataclass(frozen=True)
@@ -49,14 +52,15 @@ class ScoredRows:
 
 
 def scored_rows(loss: str, batch_size: int, seq_len: int, typo_samples: bool) -> ScoredRows:
-    """The rows of TRL's concatenated layout: ``batch_size`` pairs (DPO, IPO, TYPO, whose
+    """The rows of TRL's concatenated layout: ``batch_size`` pairs (every loss but KTO; the
     gradient unit is a pair), or ``batch_size`` KTO examples (unit: one row) with a
-    mismatched KL batch of the same size scored without grad."""
+    mismatched KL batch of the same size scored without grad. Reference-free losses score
+    no reference rows; TYPO's samples add ``batch_size`` rows with grad."""
     if loss == "kto":
         return ScoredRows(batch_size, batch_size, 2 * batch_size, 1, seq_len)
-    if loss == "typo":
-        return ScoredRows((3 if typo_samples else 2) * batch_size, 0, 0, 2, seq_len)
-    return ScoredRows(2 * batch_size, 0, 2 * batch_size, 2, seq_len)
+    grad_rows = (3 if loss == "typo" and typo_samples else 2) * batch_size
+    ref_rows = 2 * batch_size if loss in REFERENCE_LOSSES else 0
+    return ScoredRows(grad_rows, 0, ref_rows, 2, seq_len)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class TrainConfig:
     router_aux_loss_coef: float | None = None  # None: the model config's own coefficient
     lora_alpha: float | None = None  # None: 2 x lora_rank
     lora_dropout: float = 0.0
+    disable_dropout: bool = True  # as TRL: the model's own dropout off (not --lora-dropout)
     lora_target_modules: str = "all-linear"  # or comma-separated module names
     report_to: str = "none"  # none | tensorboard | wandb
     extra: dict = field(default_factory=dict)

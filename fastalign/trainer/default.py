@@ -29,27 +29,53 @@ def default_tokenizer():
     )
 
 
+def tiny_config(
+    tokenizer=None,
+    *,
+    vocab_size: int | None = None,
+    hidden_size: int = 64,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int | None = None,
+    config_class=None,
+    **extra,
+):
+    """A small decoder config: 2 layers, MLP width ``2·hidden_size``, 64 positions.
+
+    ``vocab_size`` defaults to ``len(tokenizer)``, and the tokenizer's pad/bos/eos ids go into
+    the config; ``config_class`` (default ``LlamaConfig``) picks the family, ``extra`` any
+    family-specific field. Shared by the default model, the tests and the TRL harness.
+
+    Example:
+        >>> from fastalign.trainer.default import default_tokenizer, tiny_config
+        >>> tiny_config(default_tokenizer()).vocab_size
+        18
+    """
+    if config_class is None:
+        from transformers import LlamaConfig as config_class
+    if tokenizer is not None:
+        ids = ("pad_token_id", "bos_token_id", "eos_token_id")
+        extra = {**{name: getattr(tokenizer, name) for name in ids}, **extra}
+    return config_class(
+        vocab_size=len(tokenizer) if vocab_size is None else vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads or num_attention_heads,
+        max_position_embeddings=64,
+        **extra,
+    )
+
+
 def default_model(tokenizer, seed: int = 0, tie_word_embeddings: bool = False):
     """A tiny randomly initialised Llama (2 layers, hidden 64): ~0.1 M parameters.
 
     ``tie_word_embeddings=True`` makes lm_head.weight the embedding (tests of tied heads).
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    config = tiny_config(tokenizer, tie_word_embeddings=tie_word_embeddings)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 

@@ -70,6 +70,9 @@ HELP = {
     "router_aux_loss_coef)",
     "lora_alpha": "LoRA α (default: 2 × --lora-rank)",
     "lora_dropout": "LoRA dropout",
+    "disable_dropout": "turn the model's own dropout off in the policy and reference, as TRL's "
+    "disable_dropout=True (every dropout module and the attention dropout); "
+    "--no-disable-dropout keeps the model config's rates; --lora-dropout applies either way",
     "lora_target_modules": "modules given adapters: all-linear (every linear layer but the "
     "lm_head) or comma-separated names, e.g. q_proj,v_proj",
     "report_to": "also send metrics to: none, tensorboard or wandb (offline unless WANDB_MODE "

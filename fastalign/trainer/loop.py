@@ -189,6 +189,8 @@ class Trainer(BatchLoss):
             )
         if self.is_default and resume is None and cfg.sft_warmup_steps > 0:
             self._sft_warmup()
+        if cfg.disable_dropout:  # before LoRA: an explicit --lora-dropout still applies
+            P.disable_dropout(self.model)
         if cfg.lora_rank > 0:
             self.model = P.with_lora(self.model, cfg, resume)
 
@@ -231,7 +233,14 @@ class Trainer(BatchLoss):
             backend=cfg.backend,
         )
 
+    def _needs_reference(self) -> bool:
+        """Whether the loss reads a reference policy (the loss table's verdict)."""
+        return self.spec.reference(self.config)
+
     def _setup_reference(self) -> None:
+        if not self._needs_reference():  # reference-free: no copy made, loaded or saved
+            self.reference, self.ref_model, self.ref_logps = R.Reference(), None, None
+            return
         record = self.resume_state["reference"] if self.resume_state else None
         splits = {"train": self.train_set}
         if self.test_set is not None:
@@ -243,6 +252,8 @@ class Trainer(BatchLoss):
         if self.ref_model is not None:
             self._place(self.ref_model)
             self.ref_model.eval().requires_grad_(False)
+            if self.config.disable_dropout:  # --ref-model or a reloaded copy: as the policy
+                P.disable_dropout(self.ref_model)
             self.ref_packed_attention = self._prepare_packing(self.ref_model)
 
     def _score(self, split) -> torch.Tensor:

@@ -42,6 +42,37 @@ def with_lora(model, config, resume: Path | None):
     return get_peft_model(model, lora_config(config))
 
 
+_DROPOUTS = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Dropout off in ``model``, as TRL's ``disable_dropout=True`` (its default) turns it off:
+    every dropout module's ``p`` set to 0; also the ``attention_dropout`` rate that Hugging
+    Face attention modules read in training mode (TRL's helper leaves that one on). Returns
+    how many dropout sites were on.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+        >>> disable_dropout(net), net[1].p
+        (1, 0.0)
+    """
+    turned_off = 0
+    for module in model.modules():
+        if isinstance(module, _DROPOUTS) and module.p > 0:
+            module.p, turned_off = 0.0, turned_off + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, turned_off = 0.0, turned_off + 1
+    return turned_off
+
+
 def save_base(peft_model, directory: Path, model_state: dict | None) -> None:
     """The base weights under a LoRA adapter (the embedded default's are SFT-warmed at the
     start, so they cannot be rebuilt from a name), with PEFT's key changes undone."""

@@ -98,6 +98,8 @@ def check_config(config) -> None:
             "KTO's mismatched pairs change with every microbatch: use --reference copy or "
             "peft (precomputed reference log-probs are for dpo/ipo)"
         )
+    if not spec.reference(config):
+        _check_no_reference(config)
     if config.reference == "peft" and config.lora_rank == 0:
         raise ValueError("--reference peft needs a LoRA adapter: pass --lora-rank > 0")
     if spec.mismatched_rows(config) and config.batch_size < 2:
@@ -116,6 +118,18 @@ def check_config(config) -> None:
     for name in ("model", "ref_model"):
         if getattr(config, name) is not None:
             check_model_path(getattr(config, name), flag(name))
+
+
+def _check_no_reference(config) -> None:
+    """A loss that reads no reference policy (simpo, orpo, cpo, typo; dpo with only
+    reference-free terms) refuses the flags that would choose one, instead of ignoring them."""
+    given = [f"--ref-model {config.ref_model}"] if config.ref_model is not None else []
+    given += [f"--reference {config.reference}"] if config.reference != "copy" else []
+    if given:
+        raise ValueError(
+            f"{given[0]} does not apply to --loss {config.loss} here: it reads no reference "
+            "policy (drop the flag)"
+        )
 
 
 def check_model_path(name: str, flag_name: str) -> None:
@@ -202,8 +216,10 @@ def check_file(path: Path, kind: str, text_columns: tuple[str, ...]) -> None:
         _check_row(row, present, kind, text_columns, f"{where}, {line}")
 
 
-def _jsonl_rows(text: str, where: str) -> list[tuple[str, dict]]:
-    rows = []
+def jsonl_objects(text: str, where: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of JSON Lines ``text``; a line that is
+    not a JSON object is a ``ValueError`` naming ``where`` (the file) and the line."""
+    objects = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -213,8 +229,12 @@ def _jsonl_rows(text: str, where: str) -> list[tuple[str, dict]]:
             raise ValueError(f"{where}, line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}, line {number}: expected a JSON object, got {row!r:.60}")
-        rows.append((f"line {number}", row))
-    return rows
+        objects.append((number, row))
+    return objects
+
+
+def _jsonl_rows(text: str, where: str) -> list[tuple[str, dict]]:
+    return [(f"line {number}", row) for number, row in jsonl_objects(text, where)]
 
 
 def _json_rows(text: str, where: str) -> list[tuple[str, dict]]:
