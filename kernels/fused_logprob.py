@@ -179,12 +179,14 @@ def _launch(
     """One persistent ``_fused_gemm_kernel`` launch over a vocab chunk, with the forward
     epilogue (``forward``: part maxima [P, R], part sums [P, R], target z₂ [R], written; with
     ``probs`` [R, C] the store path's ``exp2(z₂ − part max)·s`` too) or the dz one
-    (``backward``: lse [R], g [R], dz [R, C] written)."""
+    (``backward``: lse [R], g [R], dz [R, C] written). ``targets`` stands in for the
+    buffers the chosen epilogue does not touch."""
     cfg, t2 = tile_config(tma), _transform2(transform)
     num_rows, width = rows.shape[0], weight_chunk.shape[0]
     part_max, part_sum, target2 = forward if forward is not None else (targets,) * 3
-    lse, grad_logp, dz = backward if backward is not None else (targets, targets, probs)
-    out = targets if dz is None else _operand(dz, tma, [cfg.block_m, cfg.part_n])
+    lse, grad_logp, dz = backward if backward is not None else (targets, targets, None)
+    written = dz if backward is not None else probs  # [R, C] in the weight's dtype, or None
+    out = targets if written is None else _operand(written, tma, [cfg.block_m, cfg.part_n])
     K._fused_gemm_kernel[(_grid(num_rows, width, cfg, rows.device),)](
         rows=_operand(rows, tma, [cfg.block_m, cfg.block_k]),
         weight=_operand(weight_chunk, tma, [cfg.block_n, cfg.block_k]),
@@ -199,7 +201,7 @@ def _launch(
         lse_ptr=lse,
         grad_ptr=grad_logp,
         out=out,
-        stride_out=0 if dz is None else dz.stride(0),
+        stride_out=0 if written is None else written.stride(0),
         num_rows=num_rows,
         chunk_start=chunk_start,
         chunk_width=width,
