@@ -8,7 +8,10 @@ Parts: ``overhead`` times the fused forward and backward against a plain cuBLAS 
 same shape (bf16 and fp32 output: what the epilogue costs over the bare matrix product) and
 against the GEMM+fold backend; ``sweep`` does the same per tile configuration, after checking
 each against the GEMM+fold backend's values; ``profile`` is a torch.profiler per-kernel
-breakdown of one DPO step (policy + reference) under each backend. Writes
+breakdown of one DPO step (policy + reference; the store path) under each backend; ``store``
+times the store path's group step alone (kept forward, then ``dz`` and the three gradients)
+with the fused kernels against GEMM+fold, at ``STORE_ROWS`` rows (a 1 GiB fp32 group at
+V=128256, CUDA's default store budget). Writes
 ``fused_bench.json`` and ``fused_bench.md`` to ``--out``.
 
 Predicted before any run (H100, N=8192 stacked rows, H=1024, V=128256, bf16): the GEMM+fold
@@ -41,7 +44,8 @@ SWEEP = [
 ]
 # (stacked rows, hidden, vocab): DPO policy+reference at N=4096 (the DPO target shape), a wide H.
 SHAPES = [(8192, 1024, 128256), (8192, 4096, 128256)]
-PARTS = ("overhead", "sweep", "profile")
+PARTS = ("overhead", "sweep", "profile", "store")
+STORE_ROWS = 2048
 BF16_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16 datasheet figure
 DEVICE = "cuda"  # tests run the parts' logic on CPU through the Triton interpreter
 
@@ -101,13 +105,14 @@ def _with_kernel(kernel: str, fn):
 
 def _run_backend(kernel: str, problem: dict) -> dict:
     """One backend's forward and backward on ``problem``: outputs and median milliseconds."""
-    from fastalign._types import LogitTransform
+    from fastalign._types import ForwardRequest, LogitTransform
     from fastalign.kernels import logprob
 
     tokens, grad, transform = problem["tokens"], problem["grad"], LogitTransform()
 
     def forward():
-        return _with_kernel(kernel, lambda: logprob.forward([tokens], transform)[0])
+        request = ForwardRequest(tokens)
+        return _with_kernel(kernel, lambda: logprob.forward([request], transform)[0])
 
     logp, lse = forward()[:2]  # (logp, lse, expected, log_sum_sq)
 
@@ -149,7 +154,7 @@ def time_gemms(problem: dict) -> dict:
 def annotate(row: dict, rows: int, hidden: int, vocab: int) -> dict:
     """TFLOP/s and % of the bf16 peak on the FLOPs each timed thing executes."""
     gemm = 2.0 * rows * hidden * vocab
-    flops = {"forward": gemm, "backward": 3 * gemm, "cublas": gemm}
+    flops = {"forward": gemm, "backward": 3 * gemm, "cublas": gemm, "store": 3 * gemm}
     for key in [k for k in row if k.endswith("_ms")]:
         kind = next(k for k in flops if k in key)
         tflops = flops[kind] / (row[key] * 1e-3) / 1e12
@@ -165,6 +170,44 @@ def run_overhead(args) -> list[dict]:
         row = dict(part="overhead", rows=rows, hidden=hidden, vocab=vocab, inputs=args.inputs)
         row.update(time_gemms(problem))
         row.update(time_backends(problem))
+        out.append(annotate(row, rows, hidden, vocab))
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def time_store(problem: dict) -> dict:
+    """Milliseconds of the store path's group step (``group_logits`` + ``group_grads``), fused
+    and GEMM+fold, and the max differences between their logp and gradients."""
+    from fastalign._types import BackendGrads, LogitTransform
+    from fastalign.kernels import logprob
+
+    rows, weight, tokens, grad = (problem[k] for k in ("rows", "weight", "tokens", "grad"))
+    transform = LogitTransform()
+
+    def step():
+        group = logprob.group_logits(rows, tokens, transform)
+        acc = BackendGrads(rows, torch.zeros(weight.shape, device=weight.device), None)
+        grad_rows = logprob.group_grads(group, rows, tokens, transform, grad, acc)
+        return group.logp, grad_rows, acc.weight
+
+    out, results = {}, {}
+    for kernel in ("fused", "gemm_fold"):
+        results[kernel] = _with_kernel(kernel, step)
+        out[f"{kernel}_store_ms"] = _ms(lambda kernel=kernel: _with_kernel(kernel, step))
+    (logp, *grads), (base_logp, *base_grads) = results["fused"], results["gemm_fold"]
+    out["max_abs_logp_diff"] = float((logp - base_logp).abs().max())
+    for name, a, b in zip(("grad_rows", "grad_weight"), grads, base_grads):
+        out[f"{name}_rel_diff"] = float((a.float() - b.float()).abs().max() / b.float().abs().max())
+    return out
+
+
+def run_store(args) -> list[dict]:
+    out = []
+    for rows, hidden, vocab in args.shapes:
+        rows = min(rows, STORE_ROWS)
+        problem = make_problem(rows, hidden, vocab, args.inputs)
+        row = dict(part="store", rows=rows, hidden=hidden, vocab=vocab, inputs=args.inputs)
+        row.update(time_store(problem))
         out.append(annotate(row, rows, hidden, vocab))
         print(json.dumps(out[-1]), flush=True)
     return out
@@ -237,7 +280,7 @@ def markdown(rows: list[dict], args) -> str:
     )
     lines += ["", head, "|---" * 10 + "|"]
     for r in rows:
-        if r["part"] == "profile" or "error" in r:
+        if r["part"] in ("profile", "store") or "error" in r:
             continue
         lines.append(
             f"| {r['part']} | {r.get('config', '')} | {r['rows']}, {r['hidden']}, {r['vocab']} "
@@ -246,6 +289,19 @@ def markdown(rows: list[dict], args) -> str:
             f"| {r['gemm_fold_backward_ms']:.3f} | {r['fused_forward_pct_peak']} "
             f"| {r['max_abs_logp_diff']:.2e} |"
         )
+    store = [r for r in rows if r["part"] == "store"]
+    if store:
+        lines += ["", "Store path, one group (kept forward + dz + gradients):", ""]
+        lines += [
+            "| N, H, V | fused | gemm_fold | fused % peak | max abs Δlogp |",
+            "|---" * 5 + "|",
+        ]
+        lines += [
+            f"| {r['rows']}, {r['hidden']}, {r['vocab']} | {r['fused_store_ms']:.3f} "
+            f"| {r['gemm_fold_store_ms']:.3f} | {r['fused_store_pct_peak']} "
+            f"| {r['max_abs_logp_diff']:.2e} |"
+            for r in store
+        ]
     lines += [f"\nFailed: {r['config']}: {r['error']}" for r in rows if "error" in r]
     return "\n".join(lines) + "\n"
 
@@ -268,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_sweep(args)
     if "profile" in args.parts:
         rows += run_profile(args, args.out)
+    if "store" in args.parts:
+        rows += run_store(args)
     record = dict(device=_device_name(), inputs=args.inputs, rows=rows)
     record["versions"] = {"torch": torch.__version__, "triton": __import__("triton").__version__}
     (args.out / "fused_bench.json").write_text(json.dumps(record, indent=1))

@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_session.sh tests            # compiled Triton kernels + losses on CUDA,
 #                                                   # then again with the fused kernels selected
 #   bash benchmarks/gpu_session.sh fused [ARGS]     # fused-epilogue kernels: vs a cuBLAS GEMM of
-#                                                   # the same shape, tile sweep, profiler
-#                                                   # (python -m benchmarks.fused_bench ARGS)
+#                                                   # the same shape, tile sweep, profiler, and
+#                                                   # the store path's group step, fused vs
+#                                                   # GEMM+fold (python -m benchmarks.fused_bench)
 #   bash benchmarks/gpu_session.sh bench GRID [K]   # python -m benchmarks.run --grid GRID -k K;
 #                                                   # GRID gpu | scale, or gpu-peaked | scale-peaked
 #   bash benchmarks/gpu_session.sh memory           # memory model vs measured allocator peaks
@@ -53,8 +54,9 @@ tests() {
     python3 -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" tests/test_fused_epilogue.py \
         tests/test_fused_bench.py 2>&1 | tee "$OUT/tests.log"
     # The same API tests with the fused kernels behind the backend (16-bit weights take them).
+    # (test_losses_store.py: the store path, on the fused kernels' store variant.)
     FASTALIGN_CUDA_KERNEL=fused python3 -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
-        2>&1 | tee "$OUT/tests-fused.log"
+        tests/test_losses_store.py 2>&1 | tee "$OUT/tests-fused.log"
 }
 
 fused() {
@@ -86,7 +88,7 @@ case "${1:-}" in
         [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
         tests
         fused
-        fused --parts overhead --inputs peaked --out "$OUT/fused-peaked"
+        fused --parts overhead store --inputs peaked --out "$OUT/fused-peaked"
         for grid in gpu gpu-peaked scale scale-peaked; do bench "$grid"; done
         ;;
     pack)

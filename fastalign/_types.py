@@ -69,6 +69,14 @@ class TokenBatch:
         return self.hidden[tuple(i[start:stop] for i in self.index)]
 
 
+class ForwardRequest(NamedTuple):
+    """One stream's tokens for a backend's forward, and what else is asked of them."""
+
+    tokens: TokenBatch
+    expectation: bool = False  # E_t = softmax(z_t)·s·W (frozen lm_head: no recompute later)
+    log_sum_sq: bool = False  # log Σ_v p_tv² (WPO), from the same logits
+
+
 class BackendResult(NamedTuple):
     """A backend's forward for one stream; fp32 (fp64 for fp64 inputs)."""
 
@@ -87,11 +95,15 @@ class BackendGrads(NamedTuple):
 
 
 class GroupLogits(NamedTuple):
-    """One store-path group: its transformed logits, kept until its gradient is formed."""
+    """One store-path group: what its forward kept until its gradient is formed."""
 
-    logits: torch.Tensor  # [R, V] fp32, z after bias and transform
+    logits: torch.Tensor  # [R, V] what the backend keeps of the logits (see part_max)
     logp: torch.Tensor  # [R] fp32
     lse: torch.Tensor  # [R] fp32
+    # The fused-GEMM kernels' store path: base-2 max of each part_width-column part of the
+    # vocabulary [P, R] fp32, and ``logits`` holds exp2(z₂ − part max)·s in the weight's dtype.
+    part_max: torch.Tensor | None = None
+    part_width: int = 0
 
 
 class Backend(Protocol):
@@ -100,15 +112,12 @@ class Backend(Protocol):
 
     def forward(
         self,
-        batches: list[TokenBatch],
+        requests: list[ForwardRequest],
         transform: LogitTransform,
-        expectation: list[bool] | None = None,
         chunk_elements: int | None = None,
-        log_sum_sq: list[bool] | None = None,
     ) -> list[BackendResult]:
-        """Per batch, token log-probs and logsumexps (and ``E_t`` where ``expectation``);
-        ``chunk_elements``: a size hint for the logits tiles (None: the backend's own);
-        ``log_sum_sq``: ``log Σ_v p²`` per token where asked (WPO; the same logits)."""
+        """Per request, its tokens' log-probs and logsumexps (and what it asks for);
+        ``chunk_elements``: a size hint for the logits tiles (None: the backend's own)."""
 
     def backward(
         self,

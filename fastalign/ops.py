@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checks, torch_backend
-from ._types import Backend, LogitTransform, LogpOutput
+from ._types import Backend, ForwardRequest, LogitTransform, LogpOutput
 from .options import LogpOptions
 from .streams import (  # noqa: F401  (StreamInput, reference_stream: part of this module's API)
     REF_NAMES,
@@ -39,11 +39,6 @@ class _Plan:
     transform: LogitTransform
     backend: Backend
     chunk_elements: int | None = None  # logits tile hint for the backend's forward
-
-    @property
-    def extras(self) -> bool:
-        """Some stream asks the fold for ``log Σ p²`` (the backends' extra output)."""
-        return any(p.log_sum_sq for p in self.streams)
 
 
 @dataclass
@@ -143,13 +138,11 @@ class _FusedLogps(torch.autograd.Function):
             for i in range(len(plan.streams))
         ]
         streams = plan.streams
-        results = plan.backend.forward(
-            [p.tokens for p in streams],
-            plan.transform,
-            expectation,
-            plan.chunk_elements,
-            **({"log_sum_sq": [p.log_sum_sq for p in streams]} if plan.extras else {}),
-        )
+        requests = [
+            ForwardRequest(p.tokens, wants_e, p.log_sum_sq)
+            for p, wants_e in zip(streams, expectation)
+        ]
+        results = plan.backend.forward(requests, plan.transform, plan.chunk_elements)
         outputs = [_sums(r.logp, p) for p, r in zip(streams, results)]
         frozen = [out for p, out in zip(streams, outputs) if not p.differentiable]
         for p, r in zip(streams, results):  # extras: prefix sums, then log Σ p² sums

@@ -6,7 +6,9 @@ differentiable rows in groups of whole units whose ``[R, V]`` fp32 logits fit a 
 GEMM gives the logits, the fold gives each token's logsumexp and target logit, the group's
 sums give ``g`` (the loss's closed form, or autograd on its small unit-loss function),
 ``dz = g·(onehot − softmax)·s·mult`` is formed in place of the logits, and the rows'
-gradient and the lm_head's fp32 accumulators are filled. Backward only scales the stored
+gradient and the lm_head's fp32 accumulators are filled. (With the Triton backend's
+opt-in fused-GEMM kernels a group keeps ``exp2(z₂ − part max)·s`` in the weight's dtype
+instead of fp32 logits: ``kernels/fused_logprob.py``.) Backward only scales the stored
 gradients by ``grad_output`` (in place) and hands them to autograd: 6·N·H·V per policy token
 instead of the recompute path's 8. The gradients are returned from ``backward`` (DDP/FSDP
 hooks fire as usual); a second backward through the same loss raises.

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from ._types import BackendGrads, BackendResult, GroupLogits, LogitTransform, TokenBatch
+from ._types import (
+    BackendGrads,
+    BackendResult,
+    ForwardRequest,
+    GroupLogits,
+    LogitTransform,
+    TokenBatch,
+)
 from .tiles import TORCH_CHUNK_ELEMENTS as CHUNK_ELEMENTS  # noqa: F401 - re-exported
 from .tiles import chunk_rows
 
@@ -59,23 +66,20 @@ def _softmax_in_place(logits: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def forward(
-    batches: list[TokenBatch],
-    transform: LogitTransform,
-    expectation: list[bool] | None = None,
-    chunk_elements: int | None = None,
-    log_sum_sq: list[bool] | None = None,
+    requests: list[ForwardRequest], transform: LogitTransform, chunk_elements: int | None = None
 ) -> list[BackendResult]:
-    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M]
-    or None)``, fp32 (fp64 for fp64), in token chunks of ``chunk_elements`` logits (default
-    ``CHUNK_ELEMENTS``; the store path scores its no-grad streams in chunks as large as its
-    group budget). ``log_sum_sq[i]``: ``log Σ_v p_tv²`` of batch i (WPO), same logits.
+    """Per request, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq
+    [M] or None)``, fp32 (fp64 for fp64), in token chunks of ``chunk_elements`` logits
+    (default ``CHUNK_ELEMENTS``; the store path scores its no-grad streams in chunks as large
+    as its group budget). ``log_sum_sq``: ``log Σ_v p_tv²`` (WPO), same logits.
 
-    ``expectation[i]`` asks for batch i's ``E_t = Σ_v softmax(z_t)_v · s_tv · W_v`` (``s``
-    the softcap slope, 1 without softcap): with a frozen lm_head it turns the backward into
+    ``expectation`` asks for ``E_t = Σ_v softmax(z_t)_v · s_tv · W_v`` (``s`` the softcap
+    slope, 1 without softcap): with a frozen lm_head it turns the backward into
     ``grad_h_t = g_t · mult · (s_ty · W[y_t] − E_t)``, with no logits recomputed.
     """
     results = []
-    for i, tokens in enumerate(batches):
+    for request in requests:
+        tokens = request.tokens
         num_rows = tokens.num_rows
         device = tokens.hidden.device
         acc = accumulate_dtype(tokens.hidden.dtype)
@@ -83,9 +87,9 @@ def forward(
         logp = torch.empty(num_rows, dtype=acc, device=device)
         lse = torch.empty(num_rows, dtype=acc, device=device)
         expected = sq = None
-        if log_sum_sq is not None and log_sum_sq[i]:
+        if request.log_sum_sq:
             sq = torch.empty(num_rows, dtype=acc, device=device)
-        if expectation is not None and expectation[i]:
+        if request.expectation:
             expected = torch.empty(num_rows, weight.shape[1], dtype=acc, device=device)
         step = chunk_rows(weight.shape[0], chunk_elements or CHUNK_ELEMENTS)
         for start in range(0, num_rows, step):

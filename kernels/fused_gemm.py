@@ -13,13 +13,18 @@ Story in order:
    the TMA descriptors too, so both loaders are tested on CPU.
 3. ``_logits2``: the logit transform in base-2 units, ``z₂ = log2(e)·softcap(mult·(acc + b))``
    with ``log2(e)`` folded into the multiplier and the softcap's tanh written with ``exp2``.
-4. ``_lse_partials_kernel`` (forward epilogue): per (row, vocab tile) the max and the sum of
-   ``exp2(z₂ − max)``, and the target logit from the one tile that holds it; every value is
-   written by exactly one tile, so no atomics and no logits in HBM.
-   ``_merge_partials_kernel`` folds one vocab chunk's partials, tile by tile in a fixed
+4. ``_fused_gemm_kernel``: the persistent loop (tile order, mainloop, row targets), then the
+   epilogue on one column part of the tile at a time (``EPILOGUE_PARTS``). Forward
+   (``_partials``): per (row, part) the max and the sum of ``exp2(z₂ − max)``, and the
+   target logit from the one part that holds it; every value is written by exactly one
+   part, so no atomics and no logits in HBM. ``STORE`` (the store path's forward) also keeps
+   ``exp2(z₂ − part max)·s``, in ``[0, 1]``, in the weight's dtype. ``DZ`` (backward):
+   ``dz = g·(onehot − exp2(z₂ − lse₂))·s·mult`` in the weight's dtype. Tiles leave through
+   TMA stores (``_store_tile``) or masked pointer stores.
+5. ``_merge_partials_kernel`` folds one vocab chunk's partials, part by part in a fixed
    order, into each row's running (max, sum): deterministic.
-5. ``_dz_kernel`` (backward epilogue): the same mainloop over a vocab chunk, then
-   ``dz = g·(onehot − exp2(z₂ − lse₂))·s·mult`` in the weight's dtype, stored through TMA.
+6. ``_store_dz_kernel`` (store path, once ``g`` is known): ``dz`` in place of what ``STORE``
+   kept, ``p·s = kept·exp2(part max − lse₂)``; the target column from the fp32 log-prob.
 
 Ideas from QuACK's GEMM with an online-logsumexp epilogue (``lse_target_epi``, no stored
 logits; Dao-AILab/quack) and Triton's persistent TMA matmul tutorial (09-persistent-matmul);
@@ -112,37 +117,6 @@ def _logits2(
 
 
 @triton.jit
-def _tile_acc(
-    tile_id,
-    num_pid_m,
-    num_pid_n,
-    rows,
-    weight,
-    stride_rows,
-    stride_weight,
-    num_rows,
-    chunk_width,
-    hidden_size,
-    TMA: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """Where a tile sits and its product, shared by both kernels:
-    ``(pid_n, off_m, off_n, acc [BLOCK_M, BLOCK_N] fp32)``."""
-    pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    b_acc = _mainloop(
-        rows, weight, stride_rows, stride_weight, num_rows, chunk_width, hidden_size,
-        off_m, off_n, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
-    return pid_n, off_m, off_n, b_acc
-
-
-@triton.jit
 def _halves(b_acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The left and right ``[BLOCK_M, BLOCK_N // 2]`` halves of a tile (epilogue subtiling,
     as the persistent-matmul tutorial: fewer live registers per step)."""
@@ -150,32 +124,54 @@ def _halves(b_acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _lse_epilogue(
-    b_acc,  # fp32 [BLOCK_M, BLOCK_N] rows·Wᵀ of the columns [off_n, off_n + BLOCK_N)
-    off_n,
-    b_target,  # [BLOCK_M] target columns relative to the chunk
-    b_ptr,
-    has_bias,
-    chunk_width,
-    scale2,
-    cap2,
-    cap_k,
-    HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """``(max, Σ exp2(z₂ − max), z₂ of the target or 0)`` per row of the columns. The max is
-    floored at a finite −1e30 so that a block of padding columns adds exactly 0."""
-    o_n = off_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < chunk_width
-    b_z2 = _logits2(b_acc, b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
-    b_max = tl.maximum(tl.max(b_z2, axis=1), -1.0e30)
-    b_sum = tl.sum(tl.exp2(b_z2 - b_max[:, None]), axis=1)
-    b_tgt = tl.sum(tl.where(o_n[None, :] == b_target[:, None], b_z2, 0.0), axis=1)
-    return b_max, b_sum, b_tgt
+def _slope(b_z2, m_n, cap2):
+    """The softcap's slope ``∂z/∂u = 1 − (z/c)²`` (``z₂/cap₂ = z/c``); padding columns: 1."""
+    b_ratio = tl.where(m_n[None, :], b_z2, 0.0) / cap2
+    return 1.0 - b_ratio * b_ratio
 
 
 @triton.jit
-def _lse_partials_kernel(
+def _store_tile(out, stride_out, b_out, off_m, off_n, o_m, m_m, o_n, m_n, TMA: tl.constexpr):
+    """``b_out`` into ``out`` at ``[off_m, off_n]`` in out's dtype: one TMA store (the unit
+    clips rows and columns past the end) or masked pointer stores."""
+    if TMA:
+        out.store([off_m, off_n], b_out.to(out.dtype))
+    else:
+        p_out = out + o_m.to(tl.int64)[:, None] * stride_out + o_n[None, :]
+        tl.store(p_out, b_out.to(out.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _partials(
+    b_z2,  # fp32 [BLOCK_M, PART_N] z₂ of the columns o_n = [off_n, off_n + PART_N)
+    off_n,
+    o_m,
+    m_m,
+    o_n,
+    b_target,  # [BLOCK_M] target columns relative to the chunk
+    part_max_ptr,
+    part_sum_ptr,
+    tgt_ptr,
+    num_rows,
+    chunk_width,
+    PART_N: tl.constexpr,
+):
+    """Store the part's ``(max, Σ exp2(z₂ − max))`` per row and the target's z₂ where the part
+    holds it; returns ``exp2(z₂ − max)``. The max is floored at a finite −1e30 so that a
+    part of padding columns adds exactly 0."""
+    b_max = tl.maximum(tl.max(b_z2, axis=1), -1.0e30)
+    b_e = tl.exp2(b_z2 - b_max[:, None])
+    o_part = (off_n // PART_N).to(tl.int64) * num_rows + o_m
+    tl.store(part_max_ptr + o_part, b_max, mask=m_m)
+    tl.store(part_sum_ptr + o_part, tl.sum(b_e, axis=1), mask=m_m)
+    b_tgt = tl.sum(tl.where(o_n[None, :] == b_target[:, None], b_z2, 0.0), axis=1)
+    m_here = (b_target >= off_n) & (b_target < tl.minimum(off_n + PART_N, chunk_width))
+    tl.store(tgt_ptr + o_m, b_tgt, mask=m_m & m_here)
+    return b_e
+
+
+@triton.jit
+def _fused_gemm_kernel(
     rows,  # [R, H] descriptor or pointer (see _mainloop)
     weight,  # [C, H] descriptor or pointer
     stride_rows,
@@ -183,9 +179,13 @@ def _lse_partials_kernel(
     b_ptr,
     has_bias,
     targets_ptr,  # int64 [R] vocab ids
-    part_max_ptr,  # fp32 [T, R] out: per vocab tile of the chunk, the max of z₂
-    part_sum_ptr,  # fp32 [T, R] out: Σ exp2(z₂ − max) over the tile
-    tgt_ptr,  # fp32 [R] out: z₂ of the target, written by the tile that holds it
+    part_max_ptr,  # fp32 [P, R] out (forward): per epilogue part of the chunk, the max of z₂
+    part_sum_ptr,  # fp32 [P, R] out (forward): Σ exp2(z₂ − max) over the part
+    tgt_ptr,  # fp32 [R] out (forward): z₂ of the target, written by the part that holds it
+    lse_ptr,  # fp32 [R] (DZ) natural-log logsumexp of each row
+    grad_ptr,  # fp32 [R] (DZ) g, the upstream gradient of each row's logp
+    out,  # [R, C] out (DZ or STORE), weight's dtype: descriptor (block [BLOCK_M, part]) or pointer
+    stride_out,
     num_rows,
     chunk_start,  # vocab id of the chunk's first column
     chunk_width,
@@ -193,6 +193,9 @@ def _lse_partials_kernel(
     scale2,
     cap2,
     cap_k,
+    multiplier,
+    DZ: tl.constexpr,
+    STORE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     TMA: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -200,174 +203,127 @@ def _lse_partials_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    EPILOGUE_SPLIT: tl.constexpr,
+    EPILOGUE_PARTS: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):
-    """Persistent GEMM over (row tile, vocab tile) whose epilogue keeps only logsumexp
-    partials: ``8·BLOCK_M`` bytes per tile reach HBM instead of ``4·BLOCK_M·BLOCK_N``."""
+    """Persistent GEMM over (row tile, vocab tile) of one vocab chunk; the epilogue takes
+    ``EPILOGUE_PARTS`` (1 or 2) column parts of each tile in turn.
+
+    Forward: logsumexp partials per (row, part), ``8·BLOCK_M`` bytes per part instead of
+    ``4·BLOCK_M·BLOCK_N`` of logits; with ``STORE`` (the store path) also
+    ``exp2(z₂ − part max)·s`` into ``out``, in ``[0, 1]``. ``DZ``: ``dz = g·(onehot −
+    softmax(z))·s·mult`` into ``out``, ``s`` the softcap slope ``1 − (z/c)²``.
+    """
     num_pid_m = tl.cdiv(num_rows, BLOCK_M)
     num_pid_n = tl.cdiv(chunk_width, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_n, off_m, off_n, b_acc = _tile_acc(
-            tile_id, num_pid_m, num_pid_n, rows, weight, stride_rows, stride_weight, num_rows,
-            chunk_width, hidden_size, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        b_acc = _mainloop(
+            rows, weight, stride_rows, stride_weight, num_rows, chunk_width, hidden_size,
+            off_m, pid_n * BLOCK_N, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         o_m = off_m + tl.arange(0, BLOCK_M)
         m_m = o_m < num_rows
         b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
-        if EPILOGUE_SPLIT:
-            b_left, b_right = _halves(b_acc, BLOCK_M, BLOCK_N)
-            b_max, b_sum, b_tgt = _lse_epilogue(
-                b_left, off_n, b_target, b_ptr, has_bias, chunk_width, scale2, cap2, cap_k,
-                HAS_SOFTCAP, BLOCK_N // 2,
-            )  # fmt: skip
-            b_max_r, b_sum_r, b_tgt_r = _lse_epilogue(
-                b_right, off_n + BLOCK_N // 2, b_target, b_ptr, has_bias, chunk_width, scale2,
-                cap2, cap_k, HAS_SOFTCAP, BLOCK_N // 2,
-            )  # fmt: skip
-            b_new = tl.maximum(b_max, b_max_r)
-            b_sum = b_sum * tl.exp2(b_max - b_new) + b_sum_r * tl.exp2(b_max_r - b_new)
-            b_max = b_new
-            b_tgt += b_tgt_r
+        if DZ:
+            b_lse2 = tl.load(lse_ptr + o_m, mask=m_m, other=0.0) * 1.4426950408889634
+            b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
+        if EPILOGUE_PARTS == 2:
+            b_parts = _halves(b_acc, BLOCK_M, BLOCK_N)
         else:
-            b_max, b_sum, b_tgt = _lse_epilogue(
-                b_acc, off_n, b_target, b_ptr, has_bias, chunk_width, scale2, cap2, cap_k,
-                HAS_SOFTCAP, BLOCK_N,
-            )  # fmt: skip
-        o_part = pid_n.to(tl.int64) * num_rows + o_m
-        tl.store(part_max_ptr + o_part, b_max, mask=m_m)
-        tl.store(part_sum_ptr + o_part, b_sum, mask=m_m)
-        m_here = (b_target >= off_n) & (b_target < tl.minimum(off_n + BLOCK_N, chunk_width))
-        tl.store(tgt_ptr + o_m, b_tgt, mask=m_m & m_here)
+            b_parts = (b_acc,)
+        for i in tl.static_range(EPILOGUE_PARTS):
+            off_n = pid_n * BLOCK_N + i * (BLOCK_N // EPILOGUE_PARTS)
+            o_n = off_n + tl.arange(0, BLOCK_N // EPILOGUE_PARTS)
+            m_n = o_n < chunk_width
+            b_z2 = _logits2(b_parts[i], b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
+            if DZ:
+                b_out = b_g[:, None] * (
+                    (o_n[None, :] == b_target[:, None]).to(tl.float32)
+                    - tl.exp2(b_z2 - b_lse2[:, None])
+                )
+            else:
+                b_out = _partials(
+                    b_z2, off_n, o_m, m_m, o_n, b_target, part_max_ptr, part_sum_ptr, tgt_ptr,
+                    num_rows, chunk_width, BLOCK_N // EPILOGUE_PARTS,
+                )  # fmt: skip
+            if HAS_SOFTCAP and (DZ or STORE):
+                b_out = b_out * _slope(b_z2, m_n, cap2)
+            if DZ:
+                b_out = b_out * multiplier
+            if DZ or STORE:
+                _store_tile(out, stride_out, b_out, off_m, off_n, o_m, m_m, o_n, m_n, TMA)
 
 
 @triton.jit
 def _merge_partials_kernel(
-    part_max_ptr,  # fp32 [T, R] a chunk's per-tile maxima (base 2)
-    part_sum_ptr,  # fp32 [T, R] per-tile sums of exp2(z₂ − max)
+    part_max_ptr,  # fp32 [P, R] a chunk's per-part maxima (base 2)
+    part_sum_ptr,  # fp32 [P, R] per-part sums of exp2(z₂ − max)
     max_ptr,  # fp32 [R] running max, updated in place
     sum_ptr,  # fp32 [R] running sum of exp2(z₂ − running max), updated in place
     num_rows,
-    num_tiles,
+    num_parts,
     BLOCK_R: tl.constexpr,
 ):
-    """Fold a chunk's partials into the running statistics, tile 0 first: fixed order."""
+    """Fold a chunk's partials into the running statistics, part 0 first: fixed order."""
     o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     m_r = o_r < num_rows
     b_max = tl.load(max_ptr + o_r, mask=m_r, other=0.0)
     b_sum = tl.load(sum_ptr + o_r, mask=m_r, other=0.0)
-    for t in range(0, num_tiles):
+    for t in range(0, num_parts):
         o_part = t * num_rows.to(tl.int64) + o_r
-        b_tile_max = tl.load(part_max_ptr + o_part, mask=m_r, other=0.0)
-        b_tile_sum = tl.load(part_sum_ptr + o_part, mask=m_r, other=0.0)
-        b_new = tl.maximum(b_max, b_tile_max)
-        b_sum = b_sum * tl.exp2(b_max - b_new) + b_tile_sum * tl.exp2(b_tile_max - b_new)
+        b_part_max = tl.load(part_max_ptr + o_part, mask=m_r, other=0.0)
+        b_part_sum = tl.load(part_sum_ptr + o_part, mask=m_r, other=0.0)
+        b_new = tl.maximum(b_max, b_part_max)
+        b_sum = b_sum * tl.exp2(b_max - b_new) + b_part_sum * tl.exp2(b_part_max - b_new)
         b_max = b_new
     tl.store(max_ptr + o_r, b_max, mask=m_r)
     tl.store(sum_ptr + o_r, b_sum, mask=m_r)
 
 
 @triton.jit
-def _dz_epilogue(
-    b_acc,  # fp32 [BLOCK_M, BLOCK_N] rows·Wᵀ of the columns [off_n, off_n + BLOCK_N)
-    off_m,
-    off_n,
-    m_m,  # [BLOCK_M] valid rows
-    b_target,  # [BLOCK_M] target columns relative to the chunk
-    b_lse2,  # [BLOCK_M] base-2 logsumexp
-    b_g,  # [BLOCK_M] upstream gradient
-    b_ptr,
-    has_bias,
-    dz,
-    stride_dz,
-    chunk_width,
-    scale2,
-    cap2,
-    cap_k,
-    multiplier,
-    HAS_SOFTCAP: tl.constexpr,
-    TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Store ``dz = g·(onehot − exp2(z₂ − lse₂))·s·mult`` for the columns, in dz's dtype."""
-    o_n = off_n + tl.arange(0, BLOCK_N)
-    m_n = o_n < chunk_width
-    b_z2 = _logits2(b_acc, b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
-    b_onehot = (o_n[None, :] == b_target[:, None]).to(tl.float32)
-    b_dz = b_g[:, None] * (b_onehot - tl.exp2(b_z2 - b_lse2[:, None]))
-    if HAS_SOFTCAP:
-        b_ratio = tl.where(m_n[None, :], b_z2, 0.0) / cap2
-        b_dz = b_dz * (1.0 - b_ratio * b_ratio)
-    b_dz = b_dz * multiplier
-    if TMA:
-        dz.store([off_m, off_n], b_dz.to(dz.dtype))
-    else:
-        o_m = off_m + tl.arange(0, BLOCK_M)
-        p_dz = dz + o_m.to(tl.int64)[:, None] * stride_dz + o_n[None, :]
-        tl.store(p_dz, b_dz.to(dz.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
-
-
-@triton.jit
-def _dz_kernel(
-    rows,  # [R, H] descriptor or pointer (see _mainloop)
-    weight,  # [C, H] descriptor or pointer
-    stride_rows,
-    stride_weight,
-    b_ptr,
-    has_bias,
-    targets_ptr,  # int64 [R] vocab ids
-    lse_ptr,  # fp32 [R] natural-log logsumexp of each row
-    grad_ptr,  # fp32 [R] g, the upstream gradient of each row's logp
-    dz,  # [R, C] out, the weight's dtype: descriptor (block [BLOCK_M, BLOCK_N / split]) or pointer
-    stride_dz,
+def _store_dz_kernel(
+    probs_ptr,  # [R, V] weight's dtype: exp2(z₂ − part max)·s in, dz out (in place)
+    stride_probs,
+    part_max_ptr,  # fp32 [P, R] base-2 max of each PART_N-column part of the vocabulary
+    targets_ptr,  # int64 [R]
+    lse_ptr,  # fp32 [R] natural-log logsumexp
+    logp_ptr,  # fp32 [R] log-prob of the target
+    grad_ptr,  # fp32 [R] g
     num_rows,
-    chunk_start,
-    chunk_width,
-    hidden_size,
-    scale2,
-    cap2,
-    cap_k,
+    vocab_size,
+    softcap,
     multiplier,
     HAS_SOFTCAP: tl.constexpr,
-    TMA: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    PART_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EPILOGUE_SPLIT: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """``dz = g·(onehot − softmax(z))·s·mult`` for a vocab chunk, ``s`` the softcap slope
-    ``1 − (z/c)²``; the logits are recomputed in registers and never stored."""
-    num_pid_m = tl.cdiv(num_rows, BLOCK_M)
-    num_pid_n = tl.cdiv(chunk_width, BLOCK_N)
-    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
-        pid_n, off_m, off_n, b_acc = _tile_acc(
-            tile_id, num_pid_m, num_pid_n, rows, weight, stride_rows, stride_weight, num_rows,
-            chunk_width, hidden_size, TMA, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-        )  # fmt: skip
-        o_m = off_m + tl.arange(0, BLOCK_M)
-        m_m = o_m < num_rows
-        b_lse2 = tl.load(lse_ptr + o_m, mask=m_m, other=0.0) * 1.4426950408889634
-        b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
-        b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
-        if EPILOGUE_SPLIT:
-            b_left, b_right = _halves(b_acc, BLOCK_M, BLOCK_N)
-            _dz_epilogue(
-                b_left, off_m, off_n, m_m, b_target, b_lse2, b_g, b_ptr, has_bias, dz,
-                stride_dz, chunk_width, scale2, cap2, cap_k, multiplier, HAS_SOFTCAP, TMA,
-                BLOCK_M, BLOCK_N // 2,
-            )  # fmt: skip
-            _dz_epilogue(
-                b_right, off_m, off_n + BLOCK_N // 2, m_m, b_target, b_lse2, b_g, b_ptr,
-                has_bias, dz, stride_dz, chunk_width, scale2, cap2, cap_k, multiplier,
-                HAS_SOFTCAP, TMA, BLOCK_M, BLOCK_N // 2,
-            )  # fmt: skip
-        else:
-            _dz_epilogue(
-                b_acc, off_m, off_n, m_m, b_target, b_lse2, b_g, b_ptr, has_bias, dz, stride_dz,
-                chunk_width, scale2, cap2, cap_k, multiplier, HAS_SOFTCAP, TMA, BLOCK_M,
-                BLOCK_N,
-            )  # fmt: skip
+    """The store path's ``dz = g·(onehot − p)·s·mult`` in place of what the forward kept.
+
+    Off the target ``p·s = kept·exp2(part max − lse₂)``, a product: one more rounding to the
+    weight's dtype than ``dz`` itself. At the target ``g·s_y·(1 − p_y)·mult`` comes from the
+    fp32 ``logp`` (``z_y = logp + lse``), so ``1 − p_y`` cancels nothing that was rounded.
+    """
+    o_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < num_rows
+    b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1)
+    b_lse = tl.load(lse_ptr + o_m, mask=m_m, other=0.0)
+    b_logp = tl.load(logp_ptr + o_m, mask=m_m, other=0.0)
+    b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0) * multiplier
+    b_dz_target = b_g * (1.0 - tl.exp(b_logp))
+    if HAS_SOFTCAP:
+        b_ratio = (b_logp + b_lse) / softcap
+        b_dz_target = b_dz_target * (1.0 - b_ratio * b_ratio)
+    b_lse2 = b_lse * 1.4426950408889634
+    for v0 in range(0, vocab_size, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        m_tile = m_m[:, None] & (o_v < vocab_size)[None, :]
+        p_probs = probs_ptr + o_m.to(tl.int64)[:, None] * stride_probs + o_v[None, :]
+        b_kept = tl.load(p_probs, mask=m_tile, other=0.0).to(tl.float32)
+        o_part = (o_v // PART_N).to(tl.int64)[None, :] * num_rows + o_m[:, None]
+        b_part_max = tl.load(part_max_ptr + o_part, mask=m_tile, other=0.0)
+        b_dz = -b_g[:, None] * (b_kept * tl.exp2(b_part_max - b_lse2[:, None]))
+        b_dz = tl.where(o_v[None, :] == b_target[:, None], b_dz_target[:, None], b_dz)
+        tl.store(p_probs, b_dz.to(probs_ptr.dtype.element_ty), mask=m_tile)

@@ -9,12 +9,21 @@ Story in order:
    forward must materialise ``softmax·s`` per chunk for the ``E_t`` GEMM anyway.
 2. ``forward_group``: the stacked rows of every stream sharing the lm_head, in vocab chunks
    whose logsumexp partials fit ``PARTIAL_ELEMENTS``: one persistent GEMM launch writes a
-   chunk's per-tile partials and target logits, one small launch merges them in order.
-3. ``dz_chunk``: one vocab chunk's ``dz`` in the weight's dtype from the saved logsumexp —
-   also the entry point for a loss-level path that knows ``g`` after its forward (the store
-   path, fastalign.store, can call it per group instead of the GEMM + in-place dz kernel).
-4. ``backward``: per vocab chunk, ``dz_chunk`` then cuBLAS ``grad_rows += dz·W_c`` (fp32) and
-   ``grad_W[c] = dzᵀ·h``, as the GEMM+fold backend does. Deterministic: no atomics.
+   chunk's per-part partials and target logits, one small launch merges them in order.
+3. ``dz_chunk`` / ``dz_chunks``: one vocab chunk's ``dz`` in the weight's dtype from the
+   saved logsumexp; ``logprob.backward`` takes them per chunk in place of its GEMM + dz
+   kernel and runs the same cuBLAS ``grad_rows += dz·W_c`` (fp32) and ``grad_W[c] = dzᵀ·h``.
+   Deterministic: no atomics.
+4. ``group_logits`` / ``group_dz`` (the store path, ``fastalign.store``, through
+   ``logprob_store``): per group ONE launch over the whole vocabulary writes the partials,
+   the target logits and ``exp2(z₂ − part max)·s`` in the weight's dtype (no fp32 logits:
+   half the GEMM+fold store path's buffer, and no fold pass); once the loss gives ``g``,
+   ``_store_dz_kernel`` turns that into ``dz`` in place. Not ``dz`` straight from the forward
+   epilogue: ``g`` of a row depends on the logsumexp of every token of its gradient unit,
+   which no tile knows before the whole group's GEMM is done. Exactness: ``p·s`` off the
+   target goes through the weight's dtype once before ``dz`` is rounded to it (two roundings,
+   ≤ 2 units of roundoff, vs one on the recompute path); the target column is formed from
+   the fp32 log-prob, so ``1 − p_y`` cancels nothing rounded.
 
 FLOPs as the GEMM+fold backend (2HV forward, 6HV backward per scored token); HBM traffic
 per token drops by ``8·V`` bytes forward (no fp32 logits written and read back) and by
@@ -30,9 +39,9 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .._types import LogitTransform, TokenBatch
+from .._types import GroupLogits, LogitTransform, TokenBatch
 from . import fused_gemm as K
-from .logprob import _NEG_BIG, INTERPRET, _chunk_width, _mm_fp32
+from .logprob import _NEG_BIG, INTERPRET, _chunk_width, _fold_blocks
 
 KERNELS = ("gemm_fold", "fused")
 # How the mainloop loads tiles: "auto" (TMA descriptors where the hardware and the
@@ -52,14 +61,6 @@ class FusedForward(NamedTuple):
     expected: None  # the fused kernels never take a frozen lm_head
 
 
-class FusedGrads(NamedTuple):
-    """Gradients of ``Σ_t g_t · logp_t``; ``None`` where not asked for."""
-
-    rows: torch.Tensor | None  # [M, H] fp32
-    weight: torch.Tensor | None  # [V, H] the weight's dtype
-    bias: torch.Tensor | None  # [V] fp32
-
-
 class TileConfig(NamedTuple):
     """Tile shape and launch options of both fused kernels."""
 
@@ -71,14 +72,25 @@ class TileConfig(NamedTuple):
     num_stages: int
     epilogue_split: bool = False  # the epilogue in two column halves (fewer live registers)
 
+    @property
+    def parts(self) -> int:
+        """Column parts of a tile the epilogue handles one at a time."""
+        return 2 if self.epilogue_split else 1
+
+    @property
+    def part_n(self) -> int:
+        """Columns of one epilogue part: the unit of the forward's logsumexp partials."""
+        return self.block_n // self.parts
+
 
 # 128×256×64 tiles, GROUP_M 8, 8 warps, 3 stages (the persistent-matmul tutorial's Hopper
 # choice) with the epilogue in two column halves: no register spills in either kernel (ptxas
 # for sm_90a, checked by tests/test_triton_compile.py); without the split the dz epilogue
 # spills ~700 B at these tiles. benchmarks/fused_bench.py sweeps others; unmeasured so far.
 GPU_CONFIG = TileConfig(128, 256, 64, 8, 8, 3, True)
-# The pointer-load fall-back (unaligned rows, no TMA): 128×128×32, 2 stages, no spills.
-POINTER_CONFIG = TileConfig(128, 128, 32, 8, 8, 2, True)
+# The pointer-load fall-back (unaligned rows, no TMA): 128×64×32, 2 stages, no spills in any
+# epilogue (at 128×128 the store path's forward epilogue spills 144 B).
+POINTER_CONFIG = TileConfig(128, 64, 32, 8, 8, 2, True)
 INTERPRET_CONFIG = TileConfig(16, 32, 16, 2, 1, 1)
 
 
@@ -152,34 +164,63 @@ def _transform2(transform: LogitTransform) -> _Transform2:
     )
 
 
-def _launch_args(
+def _launch(
     rows: torch.Tensor,  # [R, H]
-    weight: torch.Tensor,  # [C, H]
-    tma: bool,
+    weight_chunk: torch.Tensor,  # [C, H] lm_head rows [chunk_start, chunk_start + C)
+    bias_chunk: torch.Tensor | None,  # [C]
+    targets: torch.Tensor,  # int64 [R]
+    chunk_start: int,
     transform: LogitTransform,
-) -> dict:
-    """Keyword arguments shared by both kernels: GEMM operands, transform, tiles, grid size."""
+    tma: bool,
+    forward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    backward: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    probs: torch.Tensor | None = None,
+) -> None:
+    """One persistent ``_fused_gemm_kernel`` launch over a vocab chunk, with the forward
+    epilogue (``forward``: part maxima [P, R], part sums [P, R], target z₂ [R], written; with
+    ``probs`` [R, C] the store path's ``exp2(z₂ − part max)·s`` too) or the dz one
+    (``backward``: lse [R], g [R], dz [R, C] written). ``targets`` stands in for the
+    buffers the chosen epilogue does not touch."""
     cfg, t2 = tile_config(tma), _transform2(transform)
-    return dict(
+    num_rows, width = rows.shape[0], weight_chunk.shape[0]
+    part_max, part_sum, target2 = forward if forward is not None else (targets,) * 3
+    lse, grad_logp, dz = backward if backward is not None else (targets, targets, None)
+    written = dz if backward is not None else probs  # [R, C] in the weight's dtype, or None
+    out = targets if written is None else _operand(written, tma, [cfg.block_m, cfg.part_n])
+    K._fused_gemm_kernel[(_grid(num_rows, width, cfg, rows.device),)](
+        rows=_operand(rows, tma, [cfg.block_m, cfg.block_k]),
+        weight=_operand(weight_chunk, tma, [cfg.block_n, cfg.block_k]),
+        stride_rows=rows.stride(0),
+        stride_weight=weight_chunk.stride(0),
+        b_ptr=weight_chunk if bias_chunk is None else bias_chunk,
+        has_bias=int(bias_chunk is not None),
+        targets_ptr=targets,
+        part_max_ptr=part_max,
+        part_sum_ptr=part_sum,
+        tgt_ptr=target2,
+        lse_ptr=lse,
+        grad_ptr=grad_logp,
+        out=out,
+        stride_out=0 if written is None else written.stride(0),
+        num_rows=num_rows,
+        chunk_start=chunk_start,
+        chunk_width=width,
+        hidden_size=rows.shape[1],
         scale2=t2.scale2,
         cap2=t2.cap2,
         cap_k=t2.cap_k,
+        multiplier=transform.multiplier,
+        DZ=backward is not None,
+        STORE=probs is not None,
         HAS_SOFTCAP=t2.has_softcap,
-        NUM_PROGRAMS=_num_programs(rows.device),
-        rows=_operand(rows, tma, [cfg.block_m, cfg.block_k]),
-        weight=_operand(weight, tma, [cfg.block_n, cfg.block_k]),
-        stride_rows=rows.stride(0),
-        stride_weight=weight.stride(0),
-        num_rows=rows.shape[0],
-        chunk_width=weight.shape[0],
-        hidden_size=rows.shape[1],
         TMA=tma,
         DOT_FP32=INTERPRET,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
-        EPILOGUE_SPLIT=cfg.epilogue_split,
+        EPILOGUE_PARTS=cfg.parts,
+        NUM_PROGRAMS=_num_programs(rows.device),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -190,52 +231,119 @@ def _grid(num_rows: int, width: int, cfg: TileConfig, device: torch.device) -> i
     return min(_num_programs(device), tiles)
 
 
+def forward_chunk_width(num_rows: int, vocab_size: int, cfg: TileConfig) -> int:
+    """Vocab columns per forward launch: whole tiles whose partials, ``[parts, R]`` fp32
+    twice, hold about ``PARTIAL_ELEMENTS`` each."""
+    tiles = max(1, PARTIAL_ELEMENTS // (num_rows * cfg.parts))
+    return min(tiles, triton.cdiv(vocab_size, cfg.block_n)) * cfg.block_n
+
+
 def forward_group(parts: list[TokenBatch], transform: LogitTransform) -> FusedForward:
     """``(logp [R], lse [R], None)`` fp32 over the stacked rows of streams sharing an lm_head."""
-    weight, bias = parts[0].weight, parts[0].bias
+    weight = parts[0].weight
     gathered = [p.rows(0, p.num_rows) for p in parts]
     rows = (gathered[0] if len(gathered) == 1 else torch.cat(gathered)).contiguous()  # [R, H]
     del gathered
     targets = torch.cat([p.targets for p in parts]).long().contiguous()  # [R]
+    tma = _use_tma(rows, weight)  # chunks start on whole tiles: each as aligned as the head
+    width = forward_chunk_width(rows.shape[0], weight.shape[0], tile_config(tma))
+    stats = _forward(rows, weight, parts[0].bias, targets, transform, tma, width)
+    return FusedForward(stats.logp, stats.lse, None)
+
+
+class _ForwardStats(NamedTuple):
+    logp: torch.Tensor  # [R] fp32
+    lse: torch.Tensor  # [R] fp32
+    part_max: torch.Tensor  # [P, R] fp32 base-2 max of each epilogue part of the last chunk
+
+
+def _forward(
+    rows: torch.Tensor,  # [R, H] contiguous
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # int64 [R]
+    transform: LogitTransform,
+    tma: bool,
+    width: int,  # vocab columns per launch, whole tiles
+    probs: torch.Tensor | None = None,  # [R, V] out (store path): exp2(z₂ − part max)·s
+) -> _ForwardStats:
+    """Per vocab chunk one GEMM launch writes the partials, one small launch merges them."""
     num_rows, device = rows.shape[0], weight.device
+    cfg = tile_config(tma)
     running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
     running_sum = torch.zeros(num_rows, dtype=torch.float32, device=device)
     target2 = torch.empty(num_rows, dtype=torch.float32, device=device)
-    if num_rows == 0:
-        return FusedForward(running_sum, running_sum, None)
-    tma = _use_tma(rows, weight)  # chunks start on whole tiles: each as aligned as the head
-    cfg = tile_config(tma)
-    tiles_per_chunk = min(
-        max(1, PARTIAL_ELEMENTS // num_rows), triton.cdiv(weight.shape[0], cfg.block_n)
-    )
-    width = tiles_per_chunk * cfg.block_n
-    part_max = torch.empty(tiles_per_chunk, num_rows, dtype=torch.float32, device=device)
+    part_max = torch.empty(width // cfg.part_n, num_rows, dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
     block_r = 16 if INTERPRET else 256
-    for start in range(0, weight.shape[0], width):
+    for start in range(0, weight.shape[0] if num_rows else 0, width):
         stop = min(start + width, weight.shape[0])
-        chunk = weight[start:stop]  # [C, H]
-        K._lse_partials_kernel[(_grid(num_rows, stop - start, cfg, device),)](
-            **_launch_args(rows, chunk, tma, transform),
-            b_ptr=weight if bias is None else bias[start:stop],
-            has_bias=int(bias is not None),
-            targets_ptr=targets,
-            part_max_ptr=part_max,
-            part_sum_ptr=part_sum,
-            tgt_ptr=target2,
-            chunk_start=start,
-        )
+        chunk_bias = None if bias is None else bias[start:stop]
+        chunk_probs = None if probs is None else probs[:, start:stop]
+        _launch(
+            rows, weight[start:stop], chunk_bias, targets, start, transform, tma,
+            (part_max, part_sum, target2), probs=chunk_probs,
+        )  # fmt: skip
         K._merge_partials_kernel[(triton.cdiv(num_rows, block_r),)](
             part_max_ptr=part_max,
             part_sum_ptr=part_sum,
             max_ptr=running_max,
             sum_ptr=running_sum,
             num_rows=num_rows,
-            num_tiles=triton.cdiv(stop - start, cfg.block_n),
+            num_parts=triton.cdiv(stop - start, cfg.part_n),
             BLOCK_R=block_r,
         )
     lse2 = running_max + torch.log2(running_sum)
-    return FusedForward((target2 - lse2) * math.log(2.0), lse2 * math.log(2.0), None)
+    return _ForwardStats((target2 - lse2) * math.log(2.0), lse2 * math.log(2.0), part_max)
+
+
+def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> GroupLogits:
+    """Store path, fused: ONE persistent GEMM launch over the whole vocabulary writes the
+    group's logsumexp partials, its target logits and ``exp2(z₂ − part max)·s`` (in ``[0, 1]``:
+    the weight's dtype keeps its full relative precision) into an ``[R, V]`` buffer in the
+    weight's dtype, which ``group_dz`` turns into ``dz`` in place once ``g`` is known. No fp32
+    logits: half the memory of the GEMM+fold store path's buffer, and no fold pass."""
+    weight = tokens.weight
+    rows = rows.contiguous()  # [R, H]
+    num_rows, vocab_size = rows.shape[0], weight.shape[0]
+    probs = dz_buffer(num_rows, vocab_size, weight)[:, :vocab_size]  # [R, V]
+    tma = _use_tma(rows, weight, probs)
+    cfg = tile_config(tma)
+    width = triton.cdiv(vocab_size, cfg.block_n) * cfg.block_n  # the whole vocabulary
+    targets = tokens.targets.long().contiguous()
+    stats = _forward(rows, weight, tokens.bias, targets, transform, tma, width, probs)
+    return GroupLogits(probs, stats.logp, stats.lse, stats.part_max, cfg.part_n)
+
+
+def group_dz(
+    group: GroupLogits,  # from group_logits
+    tokens: TokenBatch,
+    transform: LogitTransform,
+    grad_logp: torch.Tensor,  # [R] fp32
+) -> torch.Tensor:
+    """``dz [R, V]`` in the weight's dtype, in place of ``group.logits`` (one row-wise launch
+    of ``_store_dz_kernel``)."""
+    probs = group.logits
+    num_rows, vocab_size = probs.shape
+    if num_rows:
+        blocks = _fold_blocks()
+        K._store_dz_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
+            probs_ptr=probs,
+            stride_probs=probs.stride(0),
+            part_max_ptr=group.part_max,
+            targets_ptr=tokens.targets.long().contiguous(),
+            lse_ptr=group.lse.float().contiguous(),
+            logp_ptr=group.logp.float().contiguous(),
+            grad_ptr=grad_logp.float().contiguous(),
+            num_rows=num_rows,
+            vocab_size=vocab_size,
+            softcap=transform.softcap or 1.0,
+            multiplier=transform.multiplier,
+            HAS_SOFTCAP=transform.softcap is not None,
+            PART_N=group.part_width,
+            **blocks,
+        )
+    return probs
 
 
 def dz_buffer(num_rows: int, width: int, weight: torch.Tensor) -> torch.Tensor:
@@ -265,59 +373,31 @@ def dz_chunk(
         buf = dz_buffer(rows.shape[0], 4096, weight)
         dz = dz_chunk(rows, weight[:4096], None, targets, 0, lse, g, LogitTransform(), buf)
     """
-    num_rows, width = rows.shape[0], weight_chunk.shape[0]
-    dz = buffer[:, :width]
+    dz = buffer[:, : weight_chunk.shape[0]]
     tma = _use_tma(rows, weight_chunk, dz)
-    cfg = tile_config(tma)
-    K._dz_kernel[(_grid(num_rows, width, cfg, rows.device),)](
-        **_launch_args(rows, weight_chunk, tma, transform),
-        b_ptr=weight_chunk if bias_chunk is None else bias_chunk,
-        has_bias=int(bias_chunk is not None),
-        targets_ptr=targets,
-        lse_ptr=lse,
-        grad_ptr=grad_logp,
-        dz=_operand(dz, tma, [cfg.block_m, cfg.block_n // (2 if cfg.epilogue_split else 1)]),
-        stride_dz=dz.stride(0),
-        chunk_start=chunk_start,
-        multiplier=transform.multiplier,
-    )
+    grads = (lse, grad_logp, dz)
+    _launch(rows, weight_chunk, bias_chunk, targets, chunk_start, transform, tma, backward=grads)
     return dz
 
 
-def backward(
-    tokens: TokenBatch,
+def dz_chunks(
+    rows: torch.Tensor,  # [M, H] the weight's dtype
+    weight: torch.Tensor,  # [V, H]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # int64 [M]
+    lse: torch.Tensor,  # fp32 [M]
+    grad_logp: torch.Tensor,  # fp32 [M]
     transform: LogitTransform,
-    lse: torch.Tensor,  # [M] fp32
-    grad_logp: torch.Tensor,  # [M] fp32
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> FusedGrads:
-    """``(grad_rows [M, H] fp32, grad_weight [V, H], grad_bias [V] fp32)``, as
-    ``logprob.backward`` but with each chunk's ``dz`` from ``dz_chunk`` (no logits in HBM)."""
-    weight, bias = tokens.weight, tokens.bias
-    vocab_size, hidden_size = weight.shape
-    num_rows, device = tokens.num_rows, weight.device
-    rows = tokens.rows(0, num_rows).contiguous()  # [M, H]
-    targets = tokens.targets.long().contiguous()
-    lse, grad_logp = lse.float().contiguous(), grad_logp.float().contiguous()
-    grad_rows = None
-    if need_hidden:
-        grad_rows = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=device)
-    grad_weight = torch.empty_like(weight) if need_weight else None
-    grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=device) if need_bias else None
-    width = _chunk_width(num_rows, vocab_size)
-    buffer = dz_buffer(num_rows, width, weight)
+):
+    """Per vocab chunk of ``logprob``'s width, ``(start, stop, dz [M, C])`` from ``dz_chunk``
+    (one scratch buffer, overwritten chunk after chunk)."""
+    vocab_size = weight.shape[0]
+    width = _chunk_width(rows.shape[0], vocab_size)
+    buffer = dz_buffer(rows.shape[0], width, weight)
     for start in range(0, vocab_size, width):
         stop = min(start + width, vocab_size)
         chunk_bias = None if bias is None else bias[start:stop]
         dz = dz_chunk(
             rows, weight[start:stop], chunk_bias, targets, start, lse, grad_logp, transform, buffer
         )  # [M, C]
-        if grad_rows is not None:
-            grad_rows.add_(_mm_fp32(dz, weight[start:stop]))
-        if grad_weight is not None:
-            torch.mm(dz.T, rows, out=grad_weight[start:stop])
-        if grad_bias is not None:
-            grad_bias[start:stop] = dz.float().sum(0)
-    return FusedGrads(grad_rows, grad_weight, grad_bias)
+        yield start, stop, dz

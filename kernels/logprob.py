@@ -9,11 +9,13 @@ Story in order:
    ``E_t = softmax(z_t)·s·W`` accumulates online, as flash attention's output does.
 3. ``forward``: the scored rows of every stream sharing an lm_head are stacked; per vocab
    chunk ONE GEMM and ONE fold launch serve them all (policy, reference, KL rows, samples).
-4. ``_grad_logits_kernel`` + ``backward`` (recompute path): per vocab chunk, recompute the
-   logits (GEMM), form ``dz = g·(onehot − softmax(z))·s·mult`` in the weight's dtype, then
-   ``grad_rows += dz·W_c`` and ``grad_W[c] = dzᵀ·h``: no ``[V, H]`` fp32 accumulator.
-5. ``group_logits`` + ``group_grads`` (store path, ``fastalign.store``): one GEMM for a
-   group's full-vocabulary logits, the fold, then ``dz`` in place and the two GEMMs.
+4. ``_grad_logits_kernel`` + ``backward`` (recompute path, ``logprob_backward.py``): per
+   vocab chunk, recompute the logits (GEMM), form ``dz = g·(onehot − softmax(z))·s·mult`` in
+   the weight's dtype, then ``grad_rows += dz·W_c`` and ``grad_W[c] = dzᵀ·h``: no ``[V, H]``
+   fp32 accumulator.
+5. ``group_logits`` + ``group_grads`` (store path, ``fastalign.store``; ``logprob_store.py``):
+   one GEMM for a group's full-vocabulary logits, the fold, then ``dz`` in place and the two
+   GEMMs.
 
 Why GEMMs and not one fused kernel: on an H100 a single-launch design (a ``tl.dot`` K-loop
 per logits tile) ran at 45-72 TFLOP/s (``benchmarks/results/h100-fused-kernel-4813b96``),
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .. import tiles
-from .._types import BackendGrads, BackendResult, LogitTransform, TokenBatch
+from .._types import BackendResult, ForwardRequest, LogitTransform, TokenBatch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Sentinel for "no logit seen yet": finite, so exp(sentinel − m) is 0 and never NaN. A
@@ -249,6 +251,40 @@ def _bias_args(weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
     return dict(b_ptr=weight if bias is None else bias, has_bias=int(bias is not None))
 
 
+def _fold(
+    logits: torch.Tensor,  # [R, C] fp32 raw h·Wᵀ of one vocab chunk
+    targets: torch.Tensor,  # int64 [R] vocab ids
+    bias: dict,  # the chunk's bias (_bias_args)
+    chunk_start: int,
+    transform: LogitTransform,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # fp32 [R] max, sum, target logit
+    probs: torch.Tensor | None = None,  # [R, C] out: exp(z − new max)·s (frozen head)
+    rescale: torch.Tensor | None = None,  # fp32 [R] out with probs: exp(old max − new max)
+    sq: torch.Tensor | None = None,  # fp32 [R] running Σ exp(2(z − max)) (WPO)
+) -> None:
+    """One ``_fold_kernel`` launch: the chunk into the running statistics, in place."""
+    running_max, running_sum, target_logit = stats
+    blocks = _fold_blocks()
+    _fold_kernel[(triton.cdiv(logits.shape[0], blocks["BLOCK_M"]),)](
+        logits_ptr=logits,
+        targets_ptr=targets,
+        **bias,
+        max_ptr=running_max,
+        sum_ptr=running_sum,
+        tgt_ptr=target_logit,
+        probs_ptr=logits if probs is None else probs,
+        rescale_ptr=running_sum if rescale is None else rescale,
+        sq_ptr=running_sum if sq is None else sq,
+        num_rows=logits.shape[0],
+        chunk_start=chunk_start,
+        chunk_width=logits.shape[1],
+        **_transform_args(transform),
+        WRITE_PROBS=probs is not None,
+        WRITE_SQ=sq is not None,
+        **blocks,
+    )
+
+
 def _running_stats(num_rows: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fresh fp32 ``[R]`` running max (at the "nothing seen" sentinel), sum and target logit."""
     running_max = torch.full((num_rows,), _NEG_BIG, dtype=torch.float32, device=device)
@@ -278,8 +314,7 @@ class _VocabChunk(NamedTuple):
     weight: torch.Tensor  # [C, H] the chunk's lm_head rows
     logits: torch.Tensor  # [R, C] fp32 h·Wᵀ
     out: torch.Tensor  # [R, C] where the kernel writes p or dz (the logits for fp32 weights)
-    bias: torch.Tensor  # [C] the chunk's bias (any tensor when has_bias is 0)
-    has_bias: int
+    bias: dict  # the chunk's bias as the kernels take it (_bias_args)
 
 
 def _vocab_chunks(
@@ -300,8 +335,9 @@ def _vocab_chunks(
         out = logits
         if writes_out and weight.dtype != torch.float32:
             out = torch.empty_like(logits, dtype=weight.dtype)
-        chunk_bias, has_bias = (weight, 0) if bias is None else (bias[start:stop], 1)
-        yield _VocabChunk(start, stop, chunk_weight, logits, out, chunk_bias, has_bias)
+        chunk_bias = _bias_args(weight, None if bias is None else bias[start:stop])
+        yield _VocabChunk(start, stop, chunk_weight, logits, out, chunk_bias)
+        del logits, out  # before the next chunk's GEMM: one chunk at a time
 
 
 def _fused(tokens: TokenBatch, with_expectation: bool):
@@ -328,32 +364,27 @@ def _group_key(tokens: TokenBatch, wants_expectation: bool) -> tuple:
 
 
 def forward(
-    batches: list[TokenBatch],
-    transform: LogitTransform,
-    expectation: list[bool] | None = None,
-    chunk_elements: int | None = None,
-    log_sum_sq: list[bool] | None = None,
+    requests: list[ForwardRequest], transform: LogitTransform, chunk_elements: int | None = None
 ) -> list[BackendResult]:
-    """Per batch, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M]
+    """Per request, ``BackendResult(logp [M], lse [M], expected [M, H] or None, log_sum_sq [M]
     or None)``, fp32. (``chunk_elements`` is the torch backend's knob; vocab chunks here
-    follow ``CHUNK_ELEMENTS``.) ``log_sum_sq[i]`` asks for ``log Σ_v p_tv²`` (WPO) from the
-    same fold; batches sharing an lm_head are scored together, one GEMM per vocab chunk.
+    follow ``CHUNK_ELEMENTS``.) ``log_sum_sq`` (WPO's ``log Σ_v p_tv²``) comes from the same
+    fold; requests sharing an lm_head are scored together, one GEMM per vocab chunk.
     """
-    expectation = expectation or [False] * len(batches)
-    log_sum_sq = log_sum_sq or [False] * len(batches)
     groups: dict[tuple, list[int]] = {}
-    for i, (tokens, wanted) in enumerate(zip(batches, expectation)):
-        groups.setdefault(_group_key(tokens, wanted), []).append(i)
-    results: list = [None] * len(batches)
+    for i, request in enumerate(requests):
+        groups.setdefault(_group_key(request.tokens, request.expectation), []).append(i)
+    results: list = [None] * len(requests)
     for members in groups.values():
-        parts = [batches[i] for i in members]
-        with_sq = any(log_sum_sq[i] for i in members)
-        logp, lse, expected, sq = _forward_group(parts, transform, expectation[members[0]], with_sq)
+        parts = [requests[i].tokens for i in members]
+        with_sq = any(requests[i].log_sum_sq for i in members)
+        with_expectation = requests[members[0]].expectation
+        logp, lse, expected, sq = _forward_group(parts, transform, with_expectation, with_sq)
         start = 0
         for i, tokens in zip(members, parts):
             stop = start + tokens.num_rows
             rows_expected = None if expected is None else expected[start:stop]
-            rows_sq = sq[start:stop] if log_sum_sq[i] else None
+            rows_sq = sq[start:stop] if requests[i].log_sum_sq else None
             results[i] = BackendResult(logp[start:stop], lse[start:stop], rows_expected, rows_sq)
             start = stop
     return results
@@ -383,27 +414,12 @@ def _forward_group(
     sq_sum = torch.zeros(num_rows, dtype=torch.float32, device=device) if with_sq else None
     if num_rows == 0:
         return target_logit, target_logit, expected, sq_sum
-    blocks = _fold_blocks()
     for chunk in _vocab_chunks(rows, weight, bias, writes_out=with_expectation):
-        _fold_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
-            logits_ptr=chunk.logits,
-            targets_ptr=targets,
-            b_ptr=chunk.bias,
-            has_bias=chunk.has_bias,
-            max_ptr=running_max,
-            sum_ptr=running_sum,
-            tgt_ptr=target_logit,
-            probs_ptr=chunk.out,
-            rescale_ptr=rescale if rescale is not None else running_sum,
-            sq_ptr=sq_sum if sq_sum is not None else running_sum,
-            num_rows=num_rows,
-            chunk_start=chunk.start,
-            chunk_width=chunk.stop - chunk.start,
-            **_transform_args(transform),
-            WRITE_PROBS=with_expectation,
-            WRITE_SQ=with_sq,
-            **blocks,
-        )
+        _fold(
+            chunk.logits, targets, chunk.bias, chunk.start, transform,
+            (running_max, running_sum, target_logit),
+            probs=chunk.out if with_expectation else None, rescale=rescale, sq=sq_sum,
+        )  # fmt: skip
         if expected is not None:
             # E ← E·exp(m_old − m_new) + exp(z − m_new)·s·W_c: the online softmax-weighted sum.
             expected.mul_(rescale[:, None]).add_(_mm_fp32(chunk.out, chunk.weight))
@@ -416,66 +432,42 @@ def _forward_group(
     return target_logit - lse, lse, expected, sq_sum
 
 
-def backward(
+def _dz_chunks(
+    rows: torch.Tensor,  # [M, H]
     tokens: TokenBatch,
     transform: LogitTransform,
     lse: torch.Tensor,  # [M] fp32
     grad_logp: torch.Tensor,  # [M] fp32
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool,
-) -> BackendGrads:
-    """``(grad_rows [M, H] fp32, grad_weight [V, H] weight's dtype, grad_bias [V] fp32)``.
-
-    Vocab chunk by chunk: recompute the logits, form ``dz`` in the weight's dtype (tensor
-    cores for the two GEMMs), accumulate ``grad_rows`` in fp32 and write each chunk's rows of
-    ``grad_weight`` once (cuBLAS sums over the tokens in fp32). Deterministic.
-    """
-    if (fused := _fused(tokens, False)) is not None:
-        return fused.backward(
-            tokens, transform, lse, grad_logp, need_hidden, need_weight, need_bias
-        )
+):
+    """Per vocab chunk, ``(start, stop, dz [M, C])`` in the weight's dtype: the fused dz GEMM
+    where it applies (``fused_logprob.dz_chunks``), else a cuBLAS GEMM recomputes the chunk's
+    logits and ``_grad_logits_kernel`` turns them into ``dz``."""
     weight, bias = tokens.weight, tokens.bias
-    vocab_size, hidden_size = weight.shape
-    device = weight.device
-    num_rows = tokens.num_rows
-    rows = tokens.rows(0, num_rows)  # [M, H]
     targets = tokens.targets.long().contiguous()
-    lse = lse.float().contiguous()
-    grad_logp = grad_logp.float().contiguous()
-    grad_rows = None
-    if need_hidden:
-        grad_rows = torch.zeros(num_rows, hidden_size, dtype=torch.float32, device=device)
-    grad_weight = torch.empty_like(weight) if need_weight else None
-    grad_bias = torch.empty(vocab_size, dtype=torch.float32, device=device) if need_bias else None
+    if (fused := _fused(tokens, False)) is not None:
+        yield from fused.dz_chunks(rows, weight, bias, targets, lse, grad_logp, transform)
+        return
     blocks = _fold_blocks()
     for chunk in _vocab_chunks(rows, weight, bias, writes_out=True):
-        _grad_logits_kernel[(triton.cdiv(num_rows, blocks["BLOCK_M"]),)](
+        _grad_logits_kernel[(triton.cdiv(rows.shape[0], blocks["BLOCK_M"]),)](
             logits_ptr=chunk.logits,
             targets_ptr=targets,
             lse_ptr=lse,
             grad_ptr=grad_logp,
-            b_ptr=chunk.bias,
-            has_bias=chunk.has_bias,
+            **chunk.bias,
             dz_ptr=chunk.out,
             dz_row_stride=chunk.stop - chunk.start,
-            num_rows=num_rows,
+            num_rows=rows.shape[0],
             chunk_start=chunk.start,
             chunk_width=chunk.stop - chunk.start,
             **_transform_args(transform),
             HALF_IN_PLACE=False,
             **blocks,
         )
-        dz = chunk.out  # [M, C], the weight's dtype
-        if grad_rows is not None:
-            grad_rows.add_(_mm_fp32(dz, chunk.weight))
-        if grad_weight is not None:
-            torch.mm(dz.T, rows.to(dz.dtype), out=grad_weight[chunk.start : chunk.stop])
-        if grad_bias is not None:
-            grad_bias[chunk.start : chunk.stop] = dz.float().sum(0)
-        del chunk, dz
-    return BackendGrads(grad_rows, grad_weight, grad_bias)
+        yield chunk.start, chunk.stop, chunk.out
+        del chunk  # before the next chunk's GEMM
 
 
-# The store path's two steps live beside the recompute path's, in their own module.
+# The recompute path's backward and the store path's two steps live in their own modules.
+from .logprob_backward import backward  # noqa: E402, F401
 from .logprob_store import group_grads, group_logits  # noqa: E402, F401

@@ -20,7 +20,10 @@ def test_overhead_and_sweep_run_and_check_the_fused_kernels(device, monkeypatch,
     argv = ["--shapes", "24,32,150", "--inputs", "peaked", "--out", str(tmp_path)]
     args = fused_bench.parse_args(argv)
     rows = fused_bench.run_overhead(args) + fused_bench.run_sweep(args)
-    assert [r["part"] for r in rows] == ["overhead", "sweep"]
+    store = fused_bench.run_store(args)
+    assert [r["part"] for r in rows + store] == ["overhead", "sweep", "store"]
+    assert store[0]["max_abs_logp_diff"] < 0.1 and store[0]["grad_weight_rel_diff"] < 2e-2
+    assert {"fused_store_ms", "gemm_fold_store_pct_peak"} <= set(store[0])
     for row in rows:
         assert "error" not in row, row
         # On CPU the GEMM+fold backend rounds bf16 logits to bf16 (no fp32-output matmul
@@ -28,8 +31,9 @@ def test_overhead_and_sweep_run_and_check_the_fused_kernels(device, monkeypatch,
         assert row["max_abs_logp_diff"] < 0.1
         assert row["grad_rows_rel_diff"] < 2e-2 and row["grad_weight_rel_diff"] < 2e-2
         assert {"fused_forward_tflops", "gemm_fold_backward_pct_peak"} <= set(row)
-    table = fused_bench.markdown(rows, args)
+    table = fused_bench.markdown(rows + store, args)
     assert "Inputs: peaked" in table and table.count("\n| overhead") == 1
+    assert "Store path, one group" in table
     assert table.count("\n| sweep") == 1
 
 

@@ -16,8 +16,9 @@ import torch
 
 import fastalign
 from fastalign import LogpOptions
-from fastalign._types import LogitTransform, TokenBatch
+from fastalign._types import BackendGrads, LogitTransform, TokenBatch
 from fastalign.kernels import fused_logprob, logprob
+from tests import loss_reference as R
 from tests.reference import naive_sequence_logps
 
 TRITON = LogpOptions(backend="triton")
@@ -30,20 +31,21 @@ TRANSFORMS = {
 
 @pytest.fixture
 def fused(monkeypatch):
-    """Select the fused kernels and count their launches (rows per forward launch)."""
+    """Select the fused kernels and count their forward launches: ``(rows, store path)``."""
     monkeypatch.setattr(logprob, "CUDA_KERNEL", "fused")
     launches = []
-    kernel = fused_logprob.K._lse_partials_kernel
+    kernel = fused_logprob.K._fused_gemm_kernel
 
     class Counting:
         def __getitem__(self, grid):
             def launch(**kwargs):
-                launches.append(kwargs["num_rows"])
+                if not kwargs["DZ"]:
+                    launches.append((kwargs["num_rows"], kwargs["STORE"]))
                 return kernel[grid](**kwargs)
 
             return launch
 
-    monkeypatch.setattr(fused_logprob.K, "_lse_partials_kernel", Counting())
+    monkeypatch.setattr(fused_logprob.K, "_fused_gemm_kernel", Counting())
     return launches
 
 
@@ -55,7 +57,7 @@ def _tokens(hidden, weight, targets, bias=None) -> TokenBatch:
 def _edge_targets(num_rows: int, vocab: int) -> torch.Tensor:
     """Random targets, the first ones on vocab-tile and forward-chunk edges."""
     cfg = fused_logprob.tile_config()
-    chunk = max(1, fused_logprob.PARTIAL_ELEMENTS // num_rows) * cfg.block_n
+    chunk = fused_logprob.forward_chunk_width(num_rows, vocab, cfg)
     edges = [0, cfg.block_n - 1, cfg.block_n, 2 * cfg.block_n - 1, chunk - 1, chunk, vocab - 1]
     targets = torch.randint(0, vocab, (num_rows,))
     edges = [e for e in edges if e < vocab]
@@ -188,7 +190,7 @@ def test_streams_sharing_a_head_are_stacked(device, fused):
     labels[0, :4] = -100
     policy, ref = fastalign.policy_ref_logps(hidden, weight, labels, ref_hidden, options=TRITON)
     stacked = 2 * int((labels != -100).sum())
-    assert fused and all(rows == stacked for rows in fused)
+    assert fused and all(launch == (stacked, False) for launch in fused)
     alone = fastalign.sequence_logps(ref_hidden, weight, labels, options=TRITON)
     torch.testing.assert_close(ref.logps, alone.logps, rtol=1e-5, atol=1e-5)
 
@@ -248,3 +250,124 @@ def test_selection_default_and_bad_value():
     tokens = _tokens(torch.zeros(2, 8), torch.zeros(5, 8), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="FASTALIGN_CUDA_KERNEL"):
         fused_logprob.applies("fast", tokens, False)
+
+
+def _dz64(z, targets, grad, transform: LogitTransform) -> torch.Tensor:
+    """float64 ``dz = g·(onehot − softmax(z))·s·mult`` ``[M, V]``."""
+    onehot = torch.nn.functional.one_hot(targets, z.shape[1]).double()
+    slope = 1.0 if transform.softcap is None else 1 - (z / transform.softcap) ** 2
+    return grad[:, None] * (onehot - torch.softmax(z, -1)) * slope * transform.multiplier
+
+
+@pytest.mark.parametrize("rows,vocab,hidden_size,name,with_bias,loads,split", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_store_path_group_matches_float64(
+    device, fused, monkeypatch, rows, vocab, hidden_size, name, with_bias, loads, split, dtype
+):
+    """The store path's fused variant: logp and lse as the forward's; ``dz`` formed in place
+    of the kept ``exp2(z₂ − part max)·s`` within two roundings to the weight's dtype (one
+    at the target), exact zeros for g = 0; the gradients it accumulates are ``dz``'s."""
+    _select(monkeypatch, loads, split)
+    transform = TRANSFORMS[name]
+    hidden, weight, bias, targets = _inputs(device, rows, vocab, hidden_size, dtype, with_bias)
+    tokens = _tokens(hidden, weight, targets, bias)
+    group = logprob.group_logits(hidden, tokens, transform)
+    assert fused == [(rows, True)] and group.part_max is not None
+    z = _z64(hidden.cpu(), weight.cpu(), None if bias is None else bias.cpu(), transform)
+    lse64 = torch.logsumexp(z, dim=-1)
+    torch.testing.assert_close(group.lse.cpu().double(), lse64, rtol=2e-6, atol=2e-6)
+    logp64 = z.gather(1, targets.cpu()[:, None]).squeeze(1) - lse64
+    torch.testing.assert_close(group.logp.cpu().double(), logp64, rtol=2e-6, atol=2e-6)
+    grad = torch.randn(rows, dtype=torch.float64)
+    grad[::3] = 0.0
+    accumulators = BackendGrads(
+        hidden, torch.zeros(vocab, hidden_size, device=device), torch.zeros(vocab, device=device)
+    )
+    grad_rows = logprob.group_grads(
+        group, hidden, tokens, transform, grad.float().to(device), accumulators
+    )
+    dz = group.logits  # dz in place of what the forward kept
+    want = _dz64(z, targets.cpu(), grad, transform)
+    assert dz.dtype == dtype and dz.shape == want.shape and torch.isfinite(dz).all()
+    # One conversion to the weight's dtype: within a unit roundoff on the GPU (round to
+    # nearest), within an ulp interpreted (triton 3.9's interpreter truncates). Two here.
+    unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    conversion = 2 * unit if logprob.INTERPRET else unit
+    err = (dz.cpu().double() - want).abs()
+    bound = 2 * conversion * (1 + 1e-4) * want.abs() + 1e-6
+    assert bool((err <= bound).all()), float((err / want.abs().clamp_min(1e-6)).max())
+    assert bool((dz[::3] == 0).all())
+    dz64 = dz.cpu().double()
+    for got, ours in (
+        (grad_rows, dz64 @ weight.cpu().double()),
+        (accumulators.weight, dz64.T @ hidden.cpu().double()),
+        (accumulators.bias, dz64.sum(0)),
+    ):
+        torch.testing.assert_close(got.cpu().double(), ours, rtol=1e-2, atol=1e-2)
+
+
+def _store_loss(loss: str, x: dict) -> tuple[torch.Tensor, ...]:
+    """``(loss, grad hidden, grad weight, grad bias)`` of a store-path loss on Triton."""
+    leaves = [x[k].detach().requires_grad_() for k in ("hidden", "weight", "bias")]
+    options = LogpOptions(logit_softcap=4.0, temperature=0.9, backend="triton", grad_mode="store")
+    common = dict(bias=leaves[2], options=options)
+    if loss == "dpo":  # policy on the store path, reference through the fused forward
+        out = fastalign.dpo_loss_fused(
+            *leaves[:2], x["labels"], ref_hidden=x["ref_hidden"], beta=0.3, **common
+        )
+    else:  # two differentiable streams on one lm_head
+        out = fastalign.typo_loss_fused(
+            *leaves[:2], x["labels"], lam=0.3, sample_hidden=x["sample_hidden"],
+            sample_labels=x["sample_labels"], **common,
+        )  # fmt: skip
+    return (out.loss.detach(), *torch.autograd.grad(out.loss, leaves))
+
+
+def _store_truth(loss: str, x: dict) -> tuple[torch.Tensor, ...]:
+    leaves = [x[k].detach().cpu().double().requires_grad_() for k in ("hidden", "weight", "bias")]
+    kw = dict(logit_softcap=4.0, temperature=0.9)
+    weight, bias = leaves[1:]
+
+    def sums(hidden, labels, grad=True):
+        w, b = (weight, bias) if grad else (weight.detach(), bias.detach())
+        return naive_sequence_logps(hidden.cpu().double(), w, labels.cpu(), bias=b, **kw)[0]
+
+    policy = sums(leaves[0], x["labels"])
+    if loss == "dpo":
+        value = R.dpo(policy, sums(x["ref_hidden"], x["labels"], grad=False), 0.3)
+    else:
+        value = R.typo(policy, sums(x["sample_hidden"], x["sample_labels"]), 0.3)
+    return (value.detach(), *torch.autograd.grad(value, leaves))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "typo"])
+def test_store_path_losses_within_rule_of_gemm_fold(device, fused, nan_empty, monkeypatch, loss):
+    """Through the losses' store path: loss and gradients at least as close to float64 as the
+    GEMM+fold store path's (times 2, plus a bf16 allowance), in NaN-poisoned buffers, and
+    bit-identical on a rerun."""
+    pairs, seq, hidden_size, vocab = 2, 6, 24, 150
+    labels = torch.randint(0, vocab, (2 * pairs, seq))
+    labels[1, :3] = -100
+    x = dict(
+        hidden=torch.randn(2 * pairs, seq, hidden_size),
+        ref_hidden=torch.randn(2 * pairs, seq, hidden_size),
+        sample_hidden=torch.randn(3, seq + 1, hidden_size),
+        sample_labels=torch.randint(0, vocab, (3, seq + 1)),
+        weight=torch.randn(vocab, hidden_size) / hidden_size**0.5,
+        bias=torch.randn(vocab) / 4,
+        labels=labels,
+    )
+    x = {
+        k: v.to(device, torch.bfloat16) if v.is_floating_point() else v.to(device)
+        for k, v in x.items()
+    }
+    runs = [_store_loss(loss, x) for _ in range(2)]
+    assert any(store for _, store in fused), "the fused store path did not run"
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    monkeypatch.setattr(logprob, "CUDA_KERNEL", "gemm_fold")
+    base = _store_loss(loss, x)
+    for ours, theirs, want in zip(runs[0], base, _store_truth(loss, x)):
+        scale = want.abs().max()
+        err = float((ours.cpu().double() - want).abs().max() / scale)
+        err_base = float((theirs.cpu().double() - want).abs().max() / scale)
+        assert err <= 2 * err_base + 4e-3, (err, err_base)

@@ -103,7 +103,7 @@ FUSED_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fastalign.kernels import fused_gemm as K, fused_logprob as F
+    from fastalign.kernels import fused_gemm as K, fused_logprob as F, logprob as L
 
     TILES = {True: F.tile_config(True), False: F.tile_config(False)}  # TRITON_INTERPRET=0
     try:
@@ -113,18 +113,16 @@ FUSED_SCRIPT = textwrap.dedent(
         PTXAS = triton.knobs.nvidia.ptxas.path
     FLOATS = ("scale2", "cap2", "cap_k", "multiplier")
 
-    def argument_type(name, dtype, tma):
+    def argument_type(name, dtype, tma, writes_out):
         cfg = TILES[tma]
         blocks = {"rows": (cfg.block_m, cfg.block_k), "weight": (cfg.block_n, cfg.block_k),
-                  "dz": (cfg.block_m, cfg.block_n // (2 if cfg.epilogue_split else 1))}
-        if name in blocks and tma:
+                  "out": (cfg.block_m, cfg.part_n)}
+        if name in blocks and tma and (writes_out or name != "out"):
             return f"tensordesc<{dtype}[{blocks[name][0]}, {blocks[name][1]}]>"
-        if name in blocks:
+        if name in blocks or name == "b_ptr":
             return "*" + dtype
         if name == "targets_ptr":
             return "*i64"
-        if name == "b_ptr":
-            return "*" + dtype
         if name.endswith("_ptr"):
             return "*fp32"
         return "fp32" if name in FLOATS else "i32"
@@ -140,12 +138,14 @@ FUSED_SCRIPT = textwrap.dedent(
         registers = re.findall(r"Used (\\d+) registers", log.stderr)
         return sum(int(a) + int(b) for a, b in found), int(registers[0]), arch
 
-    def compile_gemm(fn, dtype, tma, softcap):
-        cfg = TILES[tma]
-        constexprs = dict(HAS_SOFTCAP=softcap, TMA=tma, DOT_FP32=False, BLOCK_M=cfg.block_m,
-                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                          EPILOGUE_SPLIT=cfg.epilogue_split, NUM_PROGRAMS=132)
-        signature = {n: "constexpr" if n in constexprs else argument_type(n, dtype, tma)
+    def compile_gemm(epilogue, dtype, tma, softcap):
+        cfg, fn = TILES[tma], K._fused_gemm_kernel
+        dz, store = epilogue == "dz", epilogue == "lse+store"
+        constexprs = dict(DZ=dz, STORE=store, HAS_SOFTCAP=softcap, TMA=tma, DOT_FP32=False,
+                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                          GROUP_M=cfg.group_m, EPILOGUE_PARTS=cfg.parts, NUM_PROGRAMS=132)
+        signature = {n: "constexpr" if n in constexprs
+                     else argument_type(n, dtype, tma, writes_out=dz or store)
                      for n in fn.arg_names}
         kernel = triton.compile(ASTSource(fn, signature, constexprs),
                                 target=GPUTarget("cuda", 90, 32),
@@ -157,16 +157,29 @@ FUSED_SCRIPT = textwrap.dedent(
                     arch=arch, shared=kernel.metadata.shared)
 
     report = {}
-    for fn in (K._lse_partials_kernel, K._dz_kernel):
+    for epilogue in ("lse", "dz", "lse+store"):
         for dtype, tma, softcap in (("bf16", True, True), ("bf16", True, False),
                                     ("fp16", True, True), ("bf16", False, True)):
-            name = f"{fn.__name__}/{dtype}/{'tma' if tma else 'pointer'}/softcap={softcap}"
-            report[name] = compile_gemm(fn, dtype, tma, softcap)
+            name = f"{epilogue}/{dtype}/{'tma' if tma else 'pointer'}/softcap={softcap}"
+            report[name] = compile_gemm(epilogue, dtype, tma, softcap)
     merge = triton.compile(ASTSource(K._merge_partials_kernel, dict(
         part_max_ptr="*fp32", part_sum_ptr="*fp32", max_ptr="*fp32", sum_ptr="*fp32",
-        num_rows="i32", num_tiles="i32", BLOCK_R="constexpr"), dict(BLOCK_R=256)),
+        num_rows="i32", num_parts="i32", BLOCK_R="constexpr"), dict(BLOCK_R=256)),
         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     report["merge"] = dict(spill_bytes=spills(merge.asm["ptx"])[0], shared=merge.metadata.shared)
+    fold = L._fold_blocks()
+    for dtype in ("bf16", "fp16"):  # the store path's in-place dz, row-wise
+        constexprs = dict(HAS_SOFTCAP=True, PART_N=TILES[True].part_n, BLOCK_M=fold["BLOCK_M"],
+                          BLOCK_V=fold["BLOCK_V"])
+        signature = {n: "constexpr" if n in constexprs else "*" + dtype if n == "probs_ptr"
+                     else "*i64" if n == "targets_ptr" else "*fp32" if n.endswith("_ptr")
+                     else "fp32" if n in ("softcap", "multiplier") else "i32"
+                     for n in K._store_dz_kernel.arg_names}
+        store_dz = triton.compile(ASTSource(K._store_dz_kernel, signature, constexprs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=fold["num_warps"]))
+        report[f"store_dz/{dtype}"] = dict(spill_bytes=spills(store_dz.asm["ptx"])[0],
+                                           shared=store_dz.metadata.shared)
     print(json.dumps(report))
     """
 )
@@ -215,9 +228,11 @@ TOKEN_STATS_SCRIPT = textwrap.dedent(
 
 
 def test_fused_kernels_use_wgmma_and_tma_without_spills():
-    """The fused-epilogue GEMMs on sm_90a: ``wgmma`` (no ``mma.sync`` fall-back), TMA tile loads
+    """The fused-epilogue GEMMs on sm_90a (forward, dz, and the store path's forward that also
+    keeps ``exp2(z₂ − part max)·s``): ``wgmma`` (no ``mma.sync`` fall-back), TMA tile loads
     (``cp.async.bulk.tensor``) on the descriptor path, and no register spills in ptxas's
-    report, at the tile configuration the host code launches.
+    report, at the tile configuration the host code launches; the merge and the store path's
+    row-wise dz kernel: no spills.
 
     The pointer-load variant (rows not 16-byte aligned) is checked at its own, smaller tiles.
     """
@@ -229,11 +244,11 @@ def test_fused_kernels_use_wgmma_and_tma_without_spills():
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == 9, sorted(report)
+    assert len(report) == 15, sorted(report)
     for name, info in report.items():
         assert info["spill_bytes"] == 0, f"{name} spills: {info}"
         assert 0 <= info["shared"] <= SM90_SHARED_LIMIT, f"{name}: {info}"
-        if name == "merge":
+        if name == "merge" or name.startswith("store_dz/"):
             continue
         assert info["arch"] == "sm_90a" and info["wgmma"] and not info["mma_sync"], name
         assert info["tma"] == ("/tma/" in name), f"{name}: TMA loads {info['tma']}"
