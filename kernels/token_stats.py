@@ -125,15 +125,27 @@ def _fold_kernel(
     tl.store(target_ptr + o_m, b_tgt, mask=m_here)
     if WRITE_PROBS:
         tl.store(rescale_ptr + o_m, tl.exp(b_old_max - b_max), mask=m_m)
-        # Each block is read before the same block is written: the chunk is overwritten in place
-        for v0 in range(0, num_cols, BLOCK_V):
-            o_v, m_v, m_tile, b_z, b_slope = _z_block(
-                tile_ptr, o_m, m_m, v0, num_cols, stride_m, logit_scale, softcap, inv_temp,
-                HAS_SOFTCAP, BLOCK_V,
-            )  # fmt: skip
-            b_p = tl.exp(b_z - b_max[:, None]) * b_slope
-            p_tile = tile_ptr + o_m.to(tl.int64)[:, None] * stride_m + o_v[None, :]
-            tl.store(p_tile, b_p.to(tile_ptr.dtype.element_ty), mask=m_tile)
+        _write_probs(
+            tile_ptr, o_m, m_m, b_max, num_cols, stride_m, logit_scale, softcap, inv_temp,
+            HAS_SOFTCAP, BLOCK_V,
+        )  # fmt: skip
+
+
+@triton.jit
+def _write_probs(
+    tile_ptr, o_m, m_m, b_max, num_cols, stride_m, logit_scale, softcap, inv_temp,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Overwrite the rows ``o_m`` of a chunk with ``exp(z − b_max)·∂z/∂u`` (frozen lm_head).
+    Each block is read before the same block is written, so the chunk is reused in place."""
+    for v0 in range(0, num_cols, BLOCK_V):
+        o_v, m_v, m_tile, b_z, b_slope = _z_block(
+            tile_ptr, o_m, m_m, v0, num_cols, stride_m, logit_scale, softcap, inv_temp,
+            HAS_SOFTCAP, BLOCK_V,
+        )  # fmt: skip
+        b_p = tl.exp(b_z - b_max[:, None]) * b_slope
+        p_tile = tile_ptr + o_m.to(tl.int64)[:, None] * stride_m + o_v[None, :]
+        tl.store(p_tile, b_p.to(tile_ptr.dtype.element_ty), mask=m_tile)
 
 
 @triton.jit
