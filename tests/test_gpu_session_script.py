@@ -1,0 +1,84 @@
+"""``benchmarks/gpu_session.sh`` on CPU: the script parses, and every ``python3 -m
+benchmarks.X ...`` command it runs is accepted by that module's argument parser.
+
+A lent GPU comes with minutes of device time; a flag renamed in a benchmark but not in the
+script would waste them. Each command is parsed, never run: ``ArgumentParser.parse_args`` is
+wrapped to stop right after parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+from tests.trainer_helpers import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+
+
+class Parsed(Exception):
+    """Raised by the wrapped ``parse_args`` once the command line was accepted."""
+
+
+def script_commands() -> list[tuple[str, list[str]]]:
+    """``(module, argv)`` for each benchmark command in the script, shell variables given
+    sample values: ``$OUT`` a folder, each grid of the ``all`` loop, each loss of its loop,
+    and the extra arguments the ``all`` step passes to ``fused``."""
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    grids = re.search(r"for grid in ([^;]+);", text).group(1).split()
+    fused_extra = [
+        shlex.split(m.group(1).replace("$OUT", "/tmp/out"))
+        for m in re.finditer(r"^\s+fused (--[^\n]+)$", text, re.M)
+    ]
+    commands = []
+    for line in re.findall(r"python3 -m (benchmarks\.\w+[^|;\n]*)", text):
+        words = shlex.split(line.split("2>&1")[0].replace('${2:+-k "$2"}', ""))
+        module, argv = words[0], [w.replace("$OUT", "/tmp/out") for w in words[1:]]
+        if '"$@"' in line or "$@" in argv:
+            argv = [w for w in argv if w != "$@"]
+            commands += [(module, argv + extra) for extra in [[], *fused_extra]]
+        elif "${1:-gpu}" in argv:
+            commands += [(module, [g if w == "${1:-gpu}" else w for w in argv]) for g in grids]
+        elif "$loss" in argv:
+            commands += [(module, [x if w == "$loss" else w for w in argv]) for x in ("dpo", "kto")]
+        else:
+            commands.append((module, argv))
+    return commands
+
+
+def test_script_is_valid_bash():
+    bash = shutil.which("bash")
+    assert bash is not None
+    result = subprocess.run([bash, "-n", str(SCRIPT)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_script_names_every_benchmark_and_grid():
+    modules = {m for m, _ in script_commands()}
+    assert modules == {
+        "benchmarks.fused_bench",
+        "benchmarks.run",
+        "benchmarks.memory_check",
+        "benchmarks.packing",
+        "benchmarks.trl_step",
+    }
+
+
+@pytest.mark.parametrize("module, argv", script_commands(), ids=lambda v: str(v)[:60])
+def test_each_command_line_is_accepted(module, argv, monkeypatch):
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)  # a bad flag or choice exits with status 2 here
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    main = importlib.import_module(module).main
+    with pytest.raises(Parsed):
+        main(argv)
