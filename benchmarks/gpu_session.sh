@@ -20,11 +20,11 @@
 # Results and logs go to $OUT (default benchmarks/results/gpu-session-DATE; commit what is
 # worth keeping). Every grid includes "fastalign-fused" (FASTALIGN_CUDA_KERNEL=fused) beside
 # "fastalign" (the default GEMM+fold kernels) and every peer that is installed. Peers missing
-# from the machine (Liger, TRL, CCE; TRL needs datasets, dill, multiprocess) travel as wheels
-# in .whl/, e.g.
+# from the machine (Liger, TRL, CCE, QuACK; TRL needs datasets, dill, multiprocess; QuACK
+# needs nvidia-cutlass-dsl, which may be too large to travel) travel as wheels in .whl/, e.g.
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl liger_kernel trl datasets dill multiprocess \
-#     cut-cross-entropy
+#     cut-cross-entropy quack-kernels
 # (pin the versions installed here). Measured on an H100 2026-11-24: setup ~30 s, tests ~40 s,
 # bench gpu ~3 min, bench scale ~1 min, memory ~2.5 min, packing ~1 min (before the fused
 # kernels and the peaked grids were added; those are not measured yet). On the lent device

@@ -295,12 +295,41 @@ def cut_cross_entropy(case, x):
     return _losses(logps)(case, x)
 
 
+def quack(case, x):
+    """QuACK (Dao-AILab, CuTe DSL, SM90+): per-token losses from its cross-entropy kernel.
+
+    QuACK's chunked linear cross-entropy reduces to one scalar (mean or sum) and scales one
+    gradient for every token, so it cannot give the per-sequence sums a preference loss needs;
+    ``linear_cross_entropy_func(reduction="none")`` can: bf16 logits from ``F.linear``, then
+    QuACK's online-softmax cross-entropy kernel with its in-place backward.
+    """
+    if not x["hidden"].is_cuda:
+        raise Unavailable("QuACK runs on CUDA (SM90+) only")
+    if case not in ("logps", FROZEN, "policy_ref", "dpo"):
+        raise Unavailable("only the log-prob cases are built on QuACK here")
+    try:
+        from quack.linear_cross_entropy import linear_cross_entropy_func
+    except ImportError as err:
+        raise Unavailable(f"quack-kernels not installed: {err}") from err
+
+    def logps(hidden, weight, labels):
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        nll = linear_cross_entropy_func(
+            rows, weight, None, labels.reshape(-1), reduction="none", inplace_backward=True
+        ).view(labels.shape)
+        mask = labels != -100
+        return eager_ref.EagerLogps(-(nll * mask).sum(-1), mask.sum(-1))
+
+    return _losses(logps)(case, x)
+
+
 IMPLEMENTATIONS = {
     "eager": eager,
     "torch.compile": compiled,
     "liger": liger,
     "trl.kernels": trl_kernel,
     "cce": cut_cross_entropy,
+    "quack": quack,
     "fastalign": fastalign_impl,
     "fastalign-recompute": fastalign_recompute,
     "fastalign-fused": fastalign_fused,

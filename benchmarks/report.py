@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-PEERS = ("torch.compile", "liger", "trl.kernels", "cce")
+PEERS = ("torch.compile", "liger", "trl.kernels", "cce", "quack")
 # Matmul FLOPs per scored token, in units of H·V: policy fwd+bwd 6 (4 with a frozen lm_head:
 # no weight gradient), each no-grad stream 2. Counted once, without any recompute.
 FLOP_UNITS = {
