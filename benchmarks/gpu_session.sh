@@ -46,17 +46,17 @@ setup() {
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }
 
-KERNEL_TESTS=(tests/test_triton_logprob.py tests/test_losses_dpo.py tests/test_losses_ipo.py
-    tests/test_losses_kto.py tests/test_losses_typo.py tests/test_losses_common.py)
+# The op and every loss file on CUDA: the store path (the default for a trainable head) too.
+KERNEL_TESTS=(tests/test_triton_logprob.py tests/test_ops.py tests/test_losses_*.py)
 
 tests() {
     # (tests/test_triton_compile.py needs no GPU: it runs on CPU, against triton 3.9's ptxas.)
     python3 -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" tests/test_fused_epilogue.py \
         tests/test_fused_bench.py 2>&1 | tee "$OUT/tests.log"
-    # The same API tests with the fused kernels behind the backend (16-bit weights take them).
-    # (test_losses_store.py: the store path, on the fused kernels' store variant.)
+    # The same API tests with the fused kernels behind the backend (16-bit weights take them;
+    # test_losses_store.py then runs the fused kernels' store variant).
     FASTALIGN_CUDA_KERNEL=fused python3 -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
-        tests/test_losses_store.py 2>&1 | tee "$OUT/tests-fused.log"
+        2>&1 | tee "$OUT/tests-fused.log"
 }
 
 fused() {

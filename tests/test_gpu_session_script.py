@@ -82,3 +82,10 @@ def test_each_command_line_is_accepted(module, argv, monkeypatch):
     main = importlib.import_module(module).main
     with pytest.raises(Parsed):
         main(argv)
+
+
+def test_every_test_file_the_script_runs_exists():
+    named = set(re.findall(r"tests/[\w*]+\.py", SCRIPT.read_text()))
+    assert "tests/test_losses_*.py" in named
+    for pattern in sorted(named):
+        assert list(ROOT.glob(pattern)), f"gpu_session.sh names {pattern}, which matches no file"
