@@ -276,23 +276,35 @@ def liger(case, x):
     return run_kto
 
 
-def cut_cross_entropy(case, x):
-    """Apple's CCE (CUDA only): per-token losses via ``linear_cross_entropy``."""
+def _per_token_peer(case, x, peer: str, package: str, load):
+    """A CUDA-only peer that gives per-token losses: ``load()`` imports it and returns
+    ``nll(hidden [B, T, H], weight [V, H], labels [B, T]) -> [B, T]``; the log-prob cases
+    are built on its sums over the scored tokens."""
     if not x["hidden"].is_cuda:
-        raise Unavailable("cut-cross-entropy runs on CUDA only")
+        raise Unavailable(f"{peer} runs on CUDA only")
     if case not in ("logps", FROZEN, "policy_ref", "dpo"):
-        raise Unavailable("only the log-prob cases are built on CCE here")
+        raise Unavailable(f"only the log-prob cases are built on {peer} here")
     try:
-        from cut_cross_entropy import linear_cross_entropy
+        nll = load()
     except ImportError as err:
-        raise Unavailable(f"cut-cross-entropy not installed: {err}") from err
+        raise Unavailable(f"{package} not installed: {err}") from err
 
     def logps(hidden, weight, labels):
-        nll = linear_cross_entropy(hidden, weight, labels, reduction="none", ignore_index=-100)
         mask = labels != -100
-        return eager_ref.EagerLogps(-(nll * mask).sum(-1), mask.sum(-1))
+        return eager_ref.EagerLogps(-(nll(hidden, weight, labels) * mask).sum(-1), mask.sum(-1))
 
     return _losses(logps)(case, x)
+
+
+def cut_cross_entropy(case, x):
+    """Apple's CCE: per-token losses via ``linear_cross_entropy``."""
+
+    def load():
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda h, w, y: linear_cross_entropy(h, w, y, reduction="none", ignore_index=-100)
+
+    return _per_token_peer(case, x, "CCE", "cut-cross-entropy", load)
 
 
 def quack(case, x):
@@ -303,24 +315,20 @@ def quack(case, x):
     ``linear_cross_entropy_func(reduction="none")`` can: bf16 logits from ``F.linear``, then
     QuACK's online-softmax cross-entropy kernel with its in-place backward.
     """
-    if not x["hidden"].is_cuda:
-        raise Unavailable("QuACK runs on CUDA (SM90+) only")
-    if case not in ("logps", FROZEN, "policy_ref", "dpo"):
-        raise Unavailable("only the log-prob cases are built on QuACK here")
-    try:
+
+    def load():
         from quack.linear_cross_entropy import linear_cross_entropy_func
-    except ImportError as err:
-        raise Unavailable(f"quack-kernels not installed: {err}") from err
 
-    def logps(hidden, weight, labels):
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        nll = linear_cross_entropy_func(
-            rows, weight, None, labels.reshape(-1), reduction="none", inplace_backward=True
-        ).view(labels.shape)
-        mask = labels != -100
-        return eager_ref.EagerLogps(-(nll * mask).sum(-1), mask.sum(-1))
+        def nll(hidden, weight, labels):
+            rows, targets = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+            out = linear_cross_entropy_func(
+                rows, weight, None, targets, reduction="none", inplace_backward=True
+            )
+            return out.view(labels.shape)
 
-    return _losses(logps)(case, x)
+        return nll
+
+    return _per_token_peer(case, x, "QuACK (SM90+)", "quack-kernels", load)
 
 
 IMPLEMENTATIONS = {
