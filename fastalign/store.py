@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -29,9 +30,20 @@ from ._types import Backend, BackendGrads, LogitTransform
 from .ops import InputSlots
 from .streams import Prepared, sequence_sums
 
-# (group's sequence ids [n] in unit layout, their sums [n] fp32, their token counts [n])
-#   -> (unit losses [U_group], ∂(term loss)/∂sums [n])
-UnitGrads = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (group's sequence ids [n] in unit layout, their sums [n] fp32, their token counts [n],
+#  their unweighted sums [n] or None when the stream has no token weights)
+#   -> UnitGradients of the group
+UnitGrads = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], "UnitGradients"
+]
+
+
+class UnitGradients(NamedTuple):
+    """A group's unit losses and the term loss's gradients with respect to its sums."""
+
+    losses: torch.Tensor  # [U_group] detached
+    grad_sums: torch.Tensor  # [n] ∂(term loss)/∂(weighted) sums
+    grad_raw: torch.Tensor | None = None  # [n] ∂(term loss)/∂(unweighted) sums, or None
 
 
 @dataclass
@@ -136,6 +148,26 @@ def _token_index(prepared: Prepared, seqs: torch.Tensor) -> tuple[torch.Tensor, 
     return first + offset, local
 
 
+def _group_upstream(term: StoreTerm, seqs, index, local, logp: torch.Tensor):
+    """One group's ``(UnitGradients, sums [n], ∂loss/∂logp_t [R])`` from its token log-probs
+    ``logp [R]``. With token weights ``w_t`` (LD-DPO) the sums are ``Σ_t w_t·logp_t`` and the
+    upstream gradient of a token is ``g_seq·w_t`` (plus ``g_raw`` of the unweighted sums)."""
+    prepared = term.prepared
+    positions = prepared.positions[index]  # [R]
+    weights = prepared.token_weights(index, logp.dtype)  # [R] or None
+    raw = sequence_sums(logp, local, positions, seqs.numel(), prepared.max_len)  # [n]
+    sums = raw
+    if weights is not None:
+        sums = sequence_sums(logp * weights, local, positions, seqs.numel(), prepared.max_len)
+    unit = term.unit_grads(seqs, sums, prepared.num_tokens[seqs], None if weights is None else raw)
+    grad_logp = unit.grad_sums.detach().to(logp.dtype)[local]  # [R]
+    if weights is not None:
+        grad_logp = grad_logp * weights
+    if unit.grad_raw is not None:
+        grad_logp = grad_logp + unit.grad_raw.detach().to(logp.dtype)[local]
+    return unit, sums, grad_logp
+
+
 def _run_term(plan: StorePlan, term: StoreTerm, acc: BackendGrads, need_hidden: bool):
     """Walk one term's groups: ``(term loss, sums [B], grad_hidden or None)``."""
     prepared = term.prepared
@@ -152,13 +184,9 @@ def _run_term(plan: StorePlan, term: StoreTerm, acc: BackendGrads, need_hidden: 
         group = tokens.select(index)
         rows = group.rows(0, group.num_rows)  # [R, H]
         logits = plan.backend.group_logits(rows, group, plan.transform)
-        group_sums = sequence_sums(
-            logits.logp, local, prepared.positions[index], seqs.numel(), prepared.max_len
-        )
-        losses, g = term.unit_grads(seqs, group_sums, prepared.num_tokens[seqs])
-        unit_losses.append(losses.detach())
+        unit, group_sums, grad_logp = _group_upstream(term, seqs, index, local, logits.logp)
+        unit_losses.append(unit.losses.detach())
         sums[seqs] = group_sums.to(dtype)
-        grad_logp = g.detach().to(dtype)[local]  # [R]
         flag = grad_hidden if need_hidden else None
         group_grads = BackendGrads(flag, acc.weight, acc.bias)
         grad_rows = plan.backend.group_grads(

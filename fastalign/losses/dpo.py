@@ -23,7 +23,7 @@ from ._common import (
     policy_and_reference,
 )
 from .pair_config import chosen_token_count, pair_loss_config, pair_unit_loss
-from .pair_extras import extras_pair_loss
+from .pair_extras import extras_pair_loss, shared_length
 from .pair_losses import PAIR_LOSS_TYPES
 from .units import UnitLoss, UnitStats
 
@@ -126,9 +126,11 @@ def dpo_loss_fused(
         rpo_alpha: weight of the chosen rows' per-token NLL (RPO; the same as appending
             ``"sft"`` with that weight), from the same launch.
         ld_alpha: LD-DPO's α in [0, 1]: tokens past ``min(n_w, n_l)`` count α-fold in the
-            policy and streamed reference sums (recompute path: a per-token extra).
+            policy and streamed reference sums (a per-token weight; both gradient paths).
+            ``logps/*`` and rewards read the weighted sums, the ``sft`` term the plain ones.
         use_weighting: WPO weights ``w_w·w_l``, ``w = exp(mean_t(log p_t − log Σ_v p_v²))``
-            (detached), ``log Σ p²`` from the same fold (no extra GEMM; recompute path).
+            (detached), ``log Σ p²`` from the same fold (no extra GEMM; recompute path
+            only: a warning under ``grad_mode="store"``).
         f_divergence_type, f_alpha_divergence_coef: f-DPO's divergence (``reverse_kl``,
             ``forward_kl``, ``js_divergence``, ``alpha_divergence``) and its α.
         discopop_tau: DiscoPOP's τ.
@@ -173,7 +175,10 @@ def dpo_loss_fused(
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
         reference=reference,
     )  # fmt: skip
-    if config.ld_alpha is not None or config.use_weighting:
+    if config.ld_alpha is not None:  # LD-DPO: policy and streamed reference weight tokens
+        for stream in (streams.policy, *streams.nograd):
+            stream.prefix_tokens, stream.tail_weight = shared_length, config.ld_alpha
+    if config.use_weighting:
         loss, policy, stats = extras_pair_loss(streams, config=config, options=options)
         logratios = torch.cat([stats.chosen_logratios, stats.rejected_logratios]).detach()
     else:

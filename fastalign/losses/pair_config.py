@@ -183,7 +183,9 @@ def pair_unit_loss(
 ) -> UnitLoss:
     """The gradient-unit form (``fastalign.losses.units``) of a checked loss selection: a
     group's rows are its k chosen then its k rejected sequences; ``ref_logps [2B]`` (None:
-    reference-free) is picked by row; the NLL term's ``B/N_w`` is a batch constant."""
+    reference-free) is picked by row; the NLL term's ``B/N_w`` is a batch constant. With
+    LD-DPO the preference terms read the weighted sums and the NLL term the plain ones
+    (``UnitStats.raw_logps``)."""
     sft_scale = pairs / max(chosen_tokens, 1)
 
     def unit_loss(s: UnitStats) -> torch.Tensor:  # [k]
@@ -197,7 +199,7 @@ def pair_unit_loss(
             rejected_ref_logps=ref[k:].to(s.logps.dtype),
             chosen_num_tokens=counts[:k],
             rejected_num_tokens=counts[k:],
-            chosen_sft_logps=s.logps[:k],
+            chosen_sft_logps=(s.logps if s.raw_logps is None else s.raw_logps)[:k],
             sft_scale=sft_scale,
         )
         losses = combined_pair_losses(stats, config.params, config.loss_types, config.loss_weights)

@@ -1,5 +1,5 @@
-"""LD-DPO and WPO: pair losses that read per-token extras of the fold (a prefix sum, and
-``Σ_t log Σ_v p²``), scored in one launch on the recompute path."""
+"""WPO (alone or with LD-DPO): pair losses that read per-token extras of the fold
+(``Σ_t log Σ_v p²``, and a prefix sum), scored in one launch on the recompute path."""
 
 from __future__ import annotations
 
@@ -34,19 +34,17 @@ def shared_length(num_tokens: torch.Tensor) -> torch.Tensor:
 def extras_pair_loss(
     streams: PolicyAndReference, *, config: PairLossConfig, options: LogpOptions
 ) -> ExtrasLoss:
-    """A ``dpo_loss_fused`` selection with ``ld_alpha`` and/or ``use_weighting`` on
-    ``streams`` (``policy_and_reference`` of the paired layout): policy and reference (with
-    their prefix sums) and the policy's ``log Σ p²`` from one launch."""
+    """A ``dpo_loss_fused`` selection with ``use_weighting`` (and optionally ``ld_alpha``) on
+    ``streams`` (``policy_and_reference`` of the paired layout; with ``ld_alpha`` their
+    ``prefix_tokens`` set): policy and reference (with their prefix sums) and the policy's
+    ``log Σ p²`` from one launch."""
     if options.grad_mode == "store":
         warnings.warn(
-            "grad_mode='store': ld_alpha / use_weighting read per-token extras the store path "
-            "does not form; using the recompute path",
+            "grad_mode='store': use_weighting reads a per-token extra (log Σ p²) the store "
+            "path does not form; using the recompute path",
             stacklevel=3,
         )
     policy, nograd, ref_logps = streams.policy, streams.nograd, streams.ref_logps
-    prefix = None if config.ld_alpha is None else shared_length
-    for stream in (policy, *nograd):
-        stream.prefix_tokens = prefix
     policy.log_sum_sq = config.use_weighting
     scores = score_streams([policy, *nograd], options)
     logps, ref = scores[0].logps, ref_logps if not nograd else scores[1].logps

@@ -52,10 +52,11 @@ import torch
 
 from .. import tiles
 from .._types import LogpOutput
-from ..ops import InputSlots, prepare_all, score_prepared, select_backend
+from ..ops import InputSlots, StreamScores, prepare_all, score_prepared, select_backend
 from ..options import LogpOptions
-from ..store import StorePlan, StoreResult, StoreTerm
+from ..store import StorePlan, StoreResult, StoreTerm, UnitGradients
 from ..streams import Prepared, StreamInput
+from .pair_losses import ld_weighted
 
 UNITS = ("pair", "row", "batch")
 
@@ -66,6 +67,9 @@ class UnitStats(NamedTuple):
     logps: torch.Tensor  # [n] fp32 (fp64 for fp64 inputs) Σ_t logp_t
     num_tokens: torch.Tensor  # [n] int64 scored tokens
     rows: torch.Tensor  # [n] int64 index of each sequence in its stream
+    # [n] the plain sums Σ_t logp_t when the stream weights its tokens (LD-DPO's
+    # ``StreamInput.tail_weight``: then ``logps`` are Σ_t w_t·logp_t), else None
+    raw_logps: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -110,16 +114,20 @@ def fused_loss(
     policy = prepared[: len(terms)]
     groups = _store_groups(terms, policy, options) if _wants_store(terms, options) else None
     if groups is None:
-        outputs = [out.sums() for out in score_prepared(streams, prepared, transform, backend)]
+        scores = score_prepared(streams, prepared, transform, backend)
+        outputs = [_weighted_sums(out, p) for out, p in zip(scores, prepared)]
         losses = build(outputs[len(terms) :])
-        loss = sum(_whole_batch_loss(unit_loss, out) for unit_loss, out in zip(losses, outputs))
+        loss = sum(
+            _whole_batch_loss(unit_loss, out, score)
+            for unit_loss, out, score in zip(losses, outputs, scores)
+        )
         return FusedLoss(loss, outputs[: len(terms)], outputs[len(terms) :])
     nograd_out = []
     if nograd:
         # No autograd state here: tiles as large as the groups' budget (larger GEMMs).
         chunk = _budget(options, policy[0]) // 4
         scores = score_prepared(list(nograd), prepared[len(terms) :], transform, backend, chunk)
-        nograd_out = [out.sums() for out in scores]
+        nograd_out = [_weighted_sums(out, p) for out, p in zip(scores, prepared[len(terms) :])]
     losses = build(nograd_out)
     store_terms = [
         StoreTerm(
@@ -133,9 +141,19 @@ def fused_loss(
     return FusedLoss(loss, outs, nograd_out)
 
 
-def _whole_batch_loss(unit_loss: UnitLoss, out: LogpOutput) -> torch.Tensor:
+def _weighted_sums(scores: StreamScores, prepared: Prepared) -> LogpOutput:
+    """A stream's sums as its loss reads them: LD-DPO weighted when it weights its tokens
+    (``prefix + α·(full − prefix)``, from the same launch's prefix sums), else plain."""
+    if prepared.tail_weight is None:
+        return scores.sums()
+    logps = ld_weighted(scores.logps, scores.prefix_logps, prepared.tail_weight)
+    return LogpOutput(logps, scores.num_tokens)
+
+
+def _whole_batch_loss(unit_loss: UnitLoss, out: LogpOutput, scores: StreamScores) -> torch.Tensor:
     rows = torch.arange(out.logps.numel(), device=out.logps.device)
-    return unit_loss.unit_loss(UnitStats(out.logps, out.num_tokens, rows)).mean()
+    raw = None if scores.logps is out.logps else scores.logps
+    return unit_loss.unit_loss(UnitStats(out.logps, out.num_tokens, rows, raw)).mean()
 
 
 def _num_units(unit: str, num_seqs: int) -> int:
@@ -143,18 +161,25 @@ def _num_units(unit: str, num_seqs: int) -> int:
 
 
 def _unit_grads(unit_loss: UnitLoss, num_units: int):
-    """``(seqs, sums, num_tokens) -> (unit losses, ∂(term loss)/∂sums)`` for the store path."""
+    """``(seqs, sums, num_tokens, raw sums) -> UnitGradients`` for the store path: the
+    closed form when the loss has one (it reads the weighted sums only), else autograd."""
 
-    def run(seqs: torch.Tensor, sums: torch.Tensor, num_tokens: torch.Tensor):
-        stats = UnitStats(sums, num_tokens, seqs)
+    def run(seqs: torch.Tensor, sums: torch.Tensor, num_tokens: torch.Tensor, raw):
+        stats = UnitStats(sums, num_tokens, seqs, raw)
         if unit_loss.unit_grad is not None:
-            losses, g = unit_loss.unit_loss(stats), unit_loss.unit_grad(stats)
-        else:
-            with torch.enable_grad():
-                logps = sums.detach().requires_grad_()
-                losses = unit_loss.unit_loss(stats._replace(logps=logps))
-                (g,) = torch.autograd.grad(losses.sum(), logps)
-        return losses.detach(), g / num_units
+            g = unit_loss.unit_grad(stats)
+            return UnitGradients(unit_loss.unit_loss(stats).detach(), g / num_units)
+        with torch.enable_grad():
+            logps = sums.detach().requires_grad_()
+            raw_in = None if raw is None else raw.detach().requires_grad_()
+            losses = unit_loss.unit_loss(stats._replace(logps=logps, raw_logps=raw_in))
+            inputs = [logps] if raw_in is None else [logps, raw_in]
+            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+        g, g_raw = (*grads, None)[:2]
+        g = torch.zeros_like(sums) if g is None else g
+        return UnitGradients(
+            losses.detach(), g / num_units, None if g_raw is None else g_raw / num_units
+        )
 
     return run
 
