@@ -15,7 +15,10 @@ The contract (for anyone adding a loss):
    KTO's desirable flags). Layout: ``"row"`` units are consecutive rows; ``"pair"`` units
    keep the concatenated layout inside the group (its k chosen rows, then their k rejected
    rows, so ``logps[:k] - logps[k:]`` is the pair margin); ``"batch"`` is one unit holding
-   every row (a loss that couples the whole batch).
+   every row (a loss that couples the whole batch). A stream with token weights
+   (``StreamInput.prefix_tokens`` + ``tail_weight``, LD-DPO) gives ``logps`` =
+   ``Σ_t w_t·logp_t`` on both paths and its plain sums in ``raw_logps`` (the store path then
+   hands ``g·w_t`` plus the raw sums' gradient to each token).
 3. ``fused_loss(terms, nograd, build, options)`` returns the loss
    ``Σ_terms mean_over_units(unit_loss)`` and every stream's sums, on either path:
 
