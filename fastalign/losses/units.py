@@ -57,22 +57,11 @@ from .. import tiles
 from .._types import LogpOutput
 from ..ops import InputSlots, StreamScores, prepare_all, score_prepared, select_backend
 from ..options import LogpOptions
-from ..store import StorePlan, StoreResult, StoreTerm, UnitGradients
+from ..store import StorePlan, StoreResult, StoreTerm, UnitGradients, UnitStats
 from ..streams import Prepared, StreamInput
 from .pair_losses import ld_weighted
 
 UNITS = ("pair", "row", "batch")
-
-
-class UnitStats(NamedTuple):
-    """Per-sequence statistics of one group of whole units (see the module docstring)."""
-
-    logps: torch.Tensor  # [n] fp32 (fp64 for fp64 inputs) Σ_t logp_t
-    num_tokens: torch.Tensor  # [n] int64 scored tokens
-    rows: torch.Tensor  # [n] int64 index of each sequence in its stream
-    # [n] the plain sums Σ_t logp_t when the stream weights its tokens (LD-DPO's
-    # ``StreamInput.tail_weight``: then ``logps`` are Σ_t w_t·logp_t), else None
-    raw_logps: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +145,8 @@ def _weighted_sums(scores: StreamScores, prepared: Prepared) -> LogpOutput:
 def _whole_batch_loss(unit_loss: UnitLoss, out: LogpOutput, scores: StreamScores) -> torch.Tensor:
     rows = torch.arange(out.logps.numel(), device=out.logps.device)
     raw = None if scores.logps is out.logps else scores.logps
-    return unit_loss.unit_loss(UnitStats(out.logps, out.num_tokens, rows, raw)).mean()
+    stats = UnitStats(out.logps, out.num_tokens, rows, raw, scores.log_sum_sq)
+    return unit_loss.unit_loss(stats).mean()
 
 
 def _num_units(unit: str, num_seqs: int) -> int:
@@ -164,11 +154,11 @@ def _num_units(unit: str, num_seqs: int) -> int:
 
 
 def _unit_grads(unit_loss: UnitLoss, num_units: int):
-    """``(seqs, sums, num_tokens, raw sums) -> UnitGradients`` for the store path: the
-    closed form when the loss has one (it reads the weighted sums only), else autograd."""
+    """``UnitStats -> UnitGradients`` for the store path: the closed form when the loss has
+    one (it reads the weighted sums only), else autograd on the group's stats."""
 
-    def run(seqs: torch.Tensor, sums: torch.Tensor, num_tokens: torch.Tensor, raw):
-        stats = UnitStats(sums, num_tokens, seqs, raw)
+    def run(stats: UnitStats) -> UnitGradients:
+        sums, raw = stats.logps, stats.raw_logps
         if unit_loss.unit_grad is not None:
             g = unit_loss.unit_grad(stats)
             return UnitGradients(unit_loss.unit_loss(stats).detach(), g / num_units)

@@ -1,7 +1,8 @@
-"""LD-DPO (``ld_alpha``) on the store path: per-token weights ``w_t ∈ {1, α}`` on the policy's
-and the streamed reference's sums, against the float64 formula and the recompute path, on
+"""LD-DPO (``ld_alpha``) and WPO (``use_weighting``) on the store path: per-token weights
+``w_t ∈ {1, α}`` on the policy's and the streamed reference's sums, and WPO's pair weights
+from the group fold's ``log Σ p²``, against the float64 formulas and the recompute path, on
 both backends (streamed / precomputed reference, packed input, the ``sft`` term, bias and
-logit transform, grad_output ≠ 1), and ``grad_mode="store"`` taking it without a warning."""
+logit transform, grad_output ≠ 1), and ``grad_mode="store"`` taking them without a warning."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 import fastalign
 from tests import pair_reference as PR
-from tests.reference import naive_token_logps
+from tests.reference import naive_log_softmax, naive_token_logps
 from tests.test_losses_store import SEQ, TRANSFORM, close, inputs
 
 ALPHA, BETA = 0.35, 0.3
@@ -28,15 +29,34 @@ CASES = {
         ref="precomputed", loss_type=["hinge", "sft"], loss_weights=[1.0, 0.6], bias=True
     ),
     "robust-rpo": dict(ref="stream", loss_type="robust", label_smoothing=0.1, rpo_alpha=0.5),
+    "wpo-transform-bias": dict(
+        ref="stream", use_weighting=True, ld_alpha=None, bias=True, **TRANSFORM
+    ),
+    "wpo-ld-sft-packed": dict(
+        ref="stream", use_weighting=True, rpo_alpha=0.4, packed=True, shift=True
+    ),
+    "wpo-ld-mix-precomputed": dict(
+        ref="precomputed",
+        use_weighting=True,
+        loss_type=["sigmoid", "hinge"],
+        loss_weights=[1.0, 0.25],
+    ),
 }
-TRITON_CASES = ["stream-transform-bias", "packed-shift", "mix-sft-precomputed"]
+TRITON_CASES = [
+    "stream-transform-bias",
+    "packed-shift",
+    "mix-sft-precomputed",
+    "wpo-transform-bias",
+    "wpo-ld-sft-packed",
+]
 MATRIX = [(c, "torch") for c in CASES] + [(c, "triton") for c in TRITON_CASES]
 
 
 def ld_sums(hidden, weight, bias, labels, opts):
-    """float64 ``(LD-weighted sums [2B], plain sums [2B], counts [2B])``: per-token log-probs
-    from full logits, the first ``min(n_w, n_l)`` scored tokens counted once, the rest α-fold.
-    Packed inputs of equal-length sequences are the padded ones reshaped."""
+    """float64 ``(LD-weighted sums [2B], plain sums [2B], counts [2B], Σ_t log Σ_v p² [2B])``
+    from full logits: the first ``min(n_w, n_l)`` scored tokens counted once, the rest α-fold
+    (α = ``opts["ld_alpha"]``, default ALPHA; None: plain sums). Packed inputs of
+    equal-length sequences are the padded ones reshaped."""
     rows = labels.numel() // SEQ
     hidden, labels = hidden.reshape(rows, SEQ, -1), labels.reshape(rows, SEQ)
     if opts.get("shift"):
@@ -44,8 +64,13 @@ def ld_sums(hidden, weight, bias, labels, opts):
     transform = {k: opts[k] for k in TRANSFORM if k in opts}
     b = bias if opts.get("bias") else None
     token = naive_token_logps(hidden.double(), weight, labels, bias=b, **transform)
+    logp = naive_log_softmax(hidden.detach(), weight.detach(), b, **transform)
+    scored = labels != -100
+    log_sum_sq = (torch.logsumexp(2 * logp, -1) * scored).sum(1)
     full, prefix = token.sum(1), PR.naive_prefix_sums(token, labels)
-    return prefix + ALPHA * (full - prefix), full, (labels != -100).sum(1)
+    alpha = opts.get("ld_alpha", ALPHA)
+    weighted = full if alpha is None else prefix + alpha * (full - prefix)
+    return weighted, full, scored.sum(1), log_sum_sq
 
 
 def run(x, opts, backend, grad_mode):
@@ -55,7 +80,8 @@ def run(x, opts, backend, grad_mode):
     for key in ("shift", *TRANSFORM):
         if key in opts:
             options[key] = opts.pop(key)
-    kwargs = dict(options=fastalign.LogpOptions(**options), beta=BETA, ld_alpha=ALPHA)
+    kwargs = dict(options=fastalign.LogpOptions(**options), beta=BETA)
+    kwargs["ld_alpha"] = opts.pop("ld_alpha", ALPHA)
     if opts.pop("bias", False):
         kwargs["bias"] = x["bias"]
     if opts.pop("packed", False):
@@ -75,9 +101,8 @@ def case_inputs(opts, device):
     grid[3, 5:] = -100
     grid[2, 6:] = -100
     with torch.no_grad():
-        x["ref_ld"] = ld_sums(x["ref_hidden"], x["weight"].double(), x["bias"], x["labels"], opts)[
-            0
-        ].float()
+        ref = ld_sums(x["ref_hidden"], x["weight"].double(), x["bias"], x["labels"], opts)
+        x["ref_ld"] = ref[0].float()
     for leaf in LEAVES:
         x[leaf].requires_grad_()
     return x
@@ -86,7 +111,7 @@ def case_inputs(opts, device):
 def truth(x, opts, leaves64):
     """``(loss, LD sums [2B], reference LD sums [2B])`` from the float64 formulas."""
     hidden, weight, bias = leaves64
-    s, raw, n = ld_sums(hidden, weight, bias, x["labels"], opts)
+    s, raw, n, log_sum_sq = ld_sums(hidden, weight, bias, x["labels"], opts)
     if opts["ref"] == "stream":
         ref = ld_sums(x["ref_hidden"], weight.detach(), bias.detach(), x["labels"], opts)[0]
     else:
@@ -97,7 +122,11 @@ def truth(x, opts, leaves64):
     if "rpo_alpha" in opts:
         types, weights = [*types, "sft"], [*weights, opts["rpo_alpha"]]
     P = PR.pairs_dict(s, ref, n, s_raw=raw)
-    loss = PR.combined(P, PR.options(BETA, opts.get("label_smoothing", 0.0)), types, weights)
+    pair_weight = None
+    if opts.get("use_weighting"):
+        pair_weight = PR.wpo_pair_weight(raw.detach(), log_sum_sq, n.clamp_min(1))
+    o = PR.options(BETA, opts.get("label_smoothing", 0.0))
+    loss = PR.combined(P, o, types, weights, pair_weight)
     return loss, s.detach(), ref.detach()
 
 
@@ -150,12 +179,14 @@ def test_ld_store_scales_by_grad_output_and_adds_to_other_terms():
         close(g, r, 1e-5, f"grad {name}")
 
 
-def test_store_and_auto_take_ld_alpha_without_a_warning():
-    """``ld_alpha`` no longer falls back: ``auto`` and ``store`` both take the store path."""
-    x = case_inputs(CASES["stream"], "cpu")
-    x["labels"][1, 3:] = 7  # no all-ignored row: no warning is expected at all
+@pytest.mark.parametrize("case", ["stream", "wpo-ld-sft-packed"])
+def test_store_and_auto_take_ld_alpha_and_wpo_without_a_warning(case):
+    """``ld_alpha`` / ``use_weighting`` no longer fall back: ``auto`` and ``store`` both take
+    the store path."""
+    x = case_inputs(CASES[case], "cpu")
+    x["labels"].view(-1, SEQ)[1, 3:] = 7  # no all-ignored row: no warning is expected at all
     for mode in ("auto", "store"):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            out = run(x, CASES["stream"], "torch", mode)
+            out = run(x, CASES[case], "torch", mode)
         assert type(out.loss.grad_fn).__name__ == "StoreResultBackward", mode
