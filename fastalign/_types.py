@@ -104,6 +104,7 @@ class GroupLogits(NamedTuple):
     # vocabulary [P, R] fp32, and ``logits`` holds exp2(z₂ − part max)·s in the weight's dtype.
     part_max: torch.Tensor | None = None
     part_width: int = 0
+    log_sum_sq: torch.Tensor | None = None  # [R] fp32 log Σ_v p_v² (WPO), when asked
 
 
 class Backend(Protocol):
@@ -132,9 +133,14 @@ class Backend(Protocol):
         """Recompute path: gradients of ``Σ_t grad_logp[t]·logp[t]``, logits recomputed."""
 
     def group_logits(
-        self, rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform
+        self,
+        rows: torch.Tensor,
+        tokens: TokenBatch,
+        transform: LogitTransform,
+        log_sum_sq: bool = False,
     ) -> GroupLogits:
-        """Store path, step 1: one GEMM for the group's ``[R, H]`` rows, then the fold."""
+        """Store path, step 1: one GEMM for the group's ``[R, H]`` rows, then the fold (and
+        each row's ``log Σ_v p_v²`` when ``log_sum_sq``, WPO)."""
 
     def group_grads(
         self,

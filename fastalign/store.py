@@ -11,7 +11,9 @@ opt-in fused-GEMM kernels a group keeps ``exp2(z₂ − part max)·s`` in the we
 instead of fp32 logits: ``kernels/fused_logprob.py``.) Backward only scales the stored
 gradients by ``grad_output`` (in place) and hands them to autograd: 6·N·H·V per policy token
 instead of the recompute path's 8. The gradients are returned from ``backward`` (DDP/FSDP
-hooks fire as usual); a second backward through the same loss raises.
+hooks fire as usual); a second backward through the same loss raises. A stream with token
+weights (LD-DPO) sums ``w_t·logp_t`` and hands ``g·w_t`` to each token; one asking for
+``log Σ p²`` (WPO) gets it from the group's fold (``UnitStats``).
 
 Held from forward to backward: ``grad_hidden`` in fp32 (each differentiable stream's hidden
 shape), one fp32 ``[V, H]`` lm_head accumulator (shared by streams on the same lm_head) and
@@ -22,16 +24,38 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from ._types import Backend, BackendGrads, LogitTransform
+from ._types import Backend, BackendGrads, GroupLogits, LogitTransform
 from .ops import InputSlots
 from .streams import Prepared, sequence_sums
 
-# (group's sequence ids [n] in unit layout, their sums [n] fp32, their token counts [n])
-#   -> (unit losses [U_group], ∂(term loss)/∂sums [n])
-UnitGrads = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+class UnitStats(NamedTuple):
+    """Per-sequence statistics of one group of whole units (``fastalign.losses.units``)."""
+
+    logps: torch.Tensor  # [n] fp32 (fp64 for fp64 inputs) Σ_t logp_t
+    num_tokens: torch.Tensor  # [n] int64 scored tokens
+    rows: torch.Tensor  # [n] int64 index of each sequence in its stream
+    # [n] the plain sums Σ_t logp_t when the stream weights its tokens (LD-DPO's
+    # ``StreamInput.tail_weight``: then ``logps`` are Σ_t w_t·logp_t), else None
+    raw_logps: torch.Tensor | None = None
+    # [n] detached Σ_t log Σ_v p_tv² when the stream asks for it (WPO), else None
+    log_sum_sq: torch.Tensor | None = None
+
+
+# A group's UnitStats -> its UnitGradients
+UnitGrads = Callable[[UnitStats], "UnitGradients"]
+
+
+class UnitGradients(NamedTuple):
+    """A group's unit losses and the term loss's gradients with respect to its sums."""
+
+    losses: torch.Tensor  # [U_group] detached
+    grad_sums: torch.Tensor  # [n] ∂(term loss)/∂(weighted) sums
+    grad_raw: torch.Tensor | None = None  # [n] ∂(term loss)/∂(unweighted) sums, or None
 
 
 @dataclass
@@ -136,6 +160,30 @@ def _token_index(prepared: Prepared, seqs: torch.Tensor) -> tuple[torch.Tensor, 
     return first + offset, local
 
 
+def _group_upstream(term: StoreTerm, seqs, index, local, group: GroupLogits):
+    """One group's ``(UnitGradients, sums [n], ∂loss/∂logp_t [R])`` from its fold. With token
+    weights ``w_t`` (LD-DPO) the sums are ``Σ_t w_t·logp_t`` and the upstream gradient of a
+    token is ``g_seq·w_t`` (plus ``g_raw`` of the unweighted sums)."""
+    prepared, logp = term.prepared, group.logp  # logp [R]
+    positions = prepared.positions[index]  # [R]
+
+    def seq_sums(values: torch.Tensor) -> torch.Tensor:  # [R] -> [n]
+        return sequence_sums(values, local, positions, seqs.numel(), prepared.max_len)
+
+    weights = prepared.token_weights(index, logp.dtype)  # [R] or None
+    raw = seq_sums(logp)
+    sums = raw if weights is None else seq_sums(logp * weights)
+    sq = None if group.log_sum_sq is None else seq_sums(group.log_sum_sq)
+    stats = UnitStats(sums, prepared.num_tokens[seqs], seqs, None if weights is None else raw, sq)
+    unit = term.unit_grads(stats)
+    grad_logp = unit.grad_sums.detach().to(logp.dtype)[local]  # [R]
+    if weights is not None:
+        grad_logp = grad_logp * weights
+    if unit.grad_raw is not None:
+        grad_logp = grad_logp + unit.grad_raw.detach().to(logp.dtype)[local]
+    return unit, sums, grad_logp
+
+
 def _run_term(plan: StorePlan, term: StoreTerm, acc: BackendGrads, need_hidden: bool):
     """Walk one term's groups: ``(term loss, sums [B], grad_hidden or None)``."""
     prepared = term.prepared
@@ -151,14 +199,10 @@ def _run_term(plan: StorePlan, term: StoreTerm, acc: BackendGrads, need_hidden: 
         index, local = _token_index(prepared, seqs)
         group = tokens.select(index)
         rows = group.rows(0, group.num_rows)  # [R, H]
-        logits = plan.backend.group_logits(rows, group, plan.transform)
-        group_sums = sequence_sums(
-            logits.logp, local, prepared.positions[index], seqs.numel(), prepared.max_len
-        )
-        losses, g = term.unit_grads(seqs, group_sums, prepared.num_tokens[seqs])
-        unit_losses.append(losses.detach())
+        logits = plan.backend.group_logits(rows, group, plan.transform, prepared.log_sum_sq)
+        unit, group_sums, grad_logp = _group_upstream(term, seqs, index, local, logits)
+        unit_losses.append(unit.losses.detach())
         sums[seqs] = group_sums.to(dtype)
-        grad_logp = g.detach().to(dtype)[local]  # [R]
         flag = grad_hidden if need_hidden else None
         group_grads = BackendGrads(flag, acc.weight, acc.bias)
         grad_rows = plan.backend.group_grads(

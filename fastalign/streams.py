@@ -37,6 +37,9 @@ class StreamInput:
     # first prefix_tokens(num_tokens [B]) -> [B] scored tokens, and Σ_t log Σ_v p_tv².
     prefix_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None
     log_sum_sq: bool = False
+    # LD-DPO on the fused-loss paths (``fastalign.losses.units``): tokens past the prefix
+    # count tail_weight-fold in the stream's sums (needs prefix_tokens).
+    tail_weight: float | None = None
 
     def name(self, role: str) -> str:
         return self.names.get(role, role)
@@ -65,6 +68,15 @@ class Prepared:
     differentiable: bool
     prefix_mask: torch.Tensor | None = None  # bool [M]: token in its sequence's prefix
     log_sum_sq: bool = False
+    tail_weight: float | None = None  # weight of tokens outside the prefix (LD-DPO's α)
+
+    def token_weights(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """Each token's weight in its sequence's sum, ``w_t ∈ {1, tail_weight}`` ``[R]`` in
+        ``dtype``, for the compacted tokens ``index [R]`` (None: every token counts once)."""
+        if self.tail_weight is None:
+            return None
+        one = torch.ones((), dtype=dtype, device=index.device)
+        return torch.where(self.prefix_mask[index], one, one * self.tail_weight)
 
 
 def _check_tensors(stream: StreamInput, ignore_index: int) -> None:
@@ -209,6 +221,7 @@ def prepare(stream: StreamInput, *, shift: bool, ignore_index: int) -> Prepared:
         differentiable=stream.differentiable,
         prefix_mask=_prefix_mask(stream.prefix_tokens, c.seq_ids, num_tokens),
         log_sum_sq=stream.log_sum_sq,
+        tail_weight=stream.tail_weight,
     )
 
 

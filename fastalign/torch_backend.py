@@ -205,21 +205,29 @@ def _dz_in_place(
         dz.mul_(transform.multiplier)
 
 
-def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> GroupLogits:
+def group_logits(
+    rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform, log_sum_sq: bool = False
+) -> GroupLogits:
     """Store path: the logits of one group's ``[R, H]`` rows (one GEMM), kept; per row its
-    logp and logsumexp, chunk by chunk. The kept buffer holds ``softmax(z)`` (``z`` itself
-    with a softcap, whose slope ``group_grads`` needs)."""
+    logp and logsumexp (and ``log Σ_v p_v²`` when ``log_sum_sq``: WPO), chunk by chunk. The
+    kept buffer holds ``softmax(z)`` (``z`` itself with a softcap, whose slope
+    ``group_grads`` needs)."""
     logits = _logits(rows, tokens, transform)  # [R, V]
     target = logits.gather(1, tokens.targets[:, None]).squeeze(1)
     lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    sq = torch.empty_like(lse) if log_sum_sq else None
     step = chunk_rows(logits.shape[1])
     for start in range(0, logits.shape[0], step):
-        chunk = logits[start : start + step]
+        chunk, part = logits[start : start + step], slice(start, start + step)
+        if sq is not None:  # log Σ p² = logsumexp(2z) − 2·lse, before z is overwritten
+            sq[part] = torch.logsumexp(2 * chunk, dim=-1)
         if transform.softcap is None:
-            lse[start : start + step] = _softmax_in_place(chunk, normalize=True)
+            lse[part] = _softmax_in_place(chunk, normalize=True)
         else:
-            lse[start : start + step] = torch.logsumexp(chunk, dim=-1)
-    return GroupLogits(logits, target - lse, lse)
+            lse[part] = torch.logsumexp(chunk, dim=-1)
+    if sq is not None:
+        sq -= 2 * lse
+    return GroupLogits(logits, target - lse, lse, log_sum_sq=sq)
 
 
 def group_grads(

@@ -25,20 +25,27 @@ from .logprob import (
 )
 
 
-def group_logits(rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform) -> GroupLogits:
+def group_logits(
+    rows: torch.Tensor, tokens: TokenBatch, transform: LogitTransform, log_sum_sq: bool = False
+) -> GroupLogits:
     """Store path: one cuBLAS GEMM gives the group's raw fp32 logits ``[R, V]`` (kept, raw:
-    the kernels apply bias and transform on the fly), the fold their logp and logsumexp.
-    Where the fused-GEMM kernels are selected and apply, ``fused_logprob.group_logits``."""
-    if (fused := _fused(tokens, False)) is not None:
+    the kernels apply bias and transform on the fly), the fold their logp and logsumexp (and
+    ``log Σ_v p_v²`` when ``log_sum_sq``: WPO). Where the fused-GEMM kernels are selected and
+    apply (no ``log Σ p²`` asked), ``fused_logprob.group_logits``."""
+    fused = None if log_sum_sq else _fused(tokens, False)
+    if fused is not None:
         return fused.group_logits(rows, tokens, transform)
     weight, bias = tokens.weight, tokens.bias
     logits = _mm_fp32(rows, weight.T)  # [R, V] fp32
     running_max, running_sum, target_logit = _running_stats(rows.shape[0], weight.device)
+    sq = torch.zeros_like(running_sum) if log_sum_sq else None
     if rows.shape[0]:
         _fold(logits, tokens.targets.long().contiguous(), _bias_args(weight, bias), 0, transform,
-              (running_max, running_sum, target_logit))  # fmt: skip
+              (running_max, running_sum, target_logit), sq=sq)  # fmt: skip
     lse = running_max + torch.log(running_sum)
-    return GroupLogits(logits, target_logit - lse, lse)
+    if sq is not None:  # log Σ p² = log Σ e^{2(z−m)} − 2·log Σ e^{z−m}
+        sq = torch.log(sq) - 2 * torch.log(running_sum)
+    return GroupLogits(logits, target_logit - lse, lse, log_sum_sq=sq)
 
 
 def group_grads(

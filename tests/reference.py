@@ -5,6 +5,19 @@ from __future__ import annotations
 import torch
 
 
+def naive_log_softmax(
+    hidden, weight, bias=None, logit_scale=1.0, temperature=1.0, logit_softcap=None
+) -> torch.Tensor:
+    """float64 ``log_softmax`` of the transformed logits ``[..., V]``, differentiable."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = logits * logit_scale / temperature
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return torch.log_softmax(logits, dim=-1)
+
+
 def naive_token_logps(
     hidden: torch.Tensor,  # [..., H]
     weight: torch.Tensor,  # [V, H]
@@ -17,13 +30,7 @@ def naive_token_logps(
     logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Per-position log-probs in float64 (0 where ignored), differentiable."""
-    logits = hidden.double() @ weight.double().T
-    if bias is not None:
-        logits = logits + bias.double()
-    logits = logits * logit_scale / temperature
-    if logit_softcap is not None:
-        logits = logit_softcap * torch.tanh(logits / logit_softcap)
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = naive_log_softmax(hidden, weight, bias, logit_scale, temperature, logit_softcap)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
     token = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)

@@ -23,11 +23,17 @@ from ._common import (
     policy_and_reference,
 )
 from .pair_config import chosen_token_count, pair_loss_config, pair_unit_loss
-from .pair_extras import extras_pair_loss
 from .pair_losses import PAIR_LOSS_TYPES
 from .units import UnitLoss, UnitStats
 
 LOSS_TYPES = tuple(PAIR_LOSS_TYPES)
+
+
+def shared_length(num_tokens: torch.Tensor) -> torch.Tensor:
+    """LD-DPO's public length ``min(n_w, n_l)`` for both rows of each pair: ``[2B] -> [2B]``."""
+    pairs = num_tokens.shape[0] // 2
+    shared = torch.minimum(num_tokens[:pairs], num_tokens[pairs:])
+    return torch.cat([shared, shared])
 
 
 def dpo_unit_loss(
@@ -64,6 +70,7 @@ def _unit_loss_for(config, labels, cu_seqlens, options: LogpOptions):
     """``ref -> UnitLoss``: the closed-form DPO/robust unit for a plain single type, else the
     per-pair table (autograd on the group's small stats)."""
     plain = config.loss_types in (("sigmoid",), ("robust",)) and config.loss_weights == (1.0,)
+    plain = plain and not config.use_weighting
     if plain and config.params.f_divergence_type == "reverse_kl":
         params = config.params
         return lambda ref: dpo_unit_loss(
@@ -126,9 +133,12 @@ def dpo_loss_fused(
         rpo_alpha: weight of the chosen rows' per-token NLL (RPO; the same as appending
             ``"sft"`` with that weight), from the same launch.
         ld_alpha: LD-DPO's α in [0, 1]: tokens past ``min(n_w, n_l)`` count α-fold in the
-            policy and streamed reference sums (recompute path: a per-token extra).
+            policy and streamed reference sums (a per-token weight; both gradient paths).
+            ``logps/*`` and rewards read the weighted sums, the ``sft`` term the plain ones.
         use_weighting: WPO weights ``w_w·w_l``, ``w = exp(mean_t(log p_t − log Σ_v p_v²))``
-            (detached), ``log Σ p²`` from the same fold (no extra GEMM; recompute path).
+            (detached), ``log Σ p²`` from the same fold (no extra GEMM; both gradient
+            paths; with ``sft`` the pairs form one batch unit, as WPO scales it by the
+            batch's mean weight).
         f_divergence_type, f_alpha_divergence_coef: f-DPO's divergence (``reverse_kl``,
             ``forward_kl``, ``js_divergence``, ``alpha_divergence``) and its α.
         discopop_tau: DiscoPOP's τ.
@@ -173,17 +183,17 @@ def dpo_loss_fused(
         ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_logps=ref_logps,
         reference=reference,
     )  # fmt: skip
-    if config.ld_alpha is not None or config.use_weighting:
-        loss, policy, stats = extras_pair_loss(streams, config=config, options=options)
-        logratios = torch.cat([stats.chosen_logratios, stats.rejected_logratios]).detach()
-    else:
-        make_unit_loss = _unit_loss_for(config, labels, cu_seqlens, options)
-        result, ref = paired_loss(
-            streams, options=options, make_unit_loss=make_unit_loss, name="dpo_loss_fused",
-            unit=config.unit,
-        )  # fmt: skip
-        loss, policy = result.loss, result.policy[0]
-        logratios = policy.logps.detach() if ref is None else policy.logps.detach() - ref
+    if config.ld_alpha is not None:  # LD-DPO: policy and streamed reference weight tokens
+        for stream in (streams.policy, *streams.nograd):
+            stream.prefix_tokens, stream.tail_weight = shared_length, config.ld_alpha
+    streams.policy.log_sum_sq = config.use_weighting  # WPO: log Σ p² from the same fold
+    make_unit_loss = _unit_loss_for(config, labels, cu_seqlens, options)
+    result, ref = paired_loss(
+        streams, options=options, make_unit_loss=make_unit_loss, name="dpo_loss_fused",
+        unit=config.unit,
+    )  # fmt: skip
+    loss, policy = result.loss, result.policy[0]
+    logratios = policy.logps.detach() if ref is None else policy.logps.detach() - ref
     rewards = config.params.beta * logratios
     num_pairs = rewards.numel() // 2
     return paired_output(loss, policy, rewards[:num_pairs], rewards[num_pairs:], num_pairs)

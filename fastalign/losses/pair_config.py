@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -183,23 +183,18 @@ def pair_unit_loss(
 ) -> UnitLoss:
     """The gradient-unit form (``fastalign.losses.units``) of a checked loss selection: a
     group's rows are its k chosen then its k rejected sequences; ``ref_logps [2B]`` (None:
-    reference-free) is picked by row; the NLL term's ``B/N_w`` is a batch constant."""
+    reference-free) is picked by row; the NLL term's ``B/N_w`` is a batch constant. With
+    LD-DPO the preference terms read the weighted sums and the NLL term the plain ones
+    (``UnitStats.raw_logps``); WPO's pair weights come from the group's plain sums and
+    ``UnitStats.log_sum_sq`` (its batch mean, read by ``sft``, needs the one batch unit that
+    ``PairLossConfig.unit`` gives then)."""
     sft_scale = pairs / max(chosen_tokens, 1)
 
     def unit_loss(s: UnitStats) -> torch.Tensor:  # [k]
-        k = s.logps.shape[0] // 2
-        ref = torch.zeros_like(s.logps) if ref_logps is None else ref_logps[s.rows]
-        counts = s.num_tokens.to(s.logps.dtype)
-        stats = PairStats(
-            chosen_logps=s.logps[:k],
-            rejected_logps=s.logps[k:],
-            chosen_ref_logps=ref[:k].to(s.logps.dtype),
-            rejected_ref_logps=ref[k:].to(s.logps.dtype),
-            chosen_num_tokens=counts[:k],
-            rejected_num_tokens=counts[k:],
-            chosen_sft_logps=s.logps[:k],
-            sft_scale=sft_scale,
-        )
+        ref = None if ref_logps is None else ref_logps[s.rows]
+        sq = s.log_sum_sq if config.use_weighting else None
+        stats = pair_stats(s.logps, ref, s.num_tokens, log_sum_sq=sq, raw_logps=s.raw_logps)
+        stats = replace(stats, sft_scale=sft_scale)  # the batch's, not the group's
         losses = combined_pair_losses(stats, config.params, config.loss_types, config.loss_weights)
         return losses.mean()[None] if config.unit == "batch" else losses  # one batch unit
 

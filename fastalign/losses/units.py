@@ -15,7 +15,10 @@ The contract (for anyone adding a loss):
    KTO's desirable flags). Layout: ``"row"`` units are consecutive rows; ``"pair"`` units
    keep the concatenated layout inside the group (its k chosen rows, then their k rejected
    rows, so ``logps[:k] - logps[k:]`` is the pair margin); ``"batch"`` is one unit holding
-   every row (a loss that couples the whole batch).
+   every row (a loss that couples the whole batch). A stream with token weights
+   (``StreamInput.prefix_tokens`` + ``tail_weight``, LD-DPO) gives ``logps`` =
+   ``Σ_t w_t·logp_t`` on both paths and its plain sums in ``raw_logps`` (the store path then
+   hands ``g·w_t`` plus the raw sums' gradient to each token).
 3. ``fused_loss(terms, nograd, build, options)`` returns the loss
    ``Σ_terms mean_over_units(unit_loss)`` and every stream's sums, on either path:
 
@@ -52,20 +55,13 @@ import torch
 
 from .. import tiles
 from .._types import LogpOutput
-from ..ops import InputSlots, prepare_all, score_prepared, select_backend
+from ..ops import InputSlots, StreamScores, prepare_all, score_prepared, select_backend
 from ..options import LogpOptions
-from ..store import StorePlan, StoreResult, StoreTerm
+from ..store import StorePlan, StoreResult, StoreTerm, UnitGradients, UnitStats
 from ..streams import Prepared, StreamInput
+from .pair_losses import ld_weighted
 
 UNITS = ("pair", "row", "batch")
-
-
-class UnitStats(NamedTuple):
-    """Per-sequence statistics of one group of whole units (see the module docstring)."""
-
-    logps: torch.Tensor  # [n] fp32 (fp64 for fp64 inputs) Σ_t logp_t
-    num_tokens: torch.Tensor  # [n] int64 scored tokens
-    rows: torch.Tensor  # [n] int64 index of each sequence in its stream
 
 
 @dataclass(frozen=True)
@@ -110,16 +106,20 @@ def fused_loss(
     policy = prepared[: len(terms)]
     groups = _store_groups(terms, policy, options) if _wants_store(terms, options) else None
     if groups is None:
-        outputs = [out.sums() for out in score_prepared(streams, prepared, transform, backend)]
+        scores = score_prepared(streams, prepared, transform, backend)
+        outputs = [_weighted_sums(out, p) for out, p in zip(scores, prepared)]
         losses = build(outputs[len(terms) :])
-        loss = sum(_whole_batch_loss(unit_loss, out) for unit_loss, out in zip(losses, outputs))
+        loss = sum(
+            _whole_batch_loss(unit_loss, out, score)
+            for unit_loss, out, score in zip(losses, outputs, scores)
+        )
         return FusedLoss(loss, outputs[: len(terms)], outputs[len(terms) :])
     nograd_out = []
     if nograd:
         # No autograd state here: tiles as large as the groups' budget (larger GEMMs).
         chunk = _budget(options, policy[0]) // 4
         scores = score_prepared(list(nograd), prepared[len(terms) :], transform, backend, chunk)
-        nograd_out = [out.sums() for out in scores]
+        nograd_out = [_weighted_sums(out, p) for out, p in zip(scores, prepared[len(terms) :])]
     losses = build(nograd_out)
     store_terms = [
         StoreTerm(
@@ -133,9 +133,20 @@ def fused_loss(
     return FusedLoss(loss, outs, nograd_out)
 
 
-def _whole_batch_loss(unit_loss: UnitLoss, out: LogpOutput) -> torch.Tensor:
+def _weighted_sums(scores: StreamScores, prepared: Prepared) -> LogpOutput:
+    """A stream's sums as its loss reads them: LD-DPO weighted when it weights its tokens
+    (``prefix + α·(full − prefix)``, from the same launch's prefix sums), else plain."""
+    if prepared.tail_weight is None:
+        return scores.sums()
+    logps = ld_weighted(scores.logps, scores.prefix_logps, prepared.tail_weight)
+    return LogpOutput(logps, scores.num_tokens)
+
+
+def _whole_batch_loss(unit_loss: UnitLoss, out: LogpOutput, scores: StreamScores) -> torch.Tensor:
     rows = torch.arange(out.logps.numel(), device=out.logps.device)
-    return unit_loss.unit_loss(UnitStats(out.logps, out.num_tokens, rows)).mean()
+    raw = None if scores.logps is out.logps else scores.logps
+    stats = UnitStats(out.logps, out.num_tokens, rows, raw, scores.log_sum_sq)
+    return unit_loss.unit_loss(stats).mean()
 
 
 def _num_units(unit: str, num_seqs: int) -> int:
@@ -143,18 +154,25 @@ def _num_units(unit: str, num_seqs: int) -> int:
 
 
 def _unit_grads(unit_loss: UnitLoss, num_units: int):
-    """``(seqs, sums, num_tokens) -> (unit losses, ∂(term loss)/∂sums)`` for the store path."""
+    """``UnitStats -> UnitGradients`` for the store path: the closed form when the loss has
+    one (it reads the weighted sums only), else autograd on the group's stats."""
 
-    def run(seqs: torch.Tensor, sums: torch.Tensor, num_tokens: torch.Tensor):
-        stats = UnitStats(sums, num_tokens, seqs)
+    def run(stats: UnitStats) -> UnitGradients:
+        sums, raw = stats.logps, stats.raw_logps
         if unit_loss.unit_grad is not None:
-            losses, g = unit_loss.unit_loss(stats), unit_loss.unit_grad(stats)
-        else:
-            with torch.enable_grad():
-                logps = sums.detach().requires_grad_()
-                losses = unit_loss.unit_loss(stats._replace(logps=logps))
-                (g,) = torch.autograd.grad(losses.sum(), logps)
-        return losses.detach(), g / num_units
+            g = unit_loss.unit_grad(stats)
+            return UnitGradients(unit_loss.unit_loss(stats).detach(), g / num_units)
+        with torch.enable_grad():
+            logps = sums.detach().requires_grad_()
+            raw_in = None if raw is None else raw.detach().requires_grad_()
+            losses = unit_loss.unit_loss(stats._replace(logps=logps, raw_logps=raw_in))
+            inputs = [logps] if raw_in is None else [logps, raw_in]
+            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+        g, g_raw = (*grads, None)[:2]
+        g = torch.zeros_like(sums) if g is None else g
+        return UnitGradients(
+            losses.detach(), g / num_units, None if g_raw is None else g_raw / num_units
+        )
 
     return run
 
