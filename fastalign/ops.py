@@ -251,8 +251,7 @@ def score_prepared(
 def score_streams(
     streams: list[StreamInput], options: LogpOptions | None = None
 ) -> list[StreamScores]:
-    """Score several streams in one backend launch: the building block of the ops, of the
-    LD-DPO/WPO losses and of plain NLL in the trainer.
+    """Score several streams in one backend launch: the building block of the ops.
 
     Returns one ``StreamScores`` per stream, in order. Differentiable streams carry autograd
     to their ``hidden``, ``weight`` and ``bias``; the others are detached. Always the

@@ -11,7 +11,6 @@ import torch
 
 from .. import checks
 from .._types import LogpOutput
-from ..ops import score_streams  # noqa: F401  (the trainer scores plain NLL through it)
 from ..options import LogpOptions
 from ..streams import StreamInput, reference_stream
 from .units import FusedLoss, PolicyTerm, UnitLoss, fused_loss

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .. import losses
+from ..ops import sequence_logps
 from ..options import LogpOptions
 from . import data as D
 from .model import HiddenStates, head_params
@@ -100,10 +100,9 @@ def sft_warmup(
         batch = D.rows_to_batch([encoded[i] for i in idx], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         weight, bias = head_params(model)
-        stream = losses._common.StreamInput(
-            body(batch["input_ids"], batch["attention_mask"]), weight, batch["labels"], bias=bias
-        )
-        out = losses._common.score_streams([stream], LogpOptions(shift=True, backend=backend))[0]
+        hidden = body(batch["input_ids"], batch["attention_mask"])
+        options = LogpOptions(shift=True, backend=backend)
+        out = sequence_logps(hidden, weight, batch["labels"], bias=bias, options=options)
         loss = -out.logps.sum() / out.num_tokens.sum().clamp_min(1)  # plain NLL, fused op
         optimizer.zero_grad()
         loss.backward()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import losses
+from ..ops import sequence_logps
 from ..options import LogpOptions
 from . import checkpoint as C
 from .model import HiddenStates, head_params
@@ -179,11 +179,14 @@ def score_dataset(
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(device) for k, v in collator(rows)["policy"].items()}
         hidden = body_hidden(body, batch)
-        stream = losses._common.StreamInput(
-            hidden, weight, batch["labels"], bias=bias, cu_seqlens=batch.get("cu_seqlens")
-        )
-        logps = losses._common.score_streams([stream], options)
-        logps = logps[0].logps.cpu()  # [2n]: chosen rows, then rejected rows
+        logps = sequence_logps(
+            hidden,
+            weight,
+            batch["labels"],
+            bias=bias,
+            cu_seqlens=batch.get("cu_seqlens"),
+            options=options,
+        ).logps.cpu()  # [2n]: chosen rows, then rejected rows
         n = len(rows)
         out[start : start + n, 0], out[start : start + n, 1] = logps[:n], logps[n:]
     body.train()
