@@ -95,13 +95,13 @@ def sft_warmup(
     generator = torch.Generator().manual_seed(seed)
     body = HiddenStates(model)
     device = next(model.parameters()).device
+    options = LogpOptions(shift=True, backend=backend)
     for _ in range(steps):
         idx = torch.randint(len(encoded), (16,), generator=generator).tolist()
         batch = D.rows_to_batch([encoded[i] for i in idx], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         weight, bias = head_params(model)
         hidden = body(batch["input_ids"], batch["attention_mask"])
-        options = LogpOptions(shift=True, backend=backend)
         out = sequence_logps(hidden, weight, batch["labels"], bias=bias, options=options)
         loss = -out.logps.sum() / out.num_tokens.sum().clamp_min(1)  # plain NLL, fused op
         optimizer.zero_grad()
