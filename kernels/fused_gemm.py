@@ -6,7 +6,7 @@ Story in order:
 2. ``_mainloop``: ``acc = rows[m-tile] · W[n-tile]ᵀ`` over H in fp32. Tiles come through TMA
    tensor descriptors (``TMA``; Hopper's bulk tensor copy, ``wgmma`` on the GPU) or plain
    masked pointer loads of the same tile (unaligned H, GPUs without TMA: a correctness
-   fall-back, not pipelined in the persistent loop and spilling in the dz epilogue, see
+   fall-back, not pipelined in the persistent loop, at its own smaller tiles, see
    tests/test_triton_compile.py). Interpreted, the operands are cast to fp32 first
    (``DOT_FP32``): the interpreter's bf16 dot is wrong (triton-lang/triton#11584); bf16
    products are exact in fp32, so this is the GPU's math. The interpreter (triton 3.9) runs
@@ -124,9 +124,10 @@ def _halves(b_acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _slope(b_z2, m_n, cap2):
-    """The softcap's slope ``∂z/∂u = 1 − (z/c)²`` (``z₂/cap₂ = z/c``); padding columns: 1."""
-    b_ratio = tl.where(m_n[None, :], b_z2, 0.0) / cap2
+def _slope(b_z2, inv_cap2):
+    """The softcap's slope ``∂z/∂u = 1 − (z/c)²`` (``z₂/cap₂ = z/c``). Padding columns (z₂ =
+    −inf) get a non-finite slope: they are never stored (TMA clips them, pointer stores mask)."""
+    b_ratio = b_z2 * inv_cap2
     return 1.0 - b_ratio * b_ratio
 
 
@@ -228,7 +229,7 @@ def _fused_gemm_kernel(
         b_target = tl.load(targets_ptr + o_m, mask=m_m, other=-1) - chunk_start
         if DZ:
             b_lse2 = tl.load(lse_ptr + o_m, mask=m_m, other=0.0) * 1.4426950408889634
-            b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0)
+            b_g = tl.load(grad_ptr + o_m, mask=m_m, other=0.0) * multiplier
         if EPILOGUE_PARTS == 2:
             b_parts = _halves(b_acc, BLOCK_M, BLOCK_N)
         else:
@@ -239,19 +240,15 @@ def _fused_gemm_kernel(
             m_n = o_n < chunk_width
             b_z2 = _logits2(b_parts[i], b_ptr, has_bias, o_n, m_n, scale2, cap2, cap_k, HAS_SOFTCAP)
             if DZ:
-                b_out = b_g[:, None] * (
-                    (o_n[None, :] == b_target[:, None]).to(tl.float32)
-                    - tl.exp2(b_z2 - b_lse2[:, None])
-                )
+                b_p = tl.exp2(b_z2 - b_lse2[:, None])
+                b_out = b_g[:, None] * tl.where(o_n[None, :] == b_target[:, None], 1.0 - b_p, -b_p)
             else:
                 b_out = _partials(
                     b_z2, off_n, o_m, m_m, o_n, b_target, part_max_ptr, part_sum_ptr, tgt_ptr,
                     num_rows, chunk_width, BLOCK_N // EPILOGUE_PARTS,
                 )  # fmt: skip
             if HAS_SOFTCAP and (DZ or STORE):
-                b_out = b_out * _slope(b_z2, m_n, cap2)
-            if DZ:
-                b_out = b_out * multiplier
+                b_out = b_out * _slope(b_z2, 1.0 / cap2)
             if DZ or STORE:
                 _store_tile(out, stride_out, b_out, off_m, off_n, o_m, m_m, o_n, m_n, TMA)
 

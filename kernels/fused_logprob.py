@@ -85,8 +85,10 @@ class TileConfig(NamedTuple):
 
 # 128×256×64 tiles, GROUP_M 8, 8 warps, 3 stages (the persistent-matmul tutorial's Hopper
 # choice) with the epilogue in two column halves: no register spills in either kernel (ptxas
-# for sm_90a, checked by tests/test_triton_compile.py); without the split the dz epilogue
-# spills ~700 B at these tiles. benchmarks/fused_bench.py sweeps others; unmeasured so far.
+# for sm_90a, checked by tests/test_triton_compile.py with triton 3.9 and with the GPU image's
+# 3.6); without the split the dz epilogue spills ~700 B at these tiles, and with the softcap's
+# dz written as (onehot − p)·s·mult in separate steps triton 3.6 spilled 184 B.
+# benchmarks/fused_bench.py sweeps others; unmeasured so far.
 GPU_CONFIG = TileConfig(128, 256, 64, 8, 8, 3, True)
 # The pointer-load fall-back (unaligned rows, no TMA): 128×64×32, 2 stages, no spills in any
 # epilogue (at 128×128 the store path's forward epilogue spills 144 B).

@@ -73,21 +73,38 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _ptxas_available() -> bool:
+# Triton installs to compile against besides the one imported here, as site directories
+# separated by os.pathsep: e.g. the GPU image's triton 3.6 (``pip install --no-deps --target
+# /tmp/t36 triton==3.6.0``, then FASTALIGN_EXTRA_TRITON=/tmp/t36), whose compiler allocates
+# registers differently (it spilled in the dz epilogue where 3.9 did not).
+TRITONS = [None] + [p for p in os.environ.get("FASTALIGN_EXTRA_TRITON", "").split(os.pathsep) if p]
+
+
+def _ptxas_available(site: str | None) -> bool:
     """Triton's wheel bundles NVIDIA's ptxas; a build without it cannot compile for sm_90."""
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    root = os.path.dirname(triton.__file__) if site is None else os.path.join(site, "triton")
+    bundled = os.path.join(root, "backends", "nvidia", "bin", "ptxas")
     return os.access(os.environ.get("TRITON_PTXAS_PATH", bundled), os.X_OK)
 
 
-def test_every_kernel_compiles_for_sm90():
-    if not _ptxas_available():
+def _compile_report(script: str, site: str | None, **env) -> dict:
+    """Run ``script`` (compiled mode) in a subprocess against the Triton in ``site`` (None:
+    the installed one) and return the JSON report it prints last."""
+    if not _ptxas_available(site):
         pytest.skip("triton's bundled ptxas is not available on this machine")
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    env = dict(os.environ, TRITON_INTERPRET="0", **env)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("site", TRITONS)
+def test_every_kernel_compiles_for_sm90(site):
+    report = _compile_report(SCRIPT, site)
     assert set(report) == {
         f"{kernel}/{dtype}"
         for kernel in ("fold", "fold+probs", "grad_logits")
@@ -227,7 +244,8 @@ TOKEN_STATS_SCRIPT = textwrap.dedent(
 )
 
 
-def test_fused_kernels_use_wgmma_and_tma_without_spills():
+@pytest.mark.parametrize("site", TRITONS)
+def test_fused_kernels_use_wgmma_and_tma_without_spills(site):
     """The fused-epilogue GEMMs on sm_90a (forward, dz, and the store path's forward that also
     keeps ``exp2(z₂ − part max)·s``): ``wgmma`` (no ``mma.sync`` fall-back), TMA tile loads
     (``cp.async.bulk.tensor``) on the descriptor path, and no register spills in ptxas's
@@ -236,14 +254,7 @@ def test_fused_kernels_use_wgmma_and_tma_without_spills():
 
     The pointer-load variant (rows not 16-byte aligned) is checked at its own, smaller tiles.
     """
-    if not _ptxas_available():
-        pytest.skip("triton's bundled ptxas is not available on this machine")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run(
-        [sys.executable, "-c", FUSED_SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _compile_report(FUSED_SCRIPT, site, TRITON_DEFAULT_FP_FUSION="1")
     assert len(report) == 15, sorted(report)
     for name, info in report.items():
         assert info["spill_bytes"] == 0, f"{name} spills: {info}"
@@ -254,20 +265,10 @@ def test_fused_kernels_use_wgmma_and_tma_without_spills():
         assert info["tma"] == ("/tma/" in name), f"{name}: TMA loads {info['tma']}"
 
 
-def test_token_stats_kernels_compile_for_sm90():
+@pytest.mark.parametrize("site", TRITONS)
+def test_token_stats_kernels_compile_for_sm90(site):
     """kernels/token_stats.py (``token_logps``'s fold and gradient kernels), every flag on."""
-    if not _ptxas_available():
-        pytest.skip("triton's bundled ptxas is not available on this machine")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run(
-        [sys.executable, "-c", TOKEN_STATS_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _compile_report(TOKEN_STATS_SCRIPT, site)
     assert set(report) == {
         f"{k}/{d}" for k in ("fold", "fold+probs", "grad") for d in ("bf16", "fp32")
     }
