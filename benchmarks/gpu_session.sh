@@ -20,13 +20,11 @@
 # Results and logs go to $OUT (default benchmarks/results/gpu-session-DATE; commit what is
 # worth keeping). Every grid includes "fastalign-fused" (FASTALIGN_CUDA_KERNEL=fused) beside
 # "fastalign" (the default GEMM+fold kernels) and every peer that is installed. Peers missing
-# from the machine (Liger, TRL, CCE, QuACK; TRL needs datasets, dill, multiprocess; QuACK
-# needs nvidia-cutlass-dsl, which may be too large to travel) travel as wheels in .whl/, e.g.
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 -d .whl liger_kernel trl datasets dill multiprocess \
-#     cut-cross-entropy quack-kernels
-# (pin the versions installed here). Measured on an H100 2026-11-24: setup ~30 s, tests ~40 s,
-# bench gpu ~3 min, bench scale ~1 min, memory ~2.5 min, packing ~1 min (before the fused
+# from the machine (Liger, TRL, CCE, QuACK) travel as wheels: `bash benchmarks/gpu_wheels.sh`
+# here puts them, pinned, in .whl/ and splits QuACK's ~92 MB CuTe-DSL runtime in two (.whl/
+# and .whl-b/; a call carries at most 64 MiB): carry .whl-b in one call (any command), then
+# .whl in the next, which runs setup; setup joins the parts. Measured on an H100 2026-11-24:
+# setup ~30 s, tests ~40 s, bench gpu ~3 min, bench scale ~1 min, memory ~2.5 min, packing ~1 min (before the fused
 # kernels and the peaked grids were added; those are not measured yet). On the lent device
 # machine (10 min per command) run the steps of "all" as separate calls: setup+tests+fused,
 # then bench gpu, bench gpu-peaked, bench scale + scale-peaked, each ending with "pack NAME".
@@ -37,9 +35,23 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
 setup() {
-    if compgen -G ".whl/*.whl" >/dev/null; then
+    # Wheels split by benchmarks/gpu_wheels.sh: part aa in .whl/, part ab in .whl-b/ (carried
+    # by an earlier call); joined in $JOINED when both are here.
+    local JOINED=${JOINED:-/tmp/whl-joined}
+    mkdir -p "$JOINED"
+    for first in .whl/*.whl.part-aa; do
+        [ -e "$first" ] || continue
+        name=$(basename "${first%.part-aa}")
+        if [ -f ".whl-b/$name.part-ab" ]; then
+            cat "$first" ".whl-b/$name.part-ab" >"$JOINED/$name"
+        else
+            echo "setup: $name: part ab not here (carry .whl-b in a call first); left out" >&2
+        fi
+    done
+    if compgen -G ".whl/*.whl" >/dev/null || compgen -G "$JOINED/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/*.whl || return 1
+            --target /tmp/site $(compgen -G ".whl/*.whl") $(compgen -G "$JOINED/*.whl") \
+            || return 1
     fi
     python3 -m pip install -q --no-deps --no-build-isolation -e . || return 1
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv

@@ -1,5 +1,6 @@
 """``benchmarks/gpu_session.sh`` on CPU: the script parses, and every ``python3 -m
-benchmarks.X ...`` command it runs is accepted by that module's argument parser.
+benchmarks.X ...`` command it runs is accepted by that module's argument parser; its
+``setup`` joins the wheels ``benchmarks/gpu_wheels.sh`` split, whose pins match this machine.
 
 A lent GPU comes with minutes of device time; a flag renamed in a benchmark but not in the
 script would waste them. Each command is parsed, never run: ``ArgumentParser.parse_args`` is
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import os
 import re
 import shlex
 import shutil
@@ -20,6 +23,7 @@ import pytest
 from tests.trainer_helpers import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+WHEELS = ROOT / "benchmarks" / "gpu_wheels.sh"
 
 
 class Parsed(Exception):
@@ -52,10 +56,11 @@ def script_commands() -> list[tuple[str, list[str]]]:
     return commands
 
 
-def test_script_is_valid_bash():
+@pytest.mark.parametrize("script", [SCRIPT, WHEELS], ids=lambda p: p.name)
+def test_script_is_valid_bash(script):
     bash = shutil.which("bash")
     assert bash is not None
-    result = subprocess.run([bash, "-n", str(SCRIPT)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
 
 
@@ -89,3 +94,63 @@ def test_every_test_file_the_script_runs_exists():
     assert "tests/test_losses_*.py" in named
     for pattern in sorted(named):
         assert list(ROOT.glob(pattern)), f"gpu_session.sh names {pattern}, which matches no file"
+
+
+def test_wheel_pins_match_what_is_installed_here():
+    """The peers' wheels carried to the GPU are the versions the suite ran against here."""
+    pins = dict(re.findall(r"([\w.-]+)==([\w.]+)", WHEELS.read_text()))
+    assert {"trl", "liger_kernel", "quack-kernels", "cut-cross-entropy"} <= set(pins)
+    checked = 0
+    for name, pinned in pins.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a CUDA-only peer (QuACK, CCE) is not installed on the CPU machine
+        assert installed == pinned, f"gpu_wheels.sh pins {name}=={pinned}, here {installed}"
+        checked += 1
+    assert checked >= 3  # trl, datasets, liger_kernel at least (the dev extra installs them)
+
+
+def test_setup_joins_split_wheels(tmp_path):
+    """``setup`` joins ``.whl/X.part-aa`` and ``.whl-b/X.part-ab`` byte for byte and installs
+    the joined wheel with the whole ones; a part missing leaves that wheel out, with a
+    message, and the rest still installs. ``python3`` and ``nvidia-smi`` are stubs."""
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "gpu_session.sh").write_text(SCRIPT.read_text())
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl-b").mkdir()
+    (tmp_path / ".whl" / "small-1.0-py3-none-any.whl").write_bytes(b"small")
+    big = os.urandom(3001)
+    (tmp_path / ".whl" / "big-1.0-py3-none-any.whl.part-aa").write_bytes(big[:1500])
+    (tmp_path / ".whl-b" / "big-1.0-py3-none-any.whl.part-ab").write_bytes(big[1500:])
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    log = tmp_path / "calls.log"
+    for name in ("python3", "nvidia-smi"):
+        (stubs / name).write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+        (stubs / name).chmod(0o755)
+    joined = tmp_path / "joined"
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    env["JOINED"] = str(joined)
+
+    def setup():
+        log.write_text("")
+        done = subprocess.run(
+            ["bash", "benchmarks/gpu_session.sh", "setup"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        pip = next(line for line in log.read_text().splitlines() if "--target" in line)
+        return pip.split(), done.stderr
+
+    pip, _ = setup()
+    assert (joined / "big-1.0-py3-none-any.whl").read_bytes() == big
+    assert ".whl/small-1.0-py3-none-any.whl" in pip
+    assert str(joined / "big-1.0-py3-none-any.whl") in pip
+
+    (tmp_path / ".whl-b" / "big-1.0-py3-none-any.whl.part-ab").unlink()
+    (joined / "big-1.0-py3-none-any.whl").unlink()
+    pip, stderr = setup()
+    assert ".whl/small-1.0-py3-none-any.whl" in pip
+    assert not any("big-1.0" in arg for arg in pip)
+    assert "big-1.0-py3-none-any.whl: part ab not here" in stderr
