@@ -224,3 +224,44 @@ def test_router_loss_memory_is_what_the_estimate_counts(arch):
 
     extra = saved_bytes(router_aux_loss(model)) - saved_bytes(None)
     assert extra == router_loss_bytes(model_shape(model.config), ids.numel())
+
+
+def test_activation_checkpointing_turns_on_every_decoder_layer():
+    """Through transformers' own switch, whichever name this transformers version has: the
+    layers recompute in backward (non-reentrant) and the gradients do not change."""
+    from fastalign.trainer.model import enable_activation_checkpointing
+
+    model, plain = _model("llama", seed=0), _model("llama", seed=0)
+    enable_activation_checkpointing(model)
+    layers = model.model.layers
+    assert all(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+    ids = torch.arange(2, 14).view(2, 6)
+    for m in (model, plain):
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("names", [("activation",), ("gradient",), ("activation", "gradient"), ()])
+def test_activation_checkpointing_switch_by_transformers_version(names):
+    """transformers 5.17 (the GPU image's) has only ``gradient_checkpointing_enable``; newer
+    versions add ``activation_checkpointing_enable`` and deprecate the old name: the new one
+    is preferred, the old one is the fall-back, a model with neither is a clear error."""
+    from fastalign.trainer.model import enable_activation_checkpointing
+
+    calls = []
+
+    class Model:
+        pass
+
+    for name in names:
+        setattr(
+            Model, f"{name}_checkpointing_enable", lambda self, kw, n=name: calls.append((n, kw))
+        )
+    if not names:
+        with pytest.raises(ValueError, match="activation_checkpointing: Model has neither"):
+            enable_activation_checkpointing(Model())
+        return
+    enable_activation_checkpointing(Model())
+    assert calls == [(names[0], {"use_reentrant": False})]

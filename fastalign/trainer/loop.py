@@ -36,7 +36,13 @@ from .compute import BatchLoss
 from .config import TrainConfig
 from .interrupt import StopRequest, agreed_signal
 from .loss_table import loss_spec
-from .model import HiddenStates, lm_head, prepare_packing, router_aux_loss
+from .model import (
+    HiddenStates,
+    enable_activation_checkpointing,
+    lm_head,
+    prepare_packing,
+    router_aux_loss,
+)
 from .validation import LOSSES, REFERENCES
 
 __all__ = ["LOSSES", "REFERENCES", "DivergedError", "TrainConfig", "Trainer"]
@@ -176,7 +182,7 @@ class Trainer(BatchLoss):
         if cfg.activation_checkpointing:
             # Non-reentrant, on every decoder layer; before any fully_shard (transformers
             # checkpoints the layer's ``forward``, so FSDP2's hooks stay outside the recompute).
-            self.model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.logp_options = LogpOptions.from_config(
             self.model.config, shift=True, backend=cfg.backend
         )

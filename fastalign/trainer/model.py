@@ -31,6 +31,23 @@ def lm_head(model) -> nn.Module:
     return head
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on every decoder layer, through transformers'
+    own switch: ``activation_checkpointing_enable`` (newer transformers: 5.24 has it, 5.17 not) or
+    ``gradient_checkpointing_enable`` (its older name, deprecated where both exist)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(kwargs)
+    else:
+        raise ValueError(
+            f"activation_checkpointing: {type(model).__name__} has neither "
+            "activation_checkpointing_enable nor gradient_checkpointing_enable (not a "
+            "transformers PreTrainedModel?)"
+        )
+
+
 def body(model) -> nn.Module:
     """The decoder stack without the lm_head (PEFT-wrapped models included)."""
     inner = model
