@@ -8,6 +8,8 @@ backends allocate or the path the losses take.
 
 from __future__ import annotations
 
+import os
+
 # Torch backend: one [chunk, V] fp32 logits tile holds about this many elements (16 MiB).
 # Large enough that the [chunk, H] x [H, V] matmul runs near peak on a CPU, small enough to
 # stay a rounding error next to the [N, V] logits of the eager path.
@@ -34,6 +36,18 @@ STORE_GROUP_BUDGET_BYTES = {"cpu": 1 << 27, "cuda": 1 << 30}
 
 # A fused loss's gradient path (``grad_mode=``): "auto" (the default), "store" or "recompute".
 GRAD_MODES = ("auto", "store", "recompute")
+
+# The CUDA kernels of the Triton backend: "gemm_fold" (cuBLAS GEMM + Triton fold, the default)
+# or "fused" (GEMMs with the logsumexp / dz in the epilogue, kernels/fused_logprob.py; for
+# 16-bit weights and a trainable lm_head). Chosen by FASTALIGN_CUDA_KERNEL.
+CUDA_KERNELS = ("gemm_fold", "fused")
+# The fused kernels' fp32 logsumexp partials per forward launch ([tiles, rows], two of them).
+FUSED_PARTIAL_ELEMENTS = 1 << 22
+
+
+def cuda_kernel() -> str:
+    """The CUDA kernel choice FASTALIGN_CUDA_KERNEL makes (``"gemm_fold"`` when unset)."""
+    return os.environ.get("FASTALIGN_CUDA_KERNEL", "gemm_fold")
 
 
 def chunk_rows(vocab_size: int, chunk_elements: int = TORCH_CHUNK_ELEMENTS) -> int:

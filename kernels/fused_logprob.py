@@ -39,17 +39,18 @@ from typing import NamedTuple
 import torch
 import triton
 
+from .. import tiles
 from .._types import GroupLogits, LogitTransform, TokenBatch
 from . import fused_gemm as K
 from .logprob import _NEG_BIG, INTERPRET, _chunk_width, _fold_blocks
 
-KERNELS = ("gemm_fold", "fused")
+KERNELS = tiles.CUDA_KERNELS
 # How the mainloop loads tiles: "auto" (TMA descriptors where the hardware and the
 # alignment allow, else pointer loads), "tma" or "pointer" (tests and benchmarks force one).
 LOADS = os.environ.get("FASTALIGN_FUSED_LOADS", "auto")
 # fp32 logsumexp partials per forward launch ([tiles, rows], two of them): 16 MiB each on the
 # GPU; interpreted, small, so that the tests' vocabularies span several chunks.
-PARTIAL_ELEMENTS = 1 << 8 if INTERPRET else 1 << 22
+PARTIAL_ELEMENTS = 1 << 8 if INTERPRET else tiles.FUSED_PARTIAL_ELEMENTS
 LOG2E = 1.4426950408889634
 
 

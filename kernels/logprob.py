@@ -49,7 +49,7 @@ CHUNK_ELEMENTS = tiles.TRITON_INTERPRET_CHUNK_ELEMENTS if INTERPRET else tiles.T
 VOCAB_ALIGN = tiles.TRITON_INTERPRET_VOCAB_ALIGN if INTERPRET else tiles.TRITON_VOCAB_ALIGN
 # "gemm_fold" (this module) or "fused": the GEMMs with the logsumexp / dz in their epilogue
 # (kernels/fused_logprob.py), unmeasured on a GPU so far, hence not the default.
-CUDA_KERNEL = os.environ.get("FASTALIGN_CUDA_KERNEL", "gemm_fold")
+CUDA_KERNEL = tiles.cuda_kernel()
 
 
 @triton.jit

@@ -175,6 +175,50 @@ def test_store_path_holds_gradients_from_forward_to_backward(loss, device):
     )
 
 
+# ------------------------------------------------------------ the fused kernels (opt-in)
+def test_fused_kernels_keep_no_fp32_logits(monkeypatch):
+    """FASTALIGN_CUDA_KERNEL=fused (or cuda_kernel="fused"): a store group keeps
+    ``exp(z − max)·s`` in the model dtype instead of fp32 logits beside it, exactly
+    ``group·V·4`` bytes less; the recompute path keeps partials, not logits chunks. Setups
+    the fused kernels do not take (fp32 weights, a frozen head, the CPU) are unchanged."""
+    monkeypatch.delenv("FASTALIGN_CUDA_KERNEL", raising=False)
+    args = ("meta-llama/Llama-3.1-8B", 4, 128)
+    for grad_mode in ("store", "recompute"):
+        plain = estimate(*args, grad_mode=grad_mode)
+        fused = estimate(*args, grad_mode=grad_mode, cuda_kernel="fused")
+        assert (plain.setup["cuda_kernel"], fused.setup["cuda_kernel"]) == ("gemm_fold", "fused")
+        assert fused.eager == plain.eager
+        forward = "forward + reference"
+        saved = plain.fused.phases[forward] - fused.fused.phases[forward]
+        if grad_mode == "store":
+            step = resolve_step(*args, **_options(grad_mode="store"))
+            assert saved == store_group_tokens(step) * 128256 * 4 > 0
+        else:
+            assert saved > 0
+            buffers = plain.fused.parts["loss buffers"] - fused.fused.parts["loss buffers"]
+            assert buffers > 0  # the recompute's dz chunk without fp32 logits beside it
+        assert any("CUDA kernels: fused (no fp32 logits)" in n for n in fused.assumptions)
+    for untaken in (dict(dtype="fp32"), dict(lora=8), dict(device="cpu")):
+        plain = estimate(*args, **untaken)
+        assert estimate(*args, **untaken, cuda_kernel="fused").fused == plain.fused, untaken
+    # unset, the environment decides, as it does for the backend
+    monkeypatch.setenv("FASTALIGN_CUDA_KERNEL", "fused")
+    assert estimate(*args).fused == estimate(*args, cuda_kernel="fused").fused
+    monkeypatch.setenv("FASTALIGN_CUDA_KERNEL", "cublas")
+    with pytest.raises(ValueError, match="cuda_kernel"):
+        estimate(*args)
+
+
+def test_cli_cuda_kernel(capsys, monkeypatch):
+    monkeypatch.delenv("FASTALIGN_CUDA_KERNEL", raising=False)
+    argv = ["memory", "meta-llama/Llama-3.1-8B", "--batch-size", "2", "--seq-len", "128"]
+    assert cli.main(argv + ["--cuda-kernel", "fused", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = estimate("meta-llama/Llama-3.1-8B", 2, 128, dtype="bf16", cuda_kernel="fused")
+    assert got == json.loads(json.dumps(want.to_dict()))
+    assert got["setup"]["cuda_kernel"] == "fused"
+
+
 def _options(**changes):
     options = dict(
         loss="dpo",
@@ -328,6 +372,7 @@ def test_cli_bad_arguments(capsys):
         (dict(dtype=3), TypeError, "dtype"),
         (dict(adamw="sgd"), ValueError, "adamw"),
         (dict(grad_mode="fast"), ValueError, "grad_mode"),
+        (dict(cuda_kernel="cublas"), ValueError, "cuda_kernel"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, error, name):

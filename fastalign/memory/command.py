@@ -7,6 +7,7 @@ import inspect
 import json
 import sys
 
+from .. import tiles
 from .estimator import estimate
 from .presets import PRESETS
 from .result import PATHS
@@ -37,6 +38,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the fused losses' gradient path: auto (their default: store with a trainable "
         "lm_head when one gradient unit's logits fit the budget), store (gradients formed in "
         "the forward) or recompute (logits recomputed in backward)",
+    )
+    p.add_argument(
+        "--cuda-kernel",
+        choices=tiles.CUDA_KERNELS,
+        default=None,
+        help="the Triton backend's CUDA kernels: gemm_fold (the default) or fused (GEMMs with "
+        "the logsumexp/dz in their epilogue, opt-in); default: what FASTALIGN_CUDA_KERNEL selects",
     )
     p.add_argument("--gpu-memory", default="80GB", help="per-GPU memory, e.g. 80GB (GiB)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")

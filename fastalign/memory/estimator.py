@@ -33,6 +33,7 @@ def estimate(
     device: str = "cuda",
     adamw: str | None = None,
     grad_mode: str = "auto",
+    cuda_kernel: str | None = None,
 ) -> MemoryEstimate:
     """Per-GPU memory of one preference-training step, eager full-logits loss vs fused.
 
@@ -90,6 +91,11 @@ def estimate(
             head: from the forward's E, no recompute). A unit larger than the budget falls
             back to recompute; ``setup["grad_mode"]`` says which path was counted
             (``"store"``, ``"recompute"`` or ``"frozen"``).
+        cuda_kernel: the Triton backend's CUDA kernels, ``"gemm_fold"`` (the default) or
+            ``"fused"`` (``None``: what ``FASTALIGN_CUDA_KERNEL`` selects, as the backend
+            itself). The fused kernels, for 16-bit weights and a trainable head, keep no
+            fp32 logits: a store group holds ``exp(z − max)·s`` in the model dtype, the
+            recompute path's forward only logsumexp partials and its backward ``dz``.
 
     Returns:
         :class:`MemoryEstimate` with ``.eager`` and ``.fused`` :class:`PathBreakdown`,
@@ -118,6 +124,7 @@ def estimate(
         device=device,
         adamw=adamw,
         grad_mode=grad_mode,
+        cuda_kernel=cuda_kernel,
     )
     params, body = parameter_bytes(step), body_bytes(step)
     after_loss = gradient_outputs(step)
@@ -170,7 +177,7 @@ def breakdown(
 # Step fields reported as they are in ``MemoryEstimate.setup``.
 _SETUP_FIELDS = (
     *("loss", "world_size", "sharding", "lora", "activation_checkpointing", "dtype"),
-    *("master_weights", "optimizer_state_bytes", "device", "adamw"),
+    *("master_weights", "optimizer_state_bytes", "device", "adamw", "cuda_kernel"),
 )
 
 
@@ -228,5 +235,12 @@ def assumptions(step: Step) -> list[str]:
         notes.append(
             f"grad_mode={step.grad_mode!r}: the store path is not taken (one gradient unit's "
             f"logits over the group budget): {path} counted"
+        )
+    if step.device == "cuda" and step.cuda_kernel == "fused":
+        notes.append(
+            "CUDA kernels: fused (no fp32 logits) for the trainable head's groups"
+            if step.fused_kernels
+            else "CUDA kernels: fused selected, but this setup keeps GEMM+fold (fp32 weights "
+            "or a frozen lm_head)"
         )
     return notes

@@ -152,6 +152,14 @@ def _triton_groups(step: Step) -> list[tuple[int, bool]]:
     return [(rows.tokens + rows.nograd_tokens + rows.ref_tokens, False)]
 
 
+def _forward_chunk_bytes(step: Step, rows: int, probs: bool) -> int:
+    """One forward vocab chunk of a stacked group: GEMM+fold's fp32 logits (and ``p``), or
+    the fused kernels' two fp32 ``[parts, rows]`` logsumexp partials."""
+    if step.fused_kernels and not probs:
+        return 2 * tiles.FUSED_PARTIAL_ELEMENTS * 4
+    return triton_chunk_bytes(rows, step.shape.vocab_size, step.act, half_copy=probs)
+
+
 def triton_loss(step: Step, body: BodyBytes) -> LossBytes:
     """The Triton backend (CUDA): stacked groups in vocab chunks; backward recomputes the
     chunks, or (frozen head) turns the forward's fp32 ``[M, H]`` E into grad_hidden."""
@@ -161,7 +169,7 @@ def triton_loss(step: Step, body: BodyBytes) -> LossBytes:
     group_peak = max(
         rows * hidden * act
         + rows * 3 * 4
-        + triton_chunk_bytes(rows, vocab, act, half_copy=probs)
+        + _forward_chunk_bytes(step, rows, probs)
         + (2 * rows * hidden * 4 if probs else 0)  # the fp32 E and one GEMM product
         for rows, probs in _triton_groups(step)
         if rows
@@ -175,11 +183,15 @@ def triton_loss(step: Step, body: BodyBytes) -> LossBytes:
     if not step.head_trainable:
         # backward from E: W[y_t] gathered in fp32 becomes grad_rows; no recompute
         return _fused(forward, scalars + tokens * hidden * 4 + after_loop, body)
-    # the vocab-chunk loop: gathered rows, the chunk (fp32 logits + dz), the fp32 grad_rows
-    # and one fp32 [M, H] GEMM product added into it, the lm_head gradient
+    # the vocab-chunk loop: gathered rows, the chunk (fp32 logits + dz; the fused kernels:
+    # dz only, same width), the fp32 grad_rows and one fp32 [M, H] GEMM product added into
+    # it, the lm_head gradient
     head_grad = step.head_params * act
     in_loop = tokens * hidden * act + 2 * grad_rows_fp32 + head_grad
-    in_loop += triton_chunk_bytes(tokens, vocab, act, half_copy=True)
+    chunk = triton_chunk_bytes(tokens, vocab, act, half_copy=True)
+    if step.fused_kernels:
+        chunk = triton_chunk_bytes(tokens, vocab, act, half_copy=False) // 4 * act
+    in_loop += chunk
     return _fused(forward, scalars + max(in_loop, after_loop + head_grad), body)
 
 
@@ -203,15 +215,17 @@ def store_loss(step: Step, body: BodyBytes) -> LossBytes:
     ``[M, H]`` and, for a trainable head, an fp32 ``[V, H]`` lm_head gradient accumulator
     (HF decoders have no lm_head bias; one adds an fp32 ``[V]``); during the forward, one
     group's logits (in the model dtype and fp32, ``dz`` formed in place; at most
-    ``store_group_budget(device)`` bytes of fp32) and its gathered rows, instead of
-    recomputing the logits in backward. The backward
+    ``store_group_budget(device)`` bytes of fp32; the fused kernels keep ``exp(z − max)·s``
+    in the model dtype alone) and its gathered rows, instead of recomputing the logits in
+    backward. The backward
     scales the held gradients by ``grad_output`` into grad_hidden and the lm_head gradient
     in the model dtype.
     """
     act, tokens = step.act, step.rows.tokens
     vocab, hidden = step.shape.vocab_size, step.shape.hidden_size
     group = store_group_tokens(step)
-    group_bytes = group * vocab * (4 + (act if act < 4 else 0)) + group * hidden * (4 + act)
+    kept = act if step.fused_kernels else 4 + (act if act < 4 else 0)  # bytes per logit
+    group_bytes = group * vocab * kept + group * hidden * (4 + act)
     head = step.head_params if step.head_trainable else 0  # a frozen head: no accumulator
     held = tokens * hidden * 4 + head * 4
     forward = _forward_inputs(step) + body.nograd_forward + held + group_bytes

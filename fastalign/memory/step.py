@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import tiles
 from ..tiles import GRAD_MODES
 from .shapes import ModelShape, model_shape
 from .units import dtype_bytes, positive_int
@@ -83,6 +84,7 @@ class Step:
     device: str
     adamw: str
     grad_mode: str
+    cuda_kernel: str = "gemm_fold"
 
     @property
     def shard(self) -> int:
@@ -98,6 +100,17 @@ class Step:
     def separate_reference(self) -> bool:
         """A frozen copy of the policy (LoRA's reference is the adapter-disabled policy)."""
         return self.rows.ref_rows > 0 and self.lora is None
+
+    @property
+    def fused_kernels(self) -> bool:
+        """Whether the CUDA fused-epilogue kernels take the differentiable group: selected,
+        16-bit weights and a trainable lm_head (a frozen head keeps GEMM+fold)."""
+        return (
+            self.device == "cuda"
+            and self.cuda_kernel == "fused"
+            and self.act < 4
+            and self.head_trainable
+        )
 
     @property
     def head_params(self) -> int:
@@ -139,6 +152,12 @@ def resolve_step(config_or_name: Any, batch_size: int, seq_len: int, **options: 
     if adamw not in ADAMWS:
         raise ValueError(f"adamw must be 'fused', 'foreach' or 'single', got {adamw!r}")
     grad_mode = _choice(options["grad_mode"], "grad_mode", GRAD_MODES)
+    cuda_kernel = options.get("cuda_kernel")
+    cuda_kernel = _choice(
+        tiles.cuda_kernel() if cuda_kernel is None else cuda_kernel,
+        "cuda_kernel",
+        tiles.CUDA_KERNELS,
+    )
     act = dtype_bytes(options["dtype"])
     master_weights = options["master_weights"]
     master_weights = _flag(act < 4 if master_weights is None else master_weights, "master_weights")
@@ -159,4 +178,5 @@ def resolve_step(config_or_name: Any, batch_size: int, seq_len: int, **options: 
         device=device,
         adamw=adamw,
         grad_mode=grad_mode,
+        cuda_kernel=cuda_kernel,
     )
