@@ -163,6 +163,22 @@ def plots(record: dict, stem: Path) -> list[Path]:
     return written
 
 
+def failed_cells(record: dict) -> str:
+    """The cells that failed (``benchmarks.run`` keeps the rest of the grid), one line each."""
+    failed = record.get("failed") or []
+    if not failed:
+        return ""
+    lines = ["", f"**Failed cells ({len(failed)})**, not in the table:", ""]
+    for f in failed:
+        where = " ".join(
+            str(part)
+            for part in (f.get("case"), f.get("impl"), f.get("shape") and shape_label(f["shape"]))
+            if part
+        )
+        lines.append(f"- {where}: `{f['error']}`")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv:
@@ -188,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\n\n"
         + table(record)
         + "\n"
+        + failed_cells(record)
     )
     for png in plots(record, stem):
         md += f"\n![{png.stem}]({png.name})\n"

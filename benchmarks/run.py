@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.grids import GRIDS
+from benchmarks.impls import IMPLEMENTATIONS
 
 RESULTS = Path(__file__).parent / "results"
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets, for the % of peak.
@@ -46,20 +47,49 @@ def versions() -> dict:
     return out
 
 
-def run_cells(grid: str, device: str, out: Path, k: str | None) -> list[dict] | int:
-    """pytest-benchmark over ``grid``'s cells: one row per (cell, implementation) with its
-    median seconds, or pytest's exit status where it failed."""
-    raw = out / "pytest-benchmark-raw.json"
+def run_cells(grid: str, device: str, out: Path, k: str | None) -> tuple[list[dict], list[dict]]:
+    """pytest-benchmark over ``grid``'s cells: ``(rows, failed)``, one row per (cell,
+    implementation) with its median seconds, and one entry per cell that failed (or per
+    pytest process that ended without results) with its error.
+
+    On CUDA each implementation runs in its own process: an error that poisons the CUDA
+    context (an illegal address in a peer's kernel) then costs that implementation's cells,
+    not the rest of the grid's."""
+    impls = list(IMPLEMENTATIONS) if device == "cuda" else [None]
+    rows, failed = [], []
+    for impl in impls:
+        got, lost = _pytest_cells(grid, device, out, k, impl)
+        rows += got
+        failed += lost
+    return rows, failed
+
+
+def _pytest_cells(
+    grid: str, device: str, out: Path, k: str | None, impl: str | None
+) -> tuple[list[dict], list[dict]]:
+    """One pytest-benchmark process (``impl``: only that implementation; None: all)."""
+    raw, failures = out / "pytest-benchmark-raw.json", out / "pytest-benchmark-failures.jsonl"
+    for path in (raw, failures):
+        path.unlink(missing_ok=True)
     env = dict(os.environ, FASTALIGN_BENCH_GRID=grid, FASTALIGN_BENCH_DEVICE=device)
+    env["FASTALIGN_BENCH_FAILURES"] = str(failures)
+    if impl is not None:
+        env["FASTALIGN_BENCH_IMPL"] = impl
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).parent / "test_bench.py")]
     cmd += ["-p", "no:cacheprovider", "-q", "-rs", f"--benchmark-json={raw}"]
     cmd += ["--benchmark-columns=min,median,rounds"] + (["-k", k] if k else [])
     status = subprocess.run(cmd, env=env).returncode
-    if status not in (0, 5):
-        return status
+    failed = [json.loads(line) for line in failures.read_text().splitlines()] if (
+        failures.exists()
+    ) else []  # fmt: skip
+    failures.unlink(missing_ok=True)
+    if status not in (0, 1, 5) or not raw.exists():
+        # pytest itself failed (interrupted, a crash, bad arguments): nothing to read
+        failed.append(dict(impl=impl or "all", error=f"pytest exited with status {status}"))
+        return [], failed
     data = json.loads(raw.read_text())
     raw.unlink()
-    return [
+    rows = [
         {
             **bench["extra_info"],
             "seconds": bench["stats"]["median"],
@@ -67,6 +97,7 @@ def run_cells(grid: str, device: str, out: Path, k: str | None) -> list[dict] | 
         }
         for bench in data["benchmarks"]
     ]
+    return rows, failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     grid = "quick" if args.quick else (args.grid or "default")
     args.out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    rows = run_cells(grid, args.device, args.out, args.k)
-    if isinstance(rows, int):
-        return rows
+    rows, failed = run_cells(grid, args.device, args.out, args.k)
+    if not rows and not failed:
+        print("error: no cell ran (check -k)", file=sys.stderr)
+        return 2
     name = device_name(args.device)
     record = {
         "device": name,
@@ -97,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "bf16_peak_tflops": next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None),
         "rows": rows,
+        "failed": failed,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     path = args.out / f"{slug}_{grid}_{record['date']}.json"
@@ -105,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import report
 
     report.main([str(path)])
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

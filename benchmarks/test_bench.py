@@ -3,7 +3,10 @@
 Not part of the test run (testpaths = tests). Use ``python -m benchmarks.run``, which sets
 ``FASTALIGN_BENCH_GRID``/``FASTALIGN_BENCH_DEVICE`` and collects the JSON. Time comes from
 pytest-benchmark (forward+backward per round); peak extra memory from a fresh subprocess per
-cell (``benchmarks.cell``). Missing peers are skipped with the reason.
+cell (``benchmarks.cell``). Missing peers are skipped with the reason; a cell that fails is
+appended to ``FASTALIGN_BENCH_FAILURES`` (JSON lines) before the failure propagates, so that
+``benchmarks.run`` reports it instead of losing the grid. ``FASTALIGN_BENCH_IMPL`` limits the
+run to one implementation (``benchmarks.run`` runs each in its own process on CUDA).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ from benchmarks.impls import IMPLEMENTATIONS, Unavailable, make_inputs
 GRID = os.environ.get("FASTALIGN_BENCH_GRID", "quick")
 DEVICE = os.environ.get("FASTALIGN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 CELLS = grid(GRID, DEVICE)
+IMPLS = (
+    [os.environ["FASTALIGN_BENCH_IMPL"]]
+    if "FASTALIGN_BENCH_IMPL" in os.environ
+    else list(IMPLEMENTATIONS)
+)
+FAILURES = os.environ.get("FASTALIGN_BENCH_FAILURES")
 # glibc keeps freed heap memory resident and reuses it, which would hide a step's peak
 # behind the warm-up's leftovers; with every allocation over 64 KiB mmapped, freed memory
 # leaves the resident set at once and the RSS high-water mark tracks live memory.
@@ -43,11 +52,23 @@ def _memory(case, impl, shape) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(
     "part,case,shape", CELLS, ids=[f"{p}-{c}-{s.label()}" for p, c, s in CELLS]
 )
 def test_bench(benchmark, part, case, shape, impl):
+    try:
+        _bench(benchmark, part, case, shape, impl)
+    except Exception as err:  # a skip is no Exception: only failures are recorded
+        if FAILURES:
+            row = dict(part=part, case=case, impl=impl, device=DEVICE, shape=asdict(shape))
+            row["error"] = f"{type(err).__name__}: {err}"[:500]
+            with open(FAILURES, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        raise
+
+
+def _bench(benchmark, part, case, shape, impl):
     inputs = make_inputs(shape, DEVICE)
     try:
         run = IMPLEMENTATIONS[impl](case, inputs)
