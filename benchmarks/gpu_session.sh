@@ -24,10 +24,13 @@
 # here puts them, pinned, in .whl/ and splits QuACK's ~92 MB CuTe-DSL runtime in two (.whl/
 # and .whl-b/; a call carries at most 64 MiB): carry .whl-b in one call (any command), then
 # .whl in the next, which runs setup; setup joins the parts. Measured on an H100 2026-11-24:
-# setup ~30 s, tests ~40 s, bench gpu ~3 min, bench scale ~1 min, memory ~2.5 min, packing ~1 min (before the fused
-# kernels and the peaked grids were added; those are not measured yet). On the lent device
-# machine (10 min per command) run the steps of "all" as separate calls: setup+tests+fused,
-# then bench gpu, bench gpu-peaked, bench scale + scale-peaked, each ending with "pack NAME".
+# setup ~30 s, tests ~40 s (182 tests then; 483 now, twice), bench gpu ~3 min, bench scale
+# ~1 min, memory ~2.5 min, packing ~1 min (before the fused kernels and the peaked grids were
+# added; those are not measured yet). On the lent device machine (10 min per command, 30 min
+# in all) run "all" as separate calls, each ending with "pack NAME" (the tool brings back at
+# most 8 files): (1) carry .whl-b, run nothing much (nvidia-smi); (2) carry .whl: setup +
+# tests; (3) fused; (4) bench gpu; (5) bench gpu-peaked; (6) bench scale + scale-peaked;
+# (7) trl, if time is left. Commit what comes back with the device name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-session-$(date +%F)}
@@ -61,14 +64,18 @@ setup() {
 # The op and every loss file on CUDA: the store path (the default for a trainable head) too.
 KERNEL_TESTS=(tests/test_triton_logprob.py tests/test_ops.py tests/test_losses_*.py)
 
+# Each test run ends within TEST_LIMIT seconds (setup and both runs fit one 10-minute call),
+# and a test stuck for 120 s dumps every thread's stack into the log (a hang leaves a trace).
+TEST_LIMIT=${TEST_LIMIT:-270}
+PYTEST=(timeout -k 10 "$TEST_LIMIT" python3 -m pytest -q -p no:cacheprovider -o faulthandler_timeout=120)
+
 tests() {
     # (tests/test_triton_compile.py needs no GPU: it runs on CPU, against triton 3.9's ptxas.)
-    python3 -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" tests/test_fused_epilogue.py \
-        tests/test_fused_bench.py 2>&1 | tee "$OUT/tests.log"
+    "${PYTEST[@]}" "${KERNEL_TESTS[@]}" tests/test_fused_epilogue.py tests/test_fused_bench.py \
+        2>&1 | tee "$OUT/tests.log"
     # The same API tests with the fused kernels behind the backend (16-bit weights take them;
     # test_losses_store.py then runs the fused kernels' store variant).
-    FASTALIGN_CUDA_KERNEL=fused python3 -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
-        2>&1 | tee "$OUT/tests-fused.log"
+    FASTALIGN_CUDA_KERNEL=fused "${PYTEST[@]}" "${KERNEL_TESTS[@]}" 2>&1 | tee "$OUT/tests-fused.log"
 }
 
 fused() {
@@ -109,7 +116,7 @@ case "${1:-}" in
             && mv "/tmp/$name.tgz" "$OUT/$name.tgz" && ls -l "$OUT"
         ;;
     trl)
-        { python3 -m pytest -q -p no:cacheprovider tests/test_token_logps.py
+        { "${PYTEST[@]}" tests/test_token_logps.py
           python3 -m benchmarks.trl_step --preset gpu --out "$OUT"; } 2>&1 | tee "$OUT/trl.log"
         ;;
     *)
