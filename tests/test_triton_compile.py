@@ -2,10 +2,10 @@
 
 The interpreter runs kernels as Python, so it accepts code that the compiler rejects (a plain
 float global read inside a kernel, say). Here every kernel is compiled ahead of time for Hopper
-with the compiled path's own ``_fold_blocks``, in a subprocess with
-``TRITON_INTERPRET=0``, and its shared memory is checked against the chip's limit. The
-fused-epilogue GEMMs (kernels/fused_gemm.py) are also checked for what makes them Hopper-grade:
-``wgmma``, TMA tile loads, and no register spills in ptxas's resource report.
+with the compiled path's own ``_fold_blocks``, in a subprocess with ``TRITON_INTERPRET=0``;
+its shared memory is checked against the chip's limit and ptxas's resource report must show
+no register spills. The fused-epilogue GEMMs (kernels/fused_gemm.py) are also checked for
+what makes them Hopper-grade: ``wgmma`` and TMA tile loads.
 """
 
 from __future__ import annotations
@@ -22,6 +22,30 @@ triton = pytest.importorskip("triton")
 
 # Hopper's largest shared-memory allocation per block (bytes).
 SM90_SHARED_LIMIT = 227 * 1024
+
+# Shared by the scripts below: ptxas -v on the PTX Triton produced (the resource report Triton
+# itself discards): spill bytes, registers and the target.
+PTXAS_PRELUDE = textwrap.dedent(
+    """
+    import re, subprocess, tempfile
+    import triton
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        PTXAS = get_ptxas(90).path
+    except (ImportError, TypeError, AttributeError):
+        PTXAS = triton.knobs.nvidia.ptxas.path
+
+    def spills(ptx):
+        with tempfile.TemporaryDirectory() as tmp:
+            open(f"{tmp}/k.ptx", "w").write(ptx)
+            arch = re.search(r"\\.target (\\S+)", ptx).group(1)
+            log = subprocess.run([PTXAS, "-v", f"--gpu-name={arch}", f"{tmp}/k.ptx",
+                                  "-o", f"{tmp}/k.o"], capture_output=True, text=True, check=True)
+        found = re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log.stderr)
+        registers = re.findall(r"Used (\\d+) registers", log.stderr)
+        return sum(int(a) + int(b) for a, b in found), int(registers[0]), arch
+    """
+)
 
 SCRIPT = textwrap.dedent(
     """
@@ -51,7 +75,7 @@ SCRIPT = textwrap.dedent(
                 signature[name] = "i64"
         src = ASTSource(fn, signature, constexprs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        return kernel.metadata.shared
+        return dict(shared=kernel.metadata.shared, spill_bytes=spills(kernel.asm["ptx"])[0])
 
     report = {}
     fold = K._fold_blocks()
@@ -96,7 +120,11 @@ def _compile_report(script: str, site: str | None, **env) -> dict:
     if site is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", PTXAS_PRELUDE + script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -110,8 +138,9 @@ def test_every_kernel_compiles_for_sm90(site):
         for kernel in ("fold", "fold+probs", "grad_logits")
         for dtype in ("bf16", "fp32")
     }
-    for name, shared in report.items():
-        assert 0 <= shared <= SM90_SHARED_LIMIT, f"{name} needs {shared} B of shared memory"
+    for name, info in report.items():
+        assert 0 <= info["shared"] <= SM90_SHARED_LIMIT, f"{name} needs {info} of shared memory"
+        assert info["spill_bytes"] == 0, f"{name} spills: {info}"
 
 
 FUSED_SCRIPT = textwrap.dedent(
@@ -123,11 +152,6 @@ FUSED_SCRIPT = textwrap.dedent(
     from fastalign.kernels import fused_gemm as K, fused_logprob as F, logprob as L
 
     TILES = {True: F.tile_config(True), False: F.tile_config(False)}  # TRITON_INTERPRET=0
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        PTXAS = get_ptxas(90).path
-    except (ImportError, TypeError, AttributeError):
-        PTXAS = triton.knobs.nvidia.ptxas.path
     FLOATS = ("scale2", "cap2", "cap_k", "multiplier")
 
     def argument_type(name, dtype, tma, writes_out):
@@ -143,17 +167,6 @@ FUSED_SCRIPT = textwrap.dedent(
         if name.endswith("_ptr"):
             return "*fp32"
         return "fp32" if name in FLOATS else "i32"
-
-    def spills(ptx):
-        # ptxas -v on the PTX Triton produced: the resource report Triton itself discards.
-        with tempfile.TemporaryDirectory() as tmp:
-            open(f"{tmp}/k.ptx", "w").write(ptx)
-            arch = re.search(r"\\.target (\\S+)", ptx).group(1)
-            log = subprocess.run([PTXAS, "-v", f"--gpu-name={arch}", f"{tmp}/k.ptx",
-                                  "-o", f"{tmp}/k.o"], capture_output=True, text=True, check=True)
-        found = re.findall(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", log.stderr)
-        registers = re.findall(r"Used (\\d+) registers", log.stderr)
-        return sum(int(a) + int(b) for a, b in found), int(registers[0]), arch
 
     def compile_gemm(epilogue, dtype, tma, softcap):
         cfg, fn = TILES[tma], K._fused_gemm_kernel
@@ -238,7 +251,8 @@ TOKEN_STATS_SCRIPT = textwrap.dedent(
                     signature[arg] = "i64"
             src = ASTSource(fn, signature, constexprs)
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-            report[f"{name}/{dtype}"] = compiled.metadata.shared
+            shared, spill_bytes = compiled.metadata.shared, spills(compiled.asm["ptx"])[0]
+            report[f"{name}/{dtype}"] = dict(shared=shared, spill_bytes=spill_bytes)
     print(json.dumps(report))
     """
 )
@@ -272,5 +286,6 @@ def test_token_stats_kernels_compile_for_sm90(site):
     assert set(report) == {
         f"{k}/{d}" for k in ("fold", "fold+probs", "grad") for d in ("bf16", "fp32")
     }
-    for name, shared in report.items():
-        assert 0 <= shared <= SM90_SHARED_LIMIT, f"{name} needs {shared} B of shared memory"
+    for name, info in report.items():
+        assert 0 <= info["shared"] <= SM90_SHARED_LIMIT, f"{name} needs {info} of shared memory"
+        assert info["spill_bytes"] == 0, f"{name} spills: {info}"
