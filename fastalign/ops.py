@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import checks, torch_backend
 from ._types import Backend, ForwardRequest, LogitTransform, LogpOutput
@@ -155,11 +156,17 @@ class _FusedLogps(torch.autograd.Function):
                 frozen.append(outputs[-1])
         ctx.plan, ctx.slots = plan, slots
         ctx.saved = [r if p.differentiable else None for p, r in zip(streams, results)]
+        # The recompute reads the inputs again in backward: saved so that autograd refuses
+        # a backward after one of them was modified in place (as for any op), instead of
+        # recomputing from the changed values.
+        ctx.save_for_backward(*tensors)
         ctx.mark_non_differentiable(*frozen)
         return tuple(outputs)
 
     @staticmethod
+    @once_differentiable  # the gradients are formed by kernels: no double backward
     def backward(ctx, *grad_outputs: torch.Tensor | None):
+        ctx.saved_tensors  # noqa: B018  (raises if an input was modified in place)
         plan: _Plan = ctx.plan
         grads: list[torch.Tensor | None] = []
         prefix_grads = iter(grad_outputs[len(plan.streams) :])

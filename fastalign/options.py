@@ -62,7 +62,9 @@ class LogpOptions:
 
     def __post_init__(self) -> None:
         checks.check_bool(self.shift, "shift")
-        checks.check_number(self.ignore_index, "ignore_index", integer=True)
+        checks.check_number(
+            self.ignore_index, "ignore_index", integer=True, low=-(2**63), high=2**63 - 1
+        )  # an int64, as labels are compared in
         checks.check_number(self.logit_scale, "logit_scale", nonzero=True)
         checks.check_number(self.temperature, "temperature", low=0, low_open=True)
         checks.check_number(

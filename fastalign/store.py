@@ -100,6 +100,11 @@ class StoreResult(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, *grad_sums):
+        if torch.is_grad_enabled():  # backward(create_graph=True); grad_loss does not tell
+            raise RuntimeError(
+                "fastalign's fused losses have no double backward (create_graph=True): their "
+                "gradients are formed by kernels, not by differentiable ops"
+            )
         stored = ctx.stored
         if stored is None:
             raise RuntimeError(

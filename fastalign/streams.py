@@ -41,6 +41,13 @@ class StreamInput:
     # count tail_weight-fold in the stream's sums (needs prefix_tokens).
     tail_weight: float | None = None
 
+    def __post_init__(self):
+        """Tensors where tensors belong, named, before anything reads them (``frozen``)."""
+        for role in ("hidden", "weight", "labels", "bias", "cu_seqlens"):
+            value = getattr(self, role)
+            if value is not None or role in ("hidden", "weight", "labels"):
+                checks.check_tensor(value, self.name(role))
+
     def name(self, role: str) -> str:
         return self.names.get(role, role)
 
@@ -119,6 +126,7 @@ def _check_tensors(stream: StreamInput, ignore_index: int) -> None:
             f"{tuple(hidden.shape[:-1])}"
         )
     checks.check_same_device(labels, n_labels, device)
+    labels = labels.long()  # compared in int64: in uint8, -100 would wrap to 156
     scored = labels != ignore_index
     if bool(scored.any()):
         values = labels[scored]
@@ -208,7 +216,9 @@ def prepare(stream: StreamInput, *, shift: bool, ignore_index: int) -> Prepared:
         row_offsets=row_offsets,
         targets=c.targets,
         weight=stream.weight,
-        bias=stream.bias,
+        # a strided view (one column of a [V, k] tensor) contiguous: the kernels read it so;
+        # autograd routes the bias gradient back through the copy
+        bias=None if stream.bias is None else stream.bias.contiguous(),
     )
     num_tokens = torch.bincount(c.seq_ids, minlength=c.num_seqs)
     return Prepared(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import checks
 
@@ -296,6 +297,7 @@ class _TokenHead(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
+    @once_differentiable  # the gradients are formed by kernels: no double backward
     def backward(ctx, grad_logp, grad_entropy, *_):
         plan: _HeadPlan = ctx.plan
         hidden, weight, bias, labels, log_z, log_probs, entropy, expected = ctx.saved_tensors

@@ -112,6 +112,11 @@ def check_beta(beta) -> float:
 def num_sequences(labels: torch.Tensor, cu_seqlens, cu_name: str) -> int:
     """Rows of padded ``labels [B, T]``, or ``B`` of packed ``cu_seqlens [B + 1]``."""
     if cu_seqlens is None:
+        if labels.dim() != 2:
+            raise ValueError(
+                f"labels must be [B, T] (padded; packed [N] labels need {cu_name}), got shape "
+                f"{tuple(labels.shape)}"
+            )
         return labels.shape[0]
     checks.check_tensor(cu_seqlens, cu_name)
     return max(cu_seqlens.numel() - 1, 0)

@@ -22,11 +22,17 @@ def orpo_pair(stats: PairStats, *, beta: float) -> PairResult:
     """ORPO eq. 6-7, per pair: ``−β·logσ(log odds(y_w) − log odds(y_l))`` with
     ``log odds(y) = m − log(1 − e^m)``, ``m = s/n`` the per-token mean log-prob (β is the
     paper's λ). Rewards ``β·m``; metrics ``log_odds_ratio`` (mean logσ) and
-    ``log_odds_chosen`` (mean log-odds difference), as TRL logs them."""
+    ``log_odds_chosen`` (mean log-odds difference), as TRL logs them; the latter over the
+    pairs whose rows both have scored tokens (an empty row's log odds are infinite; NaN if
+    no pair has both)."""
     chosen, rejected = average(stats)
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     ratio = F.logsigmoid(log_odds)
-    extra = {"log_odds_ratio": ratio.detach().mean(), "log_odds_chosen": log_odds.detach().mean()}
+    scored = (stats.chosen_num_tokens > 0) & (stats.rejected_num_tokens > 0)  # [U]
+    extra = {
+        "log_odds_ratio": ratio.detach().mean(),
+        "log_odds_chosen": log_odds.detach()[scored].mean(),
+    }
     return PairResult(-beta * ratio, beta * chosen, beta * rejected, chosen, rejected, extra)
 
 

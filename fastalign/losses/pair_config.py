@@ -164,7 +164,7 @@ def chosen_token_count(
     """Scored tokens of the chosen rows ``[0, B)`` under ``options.shift``/``ignore_index``,
     read from the labels alone (so the store path knows the NLL term's batch constant before
     any row is scored)."""
-    scored = labels != options.ignore_index
+    scored = labels.long() != options.ignore_index  # int64: a uint8 -100 would be 156
     shift = options.shift
     if cu_seqlens is None:
         pairs = labels.shape[0] // 2
