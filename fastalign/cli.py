@@ -82,16 +82,18 @@ def _train(args) -> int:
 def _sample(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .trainer import data as D
+    from .trainer import validation as V
     from .trainer.report import silence_third_party_progress
     from .trainer.sample import sample_completions
 
     silence_third_party_progress()
+    _check_sample_args(args)
+    columns = ("prompt", "chosen", "rejected")
+    dataset = V.load_dataset(args.dataset, "paired", args.seed, columns)["train"]
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = D.load(args.dataset, "paired")["train"]
     samples = sample_completions(
         model,
         tokenizer,
@@ -106,6 +108,25 @@ def _sample(args) -> int:
     dataset.to_json(args.out)
     print(f"wrote {len(dataset)} rows with column {args.column!r} to {args.out}")
     return 0
+
+
+def _check_sample_args(args) -> None:
+    """``fastalign sample``'s numbers, output file and model path, before anything loads."""
+    from .checks import check_number
+    from .trainer.validation import check_model_path
+
+    check_number(args.max_new_tokens, "--max-new-tokens", low=1, integer=True)
+    check_number(args.temperature, "--temperature", low=0, low_open=True)
+    check_number(args.top_k, "--top-k", low=0, integer=True)
+    check_number(args.top_p, "--top-p", low=0, high=1, low_open=True)
+    if not args.column:
+        raise ValueError("--column must be a non-empty column name")
+    out = Path(args.out)
+    if out.suffix not in (".json", ".jsonl") or out.is_dir():
+        raise ValueError(f"--out {args.out}: expected a .json or .jsonl file to write")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: no such directory {out.parent}")
+    check_model_path(args.model, "--model")
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -124,6 +145,18 @@ def _metrics(path: Path) -> list[dict]:
     return records
 
 
+def plot_panels(records: list[dict]) -> dict[str, list[str]]:
+    """Panel title -> the metric keys drawn in it, over every record (training records and the
+    ``eval/*`` ones logged between them): ``eval/K`` shares ``K``'s panel, an eval metric
+    without a training twin gets its own."""
+    keys = list(dict.fromkeys(k for r in records for k in r if k != "step"))
+    panels = {k: [k] for k in keys if not k.startswith("eval/")}
+    for key in keys:
+        if key.startswith("eval/"):
+            panels.setdefault(key.removeprefix("eval/"), []).append(key)
+    return panels
+
+
 def _plot(args) -> int:
     import matplotlib
 
@@ -132,17 +165,21 @@ def _plot(args) -> int:
 
     run = Path(args.run_dir)
     records = _metrics(run / "metrics.jsonl")
-    keys = [k for k in records[0] if k != "step"]
+    panels = plot_panels(records)
     cols = 3
-    rows = (len(keys) + cols - 1) // cols
+    rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    steps = [r["step"] for r in records]
-    for ax, key in zip(axes.flat, keys):
-        ax.plot(steps, [r.get(key, float("nan")) for r in records], marker=".")
-        ax.set_title(key)
+    for ax, (title, keys) in zip(axes.flat, panels.items()):
+        for key in keys:  # each key over the records that hold it: no gaps at eval steps
+            steps = [r["step"] for r in records if key in r]
+            label = "eval" if key.startswith("eval/") else "train"
+            ax.plot(steps, [r[key] for r in records if key in r], marker=".", label=label)
+        if len(keys) > 1:
+            ax.legend()
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     out = Path(args.out) if args.out else run / "metrics.png"

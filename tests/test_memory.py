@@ -347,13 +347,24 @@ def test_cli_passes_every_option_to_estimate(capsys):
 
 def test_cli_bad_arguments(capsys):
     assert cli.main(["memory", "no/such-model", "--batch-size", "1", "--seq-len", "8"]) == 2
-    assert "config_or_name" in capsys.readouterr().err
+    assert "error: MODEL 'no/such-model' is neither a preset" in capsys.readouterr().err
     argv = ["memory", "meta-llama/Llama-3.1-8B", "--batch-size", "0", "--seq-len", "8"]
     assert cli.main(argv) == 2
-    assert "batch_size" in capsys.readouterr().err
+    assert "error: --batch-size must be >= 1" in capsys.readouterr().err
     argv = ["memory", "meta-llama/Llama-3.1-8B", "--batch-size", "1", "--seq-len", "8"]
-    assert cli.main(argv + ["--gpu-memory", "lots"]) == 2
-    assert "--gpu-memory" in capsys.readouterr().err
+    for size in ("lots", "80"):  # "80": no unit (80 bytes is never what is meant)
+        assert cli.main(argv + ["--gpu-memory", size]) == 2
+        assert "error: --gpu-memory must look like '80GB'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, why", [("[1, 2]", "a JSON object expected, got list"),
+                                       ("{oops", "not valid JSON")])  # fmt: skip
+def test_cli_config_file_that_is_no_config(text, why, tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    assert cli.main(["memory", str(path), "--batch-size", "1", "--seq-len", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: MODEL {path}") and why in err
 
 
 @pytest.mark.parametrize(
@@ -386,7 +397,8 @@ def test_bad_config_and_sizes():
         estimate(3, 1, 16)
     with pytest.raises(ValueError, match="config_or_name"):
         estimate({"hidden_size": 8}, 1, 16)
-    assert parse_bytes("80GB") == 80 << 30 == parse_bytes("80 GiB")
+    assert parse_bytes("80GB") == 80 << 30 == parse_bytes("80 GiB") == parse_bytes("80G")
+    assert parse_bytes("512B") == 512
     assert parse_bytes(1024) == 1024
     with pytest.raises(ValueError, match="gpu_bytes"):
         estimate("meta-llama/Llama-3.1-8B", 1, 16).fits("eighty", "fused")

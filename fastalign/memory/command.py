@@ -56,12 +56,12 @@ def run(args: argparse.Namespace) -> int:
     keywords = inspect.signature(estimate).parameters
     options = {name: value for name, value in vars(args).items() if name in keywords}
     try:
+        limit = parse_bytes(args.gpu_memory, "--gpu-memory")
         est = estimate(
             args.model, master_weights=False if args.no_master_weights else None, **options
         )
-        limit = parse_bytes(args.gpu_memory, "--gpu-memory")
     except (ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_as_flags(str(err), keywords)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
@@ -73,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"{path}: peak {peak:.2f} GiB per GPU, {verdict} in {limit / GIB:.1f} GiB")
     print("assumptions:\n  " + "\n  ".join(est.assumptions))
     return 0
+
+
+def _as_flags(message: str, keywords) -> str:
+    """``estimate``'s error with its leading argument name as the CLI spells it
+    (``batch_size must …`` → ``--batch-size must …``; ``config_or_name`` → ``MODEL``)."""
+    for name in sorted(keywords, key=len, reverse=True):
+        if message.startswith(name) and message[len(name) : len(name) + 1] in (" ", ":", ""):
+            cli_name = "MODEL" if name == "config_or_name" else "--" + name.replace("_", "-")
+            return cli_name + message[len(name) :]
+    return message
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -137,7 +137,16 @@ def _as_dict(config_or_name: Any) -> dict[str, Any]:
         if path.is_dir():
             path = path / "config.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            try:
+                config = json.loads(path.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"config_or_name {path}: not valid JSON ({err})") from None
+            if not isinstance(config, dict):
+                raise ValueError(
+                    f"config_or_name {path}: not a model config (a JSON object expected, got "
+                    f"{type(config).__name__})"
+                )
+            return config
         raise ValueError(
             f"config_or_name {name!r} is neither a preset ({', '.join(PRESETS)}) nor a "
             "config.json / model directory"

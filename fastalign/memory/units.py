@@ -19,7 +19,8 @@ _DTYPE_BYTES = {
 
 
 def parse_bytes(value: int | float | str, name: str = "gpu_memory") -> int:
-    """``80GB``/``80GiB``/``80G`` → 80·2³⁰ (GPU "GB" are GiB), ``512MB`` → 512·2²⁰, ints as is."""
+    """``80GB``/``80GiB``/``80G`` → 80·2³⁰ (GPU "GB" are GiB), ``512MB`` → 512·2²⁰, ints as is.
+    A string needs its unit (``"80"`` is refused: 80 bytes is never what is meant)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a byte count or a size string, got bool")
     if isinstance(value, (int, float)):
@@ -29,7 +30,7 @@ def parse_bytes(value: int | float | str, name: str = "gpu_memory") -> int:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a byte count or a size string, got {type(value).__name__}")
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", value, re.IGNORECASE)
-    if not match or float(match.group(1)) <= 0:
+    if not match or float(match.group(1)) <= 0 or not (match.group(2) or match.group(3)):
         raise ValueError(f"{name} must look like '80GB' or '81920MiB', got {value!r}")
     scale = 1 << (10 * " KMGT".index(match.group(2).upper() or " "))
     return int(float(match.group(1)) * scale)
