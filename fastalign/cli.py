@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, RuntimeError) as err:
         from .trainer.checkpoint import CheckpointError
+        from .trainer.loop import DivergedError  # a run that diverged: one line, exit 1
 
-        if isinstance(err, RuntimeError) and not isinstance(err, CheckpointError):
+        if isinstance(err, RuntimeError) and not isinstance(err, (CheckpointError, DivergedError)):
             raise
         print(f"error: {err}", file=sys.stderr)  # e.g. disk full, no permission to write
         return 1

@@ -168,6 +168,14 @@ def read_state(checkpoint: Path) -> dict:
     state = load_tensors(checkpoint / STATE_FILE, f"--resume-from {checkpoint}")
     if not isinstance(state, dict) or not {"step", "config", "optimizer"} <= set(state):
         raise ValueError(f"--resume-from {checkpoint}: {STATE_FILE} is not a trainer state")
+    types = {"config": dict, "step": int, "optimizer": dict}
+    wrong = [k for k, kind in types.items() if not isinstance(state[k], kind)]
+    if wrong or isinstance(state["step"], bool):
+        name = (wrong or ["step"])[0]
+        raise ValueError(
+            f"--resume-from {checkpoint}: {STATE_FILE} is not a trainer state (its {name!r} is "
+            f"{type(state[name]).__name__}, expected {types[name].__name__})"
+        )
     return state
 
 

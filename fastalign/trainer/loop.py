@@ -424,7 +424,8 @@ class Trainer(BatchLoss):
                 raise DivergedError(
                     f"non-finite loss {float(out.loss.detach())} at step {self.step + 1}, "
                     f"microbatch {micro} (rows {batch['index'].tolist()}); no checkpoint was "
-                    "written"
+                    "written: lower --learning-rate (or --max-grad-norm), or resume from an "
+                    "earlier checkpoint-N"
                 )
             (out.loss / cfg.grad_accum).backward()
             self.run_log.add_batch(batch)  # tokens/s

@@ -5,6 +5,7 @@ weights a LoRA checkpoint of the embedded default keeps."""
 from __future__ import annotations
 
 from pathlib import Path
+from pickle import UnpicklingError
 
 import torch
 
@@ -16,11 +17,31 @@ from .model import HiddenStates, head_params
 
 def from_pretrained(loader, source, flag: str):
     """``loader.from_pretrained(source)``, its failure a ``ValueError`` naming ``flag``."""
+    return load_or_explain(lambda: loader.from_pretrained(source), source, flag)
+
+
+def _weight_files(source) -> str:
+    """The weight files in a local directory ``source`` (``""`` otherwise), for messages."""
+    path = Path(str(source))
+    names = sorted(p.name for p in path.glob("*") if p.suffix in (".safetensors", ".bin"))
+    return f" ({', '.join(names)})" if path.is_dir() and names else ""
+
+
+def load_or_explain(load, source, flag: str):
+    """``load()``; a missing, truncated, corrupt or refused file (a pickle that is not plain
+    tensors: transformers loads ``.bin`` with ``weights_only=True``) becomes a ``ValueError``
+    naming ``flag``, ``source`` and its weight files, instead of a traceback."""
+    from safetensors import SafetensorError
+
     try:
-        return loader.from_pretrained(source)
-    except OSError as err:  # not found, not a model, offline without a cached copy
+        return load()
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError, UnpicklingError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{flag} {source}: could not be loaded ({first})") from None
+        first = first.split(". ")[0]  # not torch's advice to load with weights_only=False
+        raise ValueError(
+            f"{flag} {source}: could not be loaded{_weight_files(source)} "
+            f"({type(err).__name__}: {first})"
+        ) from None
 
 
 def lora_config(config):
@@ -38,7 +59,12 @@ def with_lora(model, config, resume: Path | None):
     from peft import PeftModel, get_peft_model
 
     if resume is not None:
-        return PeftModel.from_pretrained(model, Path(resume) / "model", is_trainable=True)
+        adapter = Path(resume) / "model"
+        return load_or_explain(
+            lambda: PeftModel.from_pretrained(model, adapter, is_trainable=True),
+            adapter,
+            "--resume-from",
+        )
     return get_peft_model(model, lora_config(config))
 
 

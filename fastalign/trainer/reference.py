@@ -33,16 +33,33 @@ class Reference:
     record: dict = field(default_factory=dict)
 
 
-def fingerprint(splits: dict, config) -> str:
-    """SHA-256 over the rows of every split and the settings that change their log-probs."""
+# Settings besides the rows that change a split's reference log-probs: the initial policy
+# (weights source, seed, SFT warm-up, precision, attention layout) and the tokenization.
+_SCORE_SETTINGS = (
+    "model",
+    "seed",
+    "sft_warmup_steps",
+    "bf16",
+    "packing",
+    "max_prompt_length",
+    "max_completion_length",
+)
+
+
+def fingerprint(split, config) -> str:
+    """SHA-256 over one split's rows and every setting that changes their reference log-probs
+    (``_SCORE_SETTINGS``): the train split's key never depends on the eval split."""
     digest = hashlib.sha256()
-    settings = [config.model, config.max_prompt_length, config.max_completion_length]
-    digest.update(json.dumps(settings).encode())
-    for name, split in sorted(splits.items()):
-        digest.update(name.encode())
-        for column in sorted(c for c in split.column_names if c != "index"):
-            digest.update(json.dumps([column, split[column]], default=str).encode())
+    settings = [getattr(config, name) for name in _SCORE_SETTINGS]
+    digest.update(json.dumps(settings, default=str).encode())
+    for column in sorted(c for c in split.column_names if c != "index"):
+        digest.update(json.dumps([column, split[column]], default=str).encode())
     return digest.hexdigest()
+
+
+def fingerprints(splits: dict, config) -> dict[str, str]:
+    """:func:`fingerprint` of each split, by split name."""
+    return {name: fingerprint(split, config) for name, split in splits.items()}
 
 
 def for_run(config, model, splits: dict, output_dir: Path, rank: int, record, score):
@@ -63,10 +80,10 @@ def for_run(config, model, splits: dict, output_dir: Path, rank: int, record, sc
             return load_copy(record, Path(config.resume_from))
         return frozen_copy(model, reference_dir, output_dir, rank)
     if config.reference == "precomputed":
-        key = fingerprint(splits, config)
+        keys = fingerprints(splits, config)
         if record:
-            return load_precomputed(record, Path(config.resume_from), splits, key)
-        return precomputed(score, splits, key, reference_dir, output_dir, rank)
+            return load_precomputed(record, Path(config.resume_from), splits, keys, config)
+        return precomputed(score, splits, keys, reference_dir, output_dir, rank)
     return Reference()  # peft: the policy with its adapter disabled
 
 
@@ -107,46 +124,81 @@ def load_copy(record: dict, resume_from: Path) -> Reference:
     """The frozen copy a resumed run's checkpoint recorded."""
     from transformers import AutoModelForCausalLM
 
+    from .policy import from_pretrained
+
     directory = locate(record, resume_from)
-    return Reference(model=AutoModelForCausalLM.from_pretrained(directory), record=record)
+    flag = f"--resume-from {resume_from}: the reference copy"
+    return Reference(model=from_pretrained(AutoModelForCausalLM, directory, flag), record=record)
 
 
-def precomputed(score, splits: dict, key: str, reference_dir: Path, output_dir: Path, rank: int):
-    """Reference log-probs of every split (``score(split)`` → ``[n, 2]``), computed once with
-    the initial policy; an existing cache in ``reference_dir`` is reused only when its
-    fingerprint ``key`` matches (the data or tokenization changed otherwise)."""
-    marker = C.read_marker(reference_dir)
-    if marker.get("fingerprint") == key:
-        cached = C.load_tensors(reference_dir / LOGPS_FILE, "the reference log-prob cache")
-        if _sizes_match(cached, splits):
-            return Reference(
-                logps=cached, record=_record(reference_dir, output_dir, marker["run_id"])
-            )
+def precomputed(score, splits: dict, keys: dict, reference_dir: Path, output_dir: Path, rank: int):
+    """Reference log-probs of every split (``score(split)`` → ``[n, 2]``), computed with the
+    initial policy at the start of every fresh run, as TRL's ``precompute_ref_log_probs``
+    does, and saved in ``reference_dir`` with the split ``keys`` (:func:`fingerprints`).
+
+    A fresh run never reads an existing ``reference_dir`` (one left by a run that failed
+    before logging a step may belong to another seed, model or warm-up): it is replaced.
+    Only a resumed run reads a cache back, through its checkpoint's record
+    (:func:`load_precomputed`)."""
     logps = {name: score(split) for name, split in splits.items()}
     run_id = uuid.uuid4().hex
     if rank == 0:
         C.write_atomic(
             reference_dir,
             lambda tmp: torch.save(logps, tmp / LOGPS_FILE),
-            {"run_id": run_id, "fingerprint": key},
+            {"run_id": run_id, "fingerprints": keys},
         )
     return Reference(logps=logps, record=_record(reference_dir, output_dir, run_id))
 
 
-def load_precomputed(record: dict, resume_from: Path, splits: dict, key: str) -> Reference:
-    """The cached log-probs a resumed run's checkpoint recorded, refused when the data set
-    they were computed on is not this one."""
+def load_precomputed(
+    record: dict, resume_from: Path, splits: dict, keys: dict, config=None
+) -> Reference:
+    """The cached log-probs a resumed run's checkpoint recorded, refused when a split they
+    were computed on is not this run's (``keys``: :func:`fingerprints` of ``splits``)."""
     directory = locate(record, resume_from)
-    if C.read_marker(directory).get("fingerprint") != key:
+    marker = C.read_marker(directory)
+    saved = marker.get("fingerprints")
+    saved = saved if isinstance(saved, dict) else {}
+    if "fingerprint" in marker:  # one key over all splits (fastalign before per-split keys)
+        if marker["fingerprint"] != _joint_fingerprint(splits, config):
+            raise ValueError(
+                f"--resume-from {resume_from}: the data set, --eval-dataset or --max-prompt-"
+                "length / --max-completion-length differ from those the precomputed reference "
+                f"log-probs in {directory} were computed on"
+            )
+        saved = keys
+    if saved.get("train") != keys["train"]:
         raise ValueError(
-            f"--resume-from {resume_from}: the data set (or --max-prompt-length / "
+            f"--resume-from {resume_from}: the training data set (or --max-prompt-length / "
             "--max-completion-length) differs from the one the precomputed reference "
             f"log-probs in {directory} were computed on"
+        )
+    if "test" in keys and saved.get("test") != keys["test"]:
+        raise ValueError(
+            f"--resume-from {resume_from}: the precomputed reference in {directory} holds no "
+            "log-probs of this --eval-dataset's rows, and the initial policy that would score "
+            "them is not kept: resume with the eval data the run started with (or start a "
+            "new run, or use --reference copy)"
         )
     cached = C.load_tensors(directory / LOGPS_FILE, "the reference log-prob cache")
     if not _sizes_match(cached, splits):
         raise ValueError(f"the reference log-prob cache {directory} does not match the data size")
-    return Reference(logps=cached, record=record)
+    return Reference(logps={name: cached[name] for name in splits}, record=record)
+
+
+def _joint_fingerprint(splits: dict, config) -> str | None:
+    """The one key over all splits that caches written before per-split keys carry."""
+    if config is None:
+        return None
+    digest = hashlib.sha256()
+    settings = [config.model, config.max_prompt_length, config.max_completion_length]
+    digest.update(json.dumps(settings).encode())
+    for name, split in sorted(splits.items()):
+        digest.update(name.encode())
+        for column in sorted(c for c in split.column_names if c != "index"):
+            digest.update(json.dumps([column, split[column]], default=str).encode())
+    return digest.hexdigest()
 
 
 def _sizes_match(cached, splits: dict) -> bool:
