@@ -7,7 +7,7 @@ from .ops import policy_ref_logps, sequence_logps
 from .options import LogpOptions
 from .token_ops import TOKEN_OUTPUTS, TokenLogpsOutput, token_logps
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = [
     "LogitTransform",
