@@ -4,8 +4,8 @@ the ``options=`` argument every loss and op takes in place of the flat keywords.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 import doctest
+from pathlib import Path
 
 import pytest
 import torch
