@@ -82,6 +82,15 @@ def test_flags_that_apply_or_are_at_their_default_pass(settings):
     V.check_config(TrainConfig(**settings))
 
 
+def test_router_coefficient_on_a_moe_config_passes(tmp_path):
+    from transformers import MixtralConfig
+
+    MixtralConfig(num_hidden_layers=1).save_pretrained(tmp_path)  # the config only, no weights
+    V.check_config(TrainConfig(model=str(tmp_path), router_aux_loss_coef=0.01))
+    with pytest.raises(ValueError, match="--router-aux-loss-coef 0.01 does not apply here"):
+        V.check_config(TrainConfig(router_aux_loss_coef=0.01, router_aux_loss=False))
+
+
 def test_model_paths_local_or_hub():
     V.check_model_path("Qwen/Qwen3-0.6B", "--model")  # a Hub id: left to from_pretrained
     with pytest.raises(ValueError, match="no config.json there"):
@@ -231,7 +240,7 @@ def _data_file(tmp_path: Path, name: str) -> Path:
         write_jsonl(tmp_path / name, ROWS * 2)
     elif name == "model":
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
     else:  # a plain file where a directory is expected
         (tmp_path / name).write_text("not a directory")
     return tmp_path / name
@@ -257,6 +266,8 @@ REFUSED = [
     (["--loss", "kto", "--label-smoothing", "0.3"], "--label-smoothing does not apply to --loss"),
     (["--loss", "typo", "--label-smoothing", "0.3"], "--label-smoothing does not apply to --loss"),
     (["--model", "{model}", "--sft-warmup-steps", "50"], "--sft-warmup-steps 50 does not apply"),
+    (["--router-aux-loss-coef", "0.01"], "0.01 does not apply: the embedded default model is"),
+    (["--model", "{model}", "--router-aux-loss-coef", "0.1"], "{model} is not a Mixture-of-Exp"),
     (["--seed", "-1"], "--seed must be an integer in [0, 2**32 - 1], got -1"),
     (["--output-dir", "{file.txt}"], "--output-dir {file.txt}: not a directory"),
     (["--output-dir", "{file.txt}/run"], "--output-dir {file.txt}/run: not a directory"),

@@ -127,6 +127,7 @@ def check_config(config) -> None:
     for name in ("model", "ref_model"):
         if getattr(config, name) is not None:
             check_model_path(getattr(config, name), flag(name))
+    _check_router(config)
     if config.eval_dataset is not None and config.eval_dataset.endswith((".json", ".jsonl")):
         check_file(Path(config.eval_dataset), loss_spec(config.loss).data, text_columns(config),
                    "--eval-dataset")  # fmt: skip
@@ -138,6 +139,7 @@ _NEEDS = (
     ("lora_alpha", lambda c: c.lora_rank > 0, "it scales a LoRA adapter: pass --lora-rank > 0"),
     ("lora_dropout", lambda c: c.lora_rank > 0, "it is a LoRA adapter's: pass --lora-rank > 0"),
     ("lora_target_modules", lambda c: c.lora_rank > 0, "adapters need --lora-rank > 0"),
+    ("router_aux_loss_coef", lambda c: c.router_aux_loss, "--no-router-aux-loss turns it off"),
     (
         "sft_warmup_steps",
         lambda c: c.model is None,
@@ -153,6 +155,33 @@ def _check_applies(config) -> None:
         value = getattr(config, name)
         if value != _DEFAULTS[name] and not applies(config):
             raise ValueError(f"{flag(name)} {value} does not apply here: {why}")
+
+
+def _check_router(config) -> None:
+    """``--router-aux-loss-coef`` on a dense model (the embedded one, or a local ``--model``
+    whose config declares no router logits) is refused from the config alone, before any
+    weights load; a Hub id is judged when it loads."""
+    coef = config.router_aux_loss_coef
+    if not coef or not config.router_aux_loss:
+        return
+    name = "the embedded default model"
+    if config.model is not None:
+        name = f"--model {config.model}"
+        path = Path(config.model).expanduser()
+        if not (path / "config.json").is_file():
+            return
+        from transformers import AutoConfig
+
+        try:  # no remote code: a config that needs it is judged when the model loads
+            model_config = AutoConfig.from_pretrained(path).get_text_config()
+        except Exception:
+            return
+        if hasattr(model_config, "output_router_logits"):
+            return
+    raise ValueError(
+        f"--router-aux-loss-coef {coef} does not apply: {name} is not a Mixture-of-Experts "
+        "model (its config declares no router logits)"
+    )
 
 
 def _check_backend(backend: str) -> None:
