@@ -4,6 +4,7 @@ a ``ValueError`` naming the flag; the CLI prints it as ``error: ...`` and exits 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -128,9 +129,9 @@ def check_config(config) -> None:
         if getattr(config, name) is not None:
             check_model_path(getattr(config, name), flag(name))
     _check_router(config)
-    if config.eval_dataset is not None and config.eval_dataset.endswith((".json", ".jsonl")):
-        check_file(Path(config.eval_dataset), loss_spec(config.loss).data, text_columns(config),
-                   "--eval-dataset")  # fmt: skip
+    evaluation = config.eval_dataset
+    if evaluation is not None and evaluation.endswith((".json", ".jsonl")):  # before any work
+        check_file(Path(evaluation), spec.data, text_columns(config), "--eval-dataset")
 
 
 # Flags that only take effect with another one: (field, needs, why). A field at its default is
@@ -146,7 +147,7 @@ _NEEDS = (
         "it warms up the embedded default model only, not --model",
     ),
 )
-_DEFAULTS = {f.name: f.default for f in TrainConfig.__dataclass_fields__.values()}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _check_applies(config) -> None:
