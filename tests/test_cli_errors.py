@@ -5,6 +5,7 @@ call the validation layer in-process; a handful run the real CLI in a subprocess
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -46,6 +47,25 @@ BAD_FLAGS = [
     (dict(loss="orpo", reference="precomputed"), "--reference precomputed does not apply to"),
     (dict(loss="typo", reference="peft", lora_rank=4), "--reference peft does not apply to"),
     (dict(loss_type="sft", reference="precomputed"), "--reference precomputed does not apply"),
+    (dict(loss="simpo", nll_weight=-1.0), "--nll-weight must be a finite number >= 0.0, got -1"),
+    (dict(loss="simpo", gamma=float("nan")), "--gamma must be a finite number >= 0.0, got nan"),
+    (dict(loss="cpo", gamma=-0.5), "--gamma must be a finite number >= 0.0"),
+    (dict(loss="cpo", cpo_alpha=-1.0), "--cpo-alpha must be a finite number >= 0.0"),
+    (dict(loss="cpo", alphapo_alpha=float("inf")), "--alphapo-alpha must be a finite number"),
+    (dict(loss="cpo", loss_type="hinge", label_smoothing=0.1), "--label-smoothing does not"),
+    (dict(loss="dpo", undesirable_weight=3.0), "--undesirable-weight does not apply to --loss"),
+    (dict(loss="ipo", label_smoothing=0.3), "--label-smoothing does not apply to --loss ipo"),
+    (dict(lora_dropout=0.1), "--lora-dropout 0.1 does not apply here: .* --lora-rank > 0"),
+    (dict(seed=2**32), r"--seed must be an integer in \[0, 2\*\*32 - 1\], got 4294967296"),
+    (dict(backend="cuda"), "--backend must be one of auto, triton, torch, got 'cuda'"),
+]
+# Flags at their default (argparse fills every default) or where they apply are not refused.
+GOOD_FLAGS = [
+    dict(loss="kto", label_smoothing=0.0, desirable_weight=1.0, undesirable_weight=2.0),
+    dict(loss="simpo", label_smoothing=0.2, gamma=0.0, nll_weight=0.5),
+    dict(loss="cpo", loss_type="alphapo", alphapo_alpha=-0.5, cpo_alpha=0.0, gamma=1.0),
+    dict(lora_rank=2, lora_alpha=8.0, lora_dropout=0.1, lora_target_modules="q_proj"),
+    dict(loss="orpo", sft_warmup_steps=0, lora_target_modules="all-linear", seed=2**32 - 1),
 ]
 
 
@@ -53,6 +73,22 @@ BAD_FLAGS = [
 def test_bad_flags_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
         V.check_config(TrainConfig(**settings))
+
+
+@pytest.mark.parametrize(
+    "settings", GOOD_FLAGS, ids=[s["loss"] if "loss" in s else "lora" for s in GOOD_FLAGS]
+)
+def test_flags_that_apply_or_are_at_their_default_pass(settings):
+    V.check_config(TrainConfig(**settings))
+
+
+def test_router_coefficient_on_a_moe_config_passes(tmp_path):
+    from transformers import MixtralConfig
+
+    MixtralConfig(num_hidden_layers=1).save_pretrained(tmp_path)  # the config only, no weights
+    V.check_config(TrainConfig(model=str(tmp_path), router_aux_loss_coef=0.01))
+    with pytest.raises(ValueError, match="--router-aux-loss-coef 0.01 does not apply here"):
+        V.check_config(TrainConfig(router_aux_loss_coef=0.01, router_aux_loss=False))
 
 
 def test_model_paths_local_or_hub():
@@ -79,7 +115,9 @@ def test_data_file_errors_name_file_and_line(tmp_path):
         "no_column": (ROWS[:2] + [{"prompt": "x", "chosen": "y"}], "line 3: column 'rejected'"),
         "null": ([{**ROWS[0], "chosen": None}], "line 1: column 'chosen' is missing or null"),
         "number": ([{**ROWS[0], "chosen": 5}], "line 1: column 'chosen' must be a string or"),
-    }
+        "one_row_mixed": ([{**ROWS[0], "prompt": [{"role": "user", "content": "1+1="}]}],
+                          "line 1: column 'chosen' is plain text, but line 1's 'prompt' is chat"),
+    }  # fmt: skip
     for name, (lines, message) in cases.items():
         path = tmp_path / f"{name}.jsonl"
         if lines is not None:
@@ -94,7 +132,8 @@ def test_data_file_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"rows.json, line 3: not valid JSON"):
         V.check_file(broken, "paired", columns)
     chat = [{"role": "user", "content": "1+1="}]
-    fine = [{"prompt": chat, "chosen": [{"role": "assistant", "content": "2"}], "rejected": "3"}]
+    fine = [{"prompt": chat, "chosen": [{"role": "assistant", "content": "2"}]}]
+    fine[0]["rejected"] = [{"role": "assistant", "content": "3"}]
     V.check_file(write_jsonl(tmp_path / "chat.jsonl", fine), "paired", columns)  # accepted
 
 
@@ -135,10 +174,13 @@ def test_main_reports_errors_with_status_2(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ real subprocesses
-def run_cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *argv: str, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python -m fastalign.cli ...`` of this checkout, offline; a hang fails the test."""
     command = [sys.executable, "-m", "fastalign.cli", *argv]
-    return subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    env = child_env() if env is None else env
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, message: str) -> None:
@@ -178,3 +220,80 @@ def test_cli_plot_of_an_empty_metrics_file(tmp_path):
     assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "metrics.jsonl, line 2")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n{"loss": 0.6}\n')
     assert_clean_error(run_cli("plot", str(tmp_path), timeout=60), "line 2: not a metrics record")
+
+
+def _data_file(tmp_path: Path, name: str) -> Path:
+    """The tiny data files of the refusals below."""
+    chat = {"prompt": [{"role": "user", "content": "9+2="}], "chosen": [{"role": "assistant",
+            "content": "11"}], "rejected": [{"role": "assistant", "content": "12"}]}  # fmt: skip
+    if name == "nonutf8.jsonl":
+        row = b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+        (tmp_path / name).write_bytes(row * 2 + row.replace(b"+", b"\xff"))
+    elif name == "mixed.jsonl":
+        write_jsonl(tmp_path / name, ROWS * 2 + [chat])
+    elif name == "columnar.json":
+        columns = {key: [row[key] for row in ROWS * 2] for key in ROWS[0]}
+        (tmp_path / name).write_text(json.dumps(columns))
+    elif name == "test_only":
+        write_jsonl((tmp_path / name).mkdir() or tmp_path / name / "test.jsonl", ROWS * 2)
+    elif name == "good.jsonl":
+        write_jsonl(tmp_path / name, ROWS * 2)
+    elif name == "model":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"model_type": "llama"}')
+    else:  # a plain file where a directory is expected
+        (tmp_path / name).write_text("not a directory")
+    return tmp_path / name
+
+
+# (flags, with {name} a file made by _data_file, message). Each was accepted and failed late
+# (after the model was built, or with a traceback) or named a field instead of the flag.
+REFUSED = [
+    (["--loss", "simpo", "--nll-weight", "-1"], "--nll-weight must be a finite number >= 0.0"),
+    (["--loss", "simpo", "--gamma", "nan"], "--gamma must be a finite number >= 0.0, got nan"),
+    (["--loss", "cpo", "--cpo-alpha", "-1"], "--cpo-alpha must be a finite number >= 0.0"),
+    (["--loss", "cpo", "--alphapo-alpha", "nan"], "--alphapo-alpha must be a finite number"),
+    (["--dataset", "{nonutf8.jsonl}"], "nonutf8.jsonl, line 3: not UTF-8 text (byte 0xff"),
+    (["--dataset", "{good.jsonl}", "--eval-dataset", "{nonutf8.jsonl}"],
+     "error: --eval-dataset {nonutf8.jsonl}, line 3: not UTF-8"),
+    (["--dataset", "{mixed.jsonl}"], "mixed.jsonl, line 7: column 'prompt' is chat messages"),
+    (["--dataset", "{test_only}"], "test_only has no 'train' split (it has 'test')"),
+    (["--dataset", "{columnar.json}"], "columnar.json: expected a list of row objects"),
+    (["--desirable-weight", "1"], "--desirable-weight does not apply to --loss dpo"),
+    (["--undesirable-weight", "3"], "--undesirable-weight does not apply to --loss dpo"),
+    (["--lora-alpha", "8"], "--lora-alpha 8.0 does not apply here: it scales a LoRA adapter"),
+    (["--lora-target-modules", "q_proj"], "--lora-target-modules q_proj does not apply here"),
+    (["--loss", "kto", "--label-smoothing", "0.3"], "--label-smoothing does not apply to --loss"),
+    (["--loss", "typo", "--label-smoothing", "0.3"], "--label-smoothing does not apply to --loss"),
+    (["--model", "{model}", "--sft-warmup-steps", "50"], "--sft-warmup-steps 50 does not apply"),
+    (["--router-aux-loss-coef", "0.01"], "0.01 does not apply: the embedded default model is"),
+    (["--model", "{model}", "--router-aux-loss-coef", "0.1"], "{model} is not a Mixture-of-Exp"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**32 - 1], got -1"),
+    (["--output-dir", "{file.txt}"], "--output-dir {file.txt}: not a directory"),
+    (["--output-dir", "{file.txt}/run"], "--output-dir {file.txt}/run: not a directory"),
+    (["--backend", "triton"], "--backend triton needs a CUDA GPU (none is visible)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, message", REFUSED, ids=[" ".join(f)[:40] for f, _ in REFUSED])
+def test_cli_refuses_before_any_work(flags, message, tmp_path):
+    """Through the real CLI: ``error:`` naming the flag, status 2, no run directory."""
+    paths: dict[str, str] = {}
+
+    def made(text: str) -> str:  # "{name}" -> the path of that file, made once in tmp_path
+        def path(match) -> str:
+            if match[1] not in paths:
+                paths[match[1]] = str(_data_file(tmp_path, match[1]))
+            return paths[match[1]]
+
+        return re.sub(r"\{(.+?)\}", path, text)
+
+    flags, message = [made(f) for f in flags], made(message)
+    env = {k: v for k, v in child_env().items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # --backend triton: no GPU and no interpreter
+    run = tmp_path / "run"
+    output = [] if "--output-dir" in flags else ["--output-dir", str(run)]
+    loss = [] if "--loss" in flags else ["--loss", "dpo"]
+    proc = run_cli("train", *loss, *output, *flags, "--no-progress", env=env, timeout=60)
+    assert_clean_error(proc, message)
+    assert not run.exists()

@@ -249,7 +249,7 @@ def test_dropout_off_by_default_as_trl(disable, tmp_path):
     tokenizer.save_pretrained(tmp_path / "m")
     config = TrainConfig(
         loss="dpo", model=str(tmp_path / "m"), max_steps=1, output_dir=str(tmp_path / "run"),
-        disable_dropout=disable, **FAST,
+        disable_dropout=disable, **{**FAST, "sft_warmup_steps": 300},  # (--model: no SFT)
     )  # fmt: skip
     trainer = Trainer(config)
     for model in (trainer.model, trainer.ref_model):

@@ -66,15 +66,15 @@ HELP = {
     "paper and HALOs, -1 as TRL",
     "router_aux_loss": "MoE models: add router_aux_loss_coef × the router load-balancing loss "
     "(as TRL and transformers do)",
-    "router_aux_loss_coef": "MoE: coefficient of the router loss (default: the model config's "
-    "router_aux_loss_coef)",
-    "lora_alpha": "LoRA α (default: 2 × --lora-rank)",
-    "lora_dropout": "LoRA dropout",
+    "router_aux_loss_coef": "MoE models only: coefficient of the router loss (default: the "
+    "model config's router_aux_loss_coef)",
+    "lora_alpha": "with --lora-rank: LoRA α (default: 2 × --lora-rank)",
+    "lora_dropout": "with --lora-rank: LoRA dropout",
     "disable_dropout": "turn the model's own dropout off in the policy and reference, as TRL's "
     "disable_dropout=True (every dropout module and the attention dropout); "
     "--no-disable-dropout keeps the model config's rates; --lora-dropout applies either way",
-    "lora_target_modules": "modules given adapters: all-linear (every linear layer but the "
-    "lm_head) or comma-separated names, e.g. q_proj,v_proj",
+    "lora_target_modules": "with --lora-rank: modules given adapters: all-linear (every linear "
+    "layer but the lm_head) or comma-separated names, e.g. q_proj,v_proj",
     "report_to": "also send metrics to: none, tensorboard or wandb (offline unless WANDB_MODE "
     "is set); needs pip install 'fastalign[tensorboard]' / '[wandb]'",
 }

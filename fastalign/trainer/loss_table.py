@@ -4,14 +4,16 @@ how the run's settings become the loss's keyword arguments."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from .. import losses
+from .. import checks, losses
 from ..losses.cpo import LOSS_TYPES as CPO_TYPES
 from ..losses.pair_config import pair_loss_config
 from ..losses.pair_losses import PAIR_LOSS_TYPES
 from ..losses.unpaired_losses import ROW_LOSS_TYPES
+from .config import TrainConfig
 
 
 def parse_list(value, name: str, kind: type = str) -> list | None:
@@ -95,6 +97,30 @@ def _check_choice(choices: tuple) -> Callable[[object], None]:
     return check
 
 
+def _check_numbers(**lows: float) -> Callable[[object], None]:
+    """The set fields ``lows`` (field -> lowest value) are finite numbers ≥ their bound, as the
+    loss itself requires (simpo.py, cpo.py); errors name the flag."""
+
+    def check(cfg) -> None:
+        for name, low in lows.items():
+            value = getattr(cfg, name, None)
+            if value is not None:
+                try:
+                    checks.check_number(value, _flag(name), low=None if low == -math.inf else low)
+                except TypeError as err:  # the CLI reports ValueErrors as `error: ...`
+                    raise ValueError(str(err)) from None
+
+    return check
+
+
+def _check_cpo(cfg) -> None:
+    _check_choice(CPO_TYPES)(cfg)
+    _check_numbers(cpo_alpha=0.0, gamma=0.0, alphapo_alpha=-math.inf)(cfg)
+    loss_type = getattr(cfg, "loss_type", None) or "sigmoid"
+    if getattr(cfg, "label_smoothing", 0.0) and loss_type in ("hinge", "ipo"):
+        raise ValueError(f"--label-smoothing does not apply to --loss-type {loss_type}; use 0")
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """One ``--loss``: how the trainer feeds it."""
@@ -112,7 +138,8 @@ class LossSpec:
     def check(self, cfg) -> None:
         """Before any work: no option of another loss is set, and this loss's are valid."""
         for name in LOSS_OPTIONS:
-            if name not in self.reads and getattr(cfg, name, None) not in (None, False):
+            default = _DEFAULTS[name]
+            if name not in self.reads and getattr(cfg, name, default) != default:
                 users = [s.name for s in LOSS_TABLE.values() if name in s.reads]
                 raise ValueError(
                     f"{_flag(name)} does not apply to --loss {self.name} (it is read by "
@@ -144,8 +171,19 @@ DPO_OPTIONS = (
     "f_alpha_divergence_coef",
     "discopop_tau",
 )
-# Every loss-specific field of the config (beta, label_smoothing, lam are shared/existing).
-LOSS_OPTIONS = (*DPO_OPTIONS, "gamma", "nll_weight", "cpo_alpha", "alphapo_alpha")
+# Every loss-specific field of the config (beta and lam are shared/existing); one set to other
+# than its default is refused by a loss that does not read it (a default is never "given").
+LOSS_OPTIONS = (
+    *DPO_OPTIONS,
+    "label_smoothing",
+    "gamma",
+    "nll_weight",
+    "cpo_alpha",
+    "alphapo_alpha",
+    "desirable_weight",
+    "undesirable_weight",
+)
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name in LOSS_OPTIONS}
 
 LOSS_TABLE: dict[str, LossSpec] = {
     spec.name: spec
@@ -156,7 +194,7 @@ LOSS_TABLE: dict[str, LossSpec] = {
             "paired",
             _dpo_needs_reference,
             _dpo_options,
-            reads=DPO_OPTIONS,
+            reads=(*DPO_OPTIONS, "label_smoothing"),
             check_variant=_check_dpo,
         ),
         LossSpec("ipo", losses.ipo_loss_fused, "paired", _always, lambda c: dict(beta=c.beta)),
@@ -175,7 +213,7 @@ LOSS_TABLE: dict[str, LossSpec] = {
             _always,
             lambda c: dict(beta=c.beta, loss_type=_kto_type(c)),
             mismatched_rows=lambda c: _kto_type(c) == "kto",
-            reads=("loss_type",),
+            reads=("loss_type", "desirable_weight", "undesirable_weight"),
             check_variant=_check_choice(tuple(ROW_LOSS_TYPES)),
         ),
         LossSpec(
@@ -184,7 +222,8 @@ LOSS_TABLE: dict[str, LossSpec] = {
             "paired",
             _never,
             lambda c: _smoothed(c, gamma="gamma", nll_weight="nll_weight"),
-            reads=("gamma", "nll_weight"),
+            reads=("label_smoothing", "gamma", "nll_weight"),
+            check_variant=_check_numbers(gamma=0.0, nll_weight=0.0),
         ),
         LossSpec("orpo", losses.orpo_loss_fused, "paired", _never, lambda c: dict(beta=c.beta)),
         LossSpec(
@@ -199,8 +238,8 @@ LOSS_TABLE: dict[str, LossSpec] = {
                 simpo_gamma="gamma",
                 alphapo_alpha="alphapo_alpha",
             ),
-            reads=("loss_type", "cpo_alpha", "gamma", "alphapo_alpha"),
-            check_variant=_check_choice(CPO_TYPES),
+            reads=("loss_type", "label_smoothing", "cpo_alpha", "gamma", "alphapo_alpha"),
+            check_variant=_check_cpo,
         ),
     )
 }

@@ -4,14 +4,20 @@ a ``ValueError`` naming the flag; the CLI prints it as ``error: ...`` and exits 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
 import re
 from pathlib import Path
 
+import torch
+
+from .. import checks
 from . import checkpoint as C
 from . import data as D
+from .config import TrainConfig
 from .loss_table import LOSSES, loss_spec
 
 REFERENCES = ("copy", "peft", "precomputed")
@@ -41,6 +47,7 @@ _RULES = {
     "router_aux_loss_coef": (lambda v: v >= 0, "a number ≥ 0 (or unset: the model's own)"),
     "lora_alpha": (lambda v: v > 0, "a number > 0 (or unset: 2 × --lora-rank)"),
     "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "seed": (lambda v: 0 <= v <= 2**32 - 1, "an integer in [0, 2**32 - 1]"),
 }
 # Fields whose None means "derive it" (class balancing, the model's coefficient, 2 × rank).
 _NULLABLE = {"desirable_weight", "undesirable_weight", "router_aux_loss_coef", "lora_alpha"}
@@ -115,9 +122,94 @@ def check_config(config) -> None:
     if config.fsdp and "WORLD_SIZE" not in os.environ:
         raise ValueError("--fsdp shards over a process group: launch with torchrun")
     loss_spec(config.loss).check(config)
+    _check_applies(config)
+    _check_backend(config.backend)
+    _check_output_path(config.output_dir)
     for name in ("model", "ref_model"):
         if getattr(config, name) is not None:
             check_model_path(getattr(config, name), flag(name))
+    _check_router(config)
+    evaluation = config.eval_dataset
+    if evaluation is not None and evaluation.endswith((".json", ".jsonl")):  # before any work
+        check_file(Path(evaluation), spec.data, text_columns(config), "--eval-dataset")
+
+
+# Flags that only take effect with another one: (field, needs, why). A field at its default is
+# not "given" (argparse fills every default), so only a changed one is refused.
+_NEEDS = (
+    ("lora_alpha", lambda c: c.lora_rank > 0, "it scales a LoRA adapter: pass --lora-rank > 0"),
+    ("lora_dropout", lambda c: c.lora_rank > 0, "it is a LoRA adapter's: pass --lora-rank > 0"),
+    ("lora_target_modules", lambda c: c.lora_rank > 0, "adapters need --lora-rank > 0"),
+    ("router_aux_loss_coef", lambda c: c.router_aux_loss, "--no-router-aux-loss turns it off"),
+    (
+        "sft_warmup_steps",
+        lambda c: c.model is None,
+        "it warms up the embedded default model only, not --model",
+    ),
+)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_applies(config) -> None:
+    """A flag set (to other than its default) where it would be ignored is refused."""
+    for name, applies, why in _NEEDS:
+        value = getattr(config, name)
+        if value != _DEFAULTS[name] and not applies(config):
+            raise ValueError(f"{flag(name)} {value} does not apply here: {why}")
+
+
+def _check_router(config) -> None:
+    """``--router-aux-loss-coef`` on a dense model (the embedded one, or a local ``--model``
+    whose config declares no router logits) is refused from the config alone, before any
+    weights load; a Hub id is judged when it loads."""
+    coef = config.router_aux_loss_coef
+    if not coef or not config.router_aux_loss:
+        return
+    name = "the embedded default model"
+    if config.model is not None:
+        name = f"--model {config.model}"
+        path = Path(config.model).expanduser()
+        if not (path / "config.json").is_file():
+            return
+        from transformers import AutoConfig
+
+        try:  # no remote code: a config that needs it is judged when the model loads
+            model_config = AutoConfig.from_pretrained(path).get_text_config()
+        except Exception:
+            return
+        if hasattr(model_config, "output_router_logits"):
+            return
+    raise ValueError(
+        f"--router-aux-loss-coef {coef} does not apply: {name} is not a Mixture-of-Experts "
+        "model (its config declares no router logits)"
+    )
+
+
+def _check_backend(backend: str) -> None:
+    """``--backend triton`` needs triton and CUDA (or ``TRITON_INTERPRET=1``), checked before
+    the model loads rather than at its first step."""
+    if backend not in checks.BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(checks.BACKENDS)}, got {backend!r}")
+    if backend != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("--backend triton needs the triton package: install it or use auto")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "--backend triton needs a CUDA GPU (none is visible), or TRITON_INTERPRET=1 for the "
+            "slow interpreter: use --backend auto or torch here"
+        )
+
+
+def _check_output_path(output_dir: str | None) -> None:
+    """``--output-dir`` (or one of its parents) must not be an existing file."""
+    if output_dir is None:
+        return
+    path = Path(output_dir).expanduser()
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            where = "" if part == path else f" ({part} is a file)"
+            raise ValueError(f"--output-dir {output_dir}: not a directory{where}")
 
 
 def _check_no_reference(config) -> None:
@@ -163,9 +255,16 @@ def text_columns(config) -> tuple[str, ...]:
     return ("prompt", "chosen", "rejected", *sample)
 
 
-def load_dataset(source: str | None, kind: str, seed: int, text_columns: tuple[str, ...]):
+def load_dataset(
+    source: str | None,
+    kind: str,
+    seed: int,
+    text_columns: tuple[str, ...],
+    splits: tuple[str, ...] = ("train",),
+):
     """``data.load`` after checking a local file row by row; raises ``ValueError`` naming
-    ``--dataset``, the file and the line of the first bad row."""
+    ``--dataset``, the file and the line of the first bad row, or a data set with none of
+    ``splits``."""
     if source is not None and source.endswith((".json", ".jsonl")):
         check_file(Path(source), kind, text_columns)
     elif source is not None and source.startswith((".", "/", "~")):
@@ -179,6 +278,12 @@ def load_dataset(source: str | None, kind: str, seed: int, text_columns: tuple[s
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"--dataset {source}: could not be loaded ({first})") from None
     name = "the embedded dataset" if source is None else f"--dataset {source}"
+    if not any(split in dataset for split in splits):
+        raise ValueError(
+            f"{name} has no {' or '.join(map(repr, splits))} split (it has "
+            f"{', '.join(map(repr, dataset)) or 'none'}): name the file of the "
+            f"{splits[0]} rows, or a directory or data set with a {splits[0]} split"
+        )
     for split in dataset:
         D.check_columns(dataset[split], kind, name=f"{name} [{split}]")
         if len(dataset[split]) == 0:
@@ -190,19 +295,32 @@ def load_eval_dataset(config, kind: str):
     """``--eval-dataset``: its ``test`` split, else its ``train`` split, checked as the
     training data is (errors name ``--eval-dataset``)."""
     try:
-        evaluation = load_dataset(config.eval_dataset, kind, config.seed, text_columns(config))
+        evaluation = load_dataset(
+            config.eval_dataset, kind, config.seed, text_columns(config), ("test", "train")
+        )
     except ValueError as err:
         raise ValueError(str(err).replace("--dataset", "--eval-dataset", 1)) from None
     return evaluation["test" if "test" in evaluation else "train"]
 
 
-def check_file(path: Path, kind: str, text_columns: tuple[str, ...]) -> None:
-    """A local ``.json``/``.jsonl`` data file: it exists, parses, has rows, and every row's
-    text columns are strings (or chat messages) and a KTO ``label`` is a boolean."""
-    where = f"--dataset {path}"
+def check_file(
+    path: Path, kind: str, text_columns: tuple[str, ...], flag_name: str = "--dataset"
+) -> None:
+    """A local ``.json``/``.jsonl`` data file: it exists, is UTF-8, parses, has rows, every
+    row's text columns are strings (or chat messages), all in one format, and a KTO ``label``
+    is a boolean. Errors name ``flag_name``, the file and the line."""
+    where = f"{flag_name} {path}"
     if not path.is_file():
         raise ValueError(f"{where}: no such file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{where}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x} at offset "
+            f"{err.start}); save the file as UTF-8"
+        ) from None
     if not text.strip():
         raise ValueError(f"{where}: the file is empty")
     if path.suffix == ".jsonl":
@@ -214,6 +332,27 @@ def check_file(path: Path, kind: str, text_columns: tuple[str, ...]) -> None:
     present = {name for _, row in rows for name in row}
     for line, row in rows:
         _check_row(row, present, kind, text_columns, f"{where}, {line}")
+    _check_one_format(rows, text_columns, where)
+
+
+def _check_one_format(rows: list[tuple[str, dict]], text_columns: tuple, where: str) -> None:
+    """Every text value of the file is plain text, or every one is chat messages: the datasets
+    library reads a column mixing both as JSON (``"11"`` becomes 11), and a prompt in one
+    format cannot be continued in the other."""
+    first = None  # (format, line, column) of the first text value
+    for line, row in rows:
+        for column in text_columns:
+            if column not in row:
+                continue
+            form = "plain text" if isinstance(row[column], str) else "chat messages"
+            if first is None:
+                first = (form, line, column)
+            elif form != first[0]:
+                raise ValueError(
+                    f"{where}, {line}: column {column!r} is {form}, but {first[1]}'s "
+                    f"{first[2]!r} is {first[0]}: use one format (all plain text or all chat "
+                    "messages) in every row and column"
+                )
 
 
 def jsonl_objects(text: str, where: str) -> list[tuple[int, dict]]:
@@ -242,8 +381,12 @@ def _json_rows(text: str, where: str) -> list[tuple[str, dict]]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}, line {err.lineno}: not valid JSON ({err.msg})") from None
-    if isinstance(data, dict):  # columnar {"prompt": [...], ...}: datasets checks the rest
-        return [("columns", {})] if data else []
+    if isinstance(data, dict):  # columnar {"prompt": [...], ...}: read as one row by datasets
+        raise ValueError(
+            f'{where}: expected a list of row objects ([{{"prompt": ..., "chosen": ...}}, '
+            "...]) or JSON Lines (one object per line), got one JSON object; columnar data "
+            '({"prompt": [...], ...}) is not read'
+        )
     if not isinstance(data, list):
         raise ValueError(f"{where}: expected a list of row objects")
     for index, row in enumerate(data):
