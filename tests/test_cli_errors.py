@@ -55,6 +55,9 @@ BAD_FLAGS = [
     (dict(loss="cpo", loss_type="hinge", label_smoothing=0.1), "--label-smoothing does not"),
     (dict(loss="dpo", undesirable_weight=3.0), "--undesirable-weight does not apply to --loss"),
     (dict(loss="ipo", label_smoothing=0.3), "--label-smoothing does not apply to --loss ipo"),
+    (dict(loss="dpo", lam=0.1), "--lam does not apply to --loss dpo .*typo"),
+    (dict(loss="kto", sample_column="s"), "--sample-column does not apply to --loss kto"),
+    (dict(loss="dpo", kto_kl_offset=-1), "--kto-kl-offset does not apply to --loss dpo .*kto"),
     (dict(lora_dropout=0.1), "--lora-dropout 0.1 does not apply here: .* --lora-rank > 0"),
     (dict(seed=2**32), r"--seed must be an integer in \[0, 2\*\*32 - 1\], got 4294967296"),
     (dict(backend="cuda"), "--backend must be one of auto, triton, torch, got 'cuda'"),
@@ -62,6 +65,8 @@ BAD_FLAGS = [
 # Flags at their default (argparse fills every default) or where they apply are not refused.
 GOOD_FLAGS = [
     dict(loss="kto", label_smoothing=0.0, desirable_weight=1.0, undesirable_weight=2.0),
+    dict(loss="kto", kto_kl_offset=-1, lam=0.05, sample_column="sample"),
+    dict(loss="typo", lam=0.5, sample_column="s"),
     dict(loss="simpo", label_smoothing=0.2, gamma=0.0, nll_weight=0.5),
     dict(loss="cpo", loss_type="alphapo", alphapo_alpha=-0.5, cpo_alpha=0.0, gamma=1.0),
     dict(lora_rank=2, lora_alpha=8.0, lora_dropout=0.1, lora_target_modules="q_proj"),

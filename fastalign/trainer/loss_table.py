@@ -171,7 +171,7 @@ DPO_OPTIONS = (
     "f_alpha_divergence_coef",
     "discopop_tau",
 )
-# Every loss-specific field of the config (beta and lam are shared/existing); one set to other
+# Every loss-specific field of the config (beta is shared by all); one set to other
 # than its default is refused by a loss that does not read it (a default is never "given").
 LOSS_OPTIONS = (
     *DPO_OPTIONS,
@@ -182,6 +182,9 @@ LOSS_OPTIONS = (
     "alphapo_alpha",
     "desirable_weight",
     "undesirable_weight",
+    "kto_kl_offset",
+    "lam",
+    "sample_column",
 )
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name in LOSS_OPTIONS}
 
@@ -205,6 +208,7 @@ LOSS_TABLE: dict[str, LossSpec] = {
             _never,
             lambda c: dict(lam=c.lam),
             samples=True,
+            reads=("lam", "sample_column"),
         ),
         LossSpec(
             "kto",
@@ -213,7 +217,7 @@ LOSS_TABLE: dict[str, LossSpec] = {
             _always,
             lambda c: dict(beta=c.beta, loss_type=_kto_type(c)),
             mismatched_rows=lambda c: _kto_type(c) == "kto",
-            reads=("loss_type", "desirable_weight", "undesirable_weight"),
+            reads=("loss_type", "desirable_weight", "undesirable_weight", "kto_kl_offset"),
             check_variant=_check_choice(tuple(ROW_LOSS_TYPES)),
         ),
         LossSpec(
