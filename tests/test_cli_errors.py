@@ -277,6 +277,9 @@ REFUSED = [
     (["--output-dir", "{file.txt}"], "--output-dir {file.txt}: not a directory"),
     (["--output-dir", "{file.txt}/run"], "--output-dir {file.txt}/run: not a directory"),
     (["--backend", "triton"], "--backend triton needs a CUDA GPU (none is visible)"),
+    # judged once the model is built (peft's own name matching), before any step or directory
+    (["--lora-rank", "2", "--lora-target-modules", "nonexistent"],
+     "--lora-target-modules nonexistent: Target modules"),
 ]  # fmt: skip
 
 

@@ -65,7 +65,11 @@ def with_lora(model, config, resume: Path | None):
             adapter,
             "--resume-from",
         )
-    return get_peft_model(model, lora_config(config))
+    try:
+        return get_peft_model(model, lora_config(config))
+    except ValueError as err:  # peft: no module of the model matches a target name
+        targets = config.lora_target_modules
+        raise ValueError(f"--lora-target-modules {targets}: {err}") from None
 
 
 _DROPOUTS = (
