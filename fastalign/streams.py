@@ -86,8 +86,9 @@ class Prepared:
         return torch.where(self.prefix_mask[index], one, one * self.tail_weight)
 
 
-def _check_tensors(stream: StreamInput, ignore_index: int) -> None:
-    """Dtypes, shapes, devices and label range of one stream; errors name its arguments."""
+def _check_tensors(stream: StreamInput, ignore_index: int) -> torch.Tensor:
+    """Dtypes, shapes, devices and label range of one stream; errors name its arguments.
+    Returns the labels in int64, the form the compaction reads."""
     hidden, weight, labels, bias = stream.hidden, stream.weight, stream.labels, stream.bias
     n_hidden, n_weight, n_labels = map(stream.name, ("hidden", "weight", "labels"))
     checks.check_float(hidden, n_hidden)
@@ -136,6 +137,7 @@ def _check_tensors(stream: StreamInput, ignore_index: int) -> None:
                 f"{n_labels} holds {low if low < 0 else high}, outside [0, V={vocab_size}) "
                 f"and not ignore_index={ignore_index}"
             )
+    return labels
 
 
 class _Compacted(NamedTuple):
@@ -205,10 +207,10 @@ def _compact_packed(stream: StreamInput, labels, shift: bool, ignore_index: int)
 
 def prepare(stream: StreamInput, *, shift: bool, ignore_index: int) -> Prepared:
     """Validate one stream and compact its scored tokens (no copy of ``hidden``)."""
-    _check_tensors(stream, ignore_index)
+    labels = _check_tensors(stream, ignore_index)  # int64
     hidden = stream.hidden
     compact = _compact_padded if hidden.dim() == 3 else _compact_packed
-    c = compact(stream, stream.labels.long(), shift, ignore_index)
+    c = compact(stream, labels, shift, ignore_index)
     row_offsets = sum(i * hidden.stride(d) for d, i in enumerate(c.index))
     tokens = TokenBatch(
         hidden=hidden,

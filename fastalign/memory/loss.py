@@ -75,11 +75,14 @@ def triton_chunk_bytes(
     half_copy: bool,
     chunk_elements: int = tiles.TRITON_CHUNK_ELEMENTS,
     align: int = tiles.TRITON_VOCAB_ALIGN,
+    fp32_logits: bool = True,
 ) -> int:
-    """The Triton backend's ``[R, C]`` vocab chunk: the GEMM's fp32 logits, plus (when
-    ``half_copy``) the ``dz`` or ``p`` the fold writes in a half model dtype."""
+    """The Triton backend's ``[R, C]`` vocab chunk: the GEMM's fp32 logits (none for the
+    fused kernels' dz, ``fp32_logits=False``), plus (when ``half_copy``) the ``dz`` or ``p``
+    the fold writes in a half model dtype."""
     width = tiles.vocab_chunk_width(num_rows, vocab, chunk_elements, align)
-    return num_rows * width * (4 + (act if half_copy and act < 4 else 0))
+    per_element = (4 if fp32_logits else 0) + (act if half_copy and act < 4 else 0)
+    return num_rows * width * per_element
 
 
 def gradient_outputs(step: Step) -> int:
@@ -188,10 +191,8 @@ def triton_loss(step: Step, body: BodyBytes) -> LossBytes:
     # it, the lm_head gradient
     head_grad = step.head_params * act
     in_loop = tokens * hidden * act + 2 * grad_rows_fp32 + head_grad
-    chunk = triton_chunk_bytes(tokens, vocab, act, half_copy=True)
-    if step.fused_kernels:
-        chunk = triton_chunk_bytes(tokens, vocab, act, half_copy=False) // 4 * act
-    in_loop += chunk
+    fp32_logits = not step.fused_kernels
+    in_loop += triton_chunk_bytes(tokens, vocab, act, half_copy=True, fp32_logits=fp32_logits)
     return _fused(forward, scalars + max(in_loop, after_loop + head_grad), body)
 
 

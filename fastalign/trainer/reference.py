@@ -52,9 +52,14 @@ def fingerprint(split, config) -> str:
     digest = hashlib.sha256()
     settings = [getattr(config, name) for name in _SCORE_SETTINGS]
     digest.update(json.dumps(settings, default=str).encode())
+    _digest_rows(digest, split)
+    return digest.hexdigest()
+
+
+def _digest_rows(digest, split) -> None:
+    """Feed ``digest`` a split's rows, column by column in name order (``index`` left out)."""
     for column in sorted(c for c in split.column_names if c != "index"):
         digest.update(json.dumps([column, split[column]], default=str).encode())
-    return digest.hexdigest()
 
 
 def fingerprints(splits: dict, config) -> dict[str, str]:
@@ -196,8 +201,7 @@ def _joint_fingerprint(splits: dict, config) -> str | None:
     digest.update(json.dumps(settings).encode())
     for name, split in sorted(splits.items()):
         digest.update(name.encode())
-        for column in sorted(c for c in split.column_names if c != "index"):
-            digest.update(json.dumps([column, split[column]], default=str).encode())
+        _digest_rows(digest, split)
     return digest.hexdigest()
 
 
